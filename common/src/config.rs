@@ -1,0 +1,488 @@
+//! The run config: one TOML file holds every knob of a run, each with the default from `iro.md`
+//! (the paper's TL;DR setup unless noted). Unknown fields are errors, so a typo never silently
+//! falls back to a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub run: RunSection,
+    pub policy: PolicySection,
+    pub data: DataSection,
+    pub sampling: SamplingSection,
+    pub reward: RewardSection,
+    pub select: SelectSection,
+    pub value: ValueSection,
+    pub search: SearchSection,
+    pub baselines: BaselinesSection,
+    pub cluster: ClusterSection,
+}
+
+/// Identity and placement of the run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSection {
+    /// Every object key of the run derives from this id (see `layout`).
+    pub id: String,
+    pub seed: u64,
+    /// Number of IRO iterations T.
+    pub iterations: u32,
+    /// Object store: a local folder path, or `s3://bucket/prefix`.
+    pub store: String,
+    /// `auto` (CUDA when libtorch sees it), `cpu`, `cuda`, `cuda:N`.
+    pub device: String,
+    /// `auto` (bf16 on CUDA, f32 on CPU), `f32`, `bf16`, `f16`.
+    pub dtype: String,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        Self {
+            id: "iro".into(),
+            seed: 42,
+            iterations: 3,
+            store: "runs".into(),
+            device: "auto".into(),
+            dtype: "auto".into(),
+        }
+    }
+}
+
+/// The frozen model and how prompts are formatted for it (one formatter per task, used everywhere).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicySection {
+    /// HF folder: config.json, model.safetensors (or an index), tokenizer.json.
+    pub model: PathBuf,
+    pub prompt_format: PromptFormat,
+    /// TL;DR: prompts are cut to fit this many tokens.
+    pub max_prompt_tokens: usize,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        Self { model: PathBuf::new(), prompt_format: PromptFormat::Tldr, max_prompt_tokens: 512 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptFormat {
+    /// Used as given.
+    Raw,
+    /// `SUBREDDIT: r/..\n\nTITLE: ..\n\nPOST: ..\n\nTL;DR:`
+    Tldr,
+    /// `<|im_start|>user ...` (SmolLM2).
+    Chatml,
+    /// Llama-3 Instruct's header tokens.
+    Llama3,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    pub format: DataFormat,
+    pub train: PathBuf,
+    pub test: PathBuf,
+    /// Fresh prompts per iteration (disjoint slices of one seeded shuffle).
+    pub prompts_per_iteration: usize,
+    /// Held-out prompts decoded at evaluation.
+    pub test_prompts: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            format: DataFormat::Jsonl,
+            train: PathBuf::new(),
+            test: PathBuf::new(),
+            prompts_per_iteration: 8192,
+            test_prompts: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// One JSON object per line with a `prompt` field.
+    Jsonl,
+    /// TL;DR records: id, subreddit, title, post, summary (JSONL or parquet).
+    Tldr,
+    /// AlpacaEval's JSON array: instruction, output (the reference), generator.
+    AlpacaEval,
+}
+
+/// How the frozen model samples, in rollouts, search and baselines alike.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingSection {
+    pub temperature: f64,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    pub top_p: f64,
+    pub max_new_tokens: usize,
+    /// Rows per forward batch.
+    pub batch_size: usize,
+}
+
+impl Default for SamplingSection {
+    fn default() -> Self {
+        Self { temperature: 0.7, top_k: 50, top_p: 1.0, max_new_tokens: 53, batch_size: 16 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardSection {
+    pub kind: RewardKind,
+    /// Training reward model (HF scalar-head checkpoint) or the sentence encoder folder.
+    pub model: PathBuf,
+    /// Evaluation reward model; empty means the training one.
+    pub eval_model: PathBuf,
+}
+
+impl Default for RewardSection {
+    fn default() -> Self {
+        Self { kind: RewardKind::Model, model: PathBuf::new(), eval_model: PathBuf::new() }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardKind {
+    /// A scalar head on a causal LM read at the last non-pad token.
+    Model,
+    /// Cosine similarity to the reference answer under a sentence encoder.
+    EmbeddingSimilarity,
+}
+
+/// Reweight/resample: which candidates the next value function learns from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SelectSection {
+    pub method: SelectMethod,
+    /// softmax(r / temperature) when `method = "softmax"`.
+    pub temperature: f64,
+    /// Responses kept per prompt.
+    pub per_prompt: usize,
+}
+
+impl Default for SelectSection {
+    fn default() -> Self {
+        Self { method: SelectMethod::Argmax, temperature: 1.0, per_prompt: 1 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SelectMethod {
+    Argmax,
+    Softmax,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValueSection {
+    pub kind: ValueKind,
+    /// Backbone of V_1 (`model` kind): an HF folder; empty means the policy's own.
+    pub init: PathBuf,
+    /// V_t starts from V_{t-1} (TL;DR); false re-initialises every V_t from `init` (instruction following).
+    pub warm_start: bool,
+    pub lr: f64,
+    pub adam_eps: f64,
+    pub weight_decay: f64,
+    pub epochs: usize,
+    /// Effective batch: micro-batches are accumulated (across ranks too) up to this many sequences.
+    pub batch_size: usize,
+    pub micro_batch_size: usize,
+    /// beta_i of each V_i in the ensemble sum V_i / beta_i; the last value repeats for later iterations.
+    pub betas: Vec<f64>,
+    /// Save a resumable checkpoint every this many optimizer steps (0: only at the end).
+    pub checkpoint_every: usize,
+}
+
+impl Default for ValueSection {
+    fn default() -> Self {
+        Self {
+            kind: ValueKind::Model,
+            init: PathBuf::new(),
+            warm_start: true,
+            lr: 3e-6,
+            adam_eps: 1e-5,
+            weight_decay: 0.0,
+            epochs: 10,
+            batch_size: 256,
+            micro_batch_size: 8,
+            betas: vec![1.0],
+            checkpoint_every: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueKind {
+    /// A full backbone + scalar head (the paper).
+    Model,
+    /// A small head on the frozen policy's own hidden states (our addition).
+    Head,
+}
+
+/// Chunk-level beam search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SearchSection {
+    /// W
+    pub beams: usize,
+    /// K
+    pub successors: usize,
+    /// L, in tokens.
+    pub chunk_length: usize,
+    #[serde(rename = "final")]
+    pub final_pick: FinalPick,
+}
+
+impl Default for SearchSection {
+    fn default() -> Self {
+        Self { beams: 4, successors: 4, chunk_length: 8, final_pick: FinalPick::RewardArgmax }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalPick {
+    RewardArgmax,
+    ValueArgmax,
+    First,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BaselinesSection {
+    pub methods: Vec<Baseline>,
+    pub best_of_n: usize,
+    pub args_k: usize,
+    pub args_weight: f64,
+    /// Weak-to-strong search: the tuned / untuned small model pair.
+    pub w2s_tuned: PathBuf,
+    pub w2s_untuned: PathBuf,
+}
+
+impl Default for BaselinesSection {
+    fn default() -> Self {
+        Self {
+            methods: vec![Baseline::Base, Baseline::BestOfN],
+            best_of_n: 16,
+            args_k: 16,
+            args_weight: 1.0,
+            w2s_tuned: PathBuf::new(),
+            w2s_untuned: PathBuf::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Baseline {
+    Base,
+    BestOfN,
+    Args,
+    WeakToStrong,
+}
+
+/// How the coordinator cuts the work.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Prompts per rollout/eval shard.
+    pub shard_size: usize,
+    pub lease_timeout_s: u64,
+    pub heartbeat_interval_s: u64,
+    pub max_attempts: u32,
+    /// Ranks of the data-parallel value-training gang.
+    pub train_ranks: usize,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self { shard_size: 64, lease_timeout_s: 120, heartbeat_interval_s: 10, max_attempts: 3, train_ranks: 1 }
+    }
+}
+
+impl RunConfig {
+    /// Reads, parses and validates a config file; every error names the file and the field.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::ConfigRead { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates TOML text; `origin` is only used in error messages.
+    pub fn parse(text: &str, origin: &Path) -> Result<Self> {
+        let config: RunConfig =
+            toml::from_str(text).map_err(|e| Error::ConfigParse { path: origin.to_owned(), message: e.to_string() })?;
+        config.validate(origin)?;
+        Ok(config)
+    }
+
+    /// Range and consistency checks serde cannot express.
+    pub fn validate(&self, origin: &Path) -> Result<()> {
+        let bad = |field: &str, message: String| {
+            Err(Error::ConfigValue { path: origin.to_owned(), field: field.to_owned(), message })
+        };
+        if let Err(e) = crate::layout::check_id("run id", &self.run.id) {
+            return bad("run.id", e.to_string());
+        }
+        if self.run.iterations == 0 {
+            return bad("run.iterations", "must be at least 1".into());
+        }
+        if !["auto", "f32", "bf16", "f16"].contains(&self.run.dtype.as_str()) {
+            return bad("run.dtype", format!("`{}` is not one of auto, f32, bf16, f16", self.run.dtype));
+        }
+        let device = self.run.device.as_str();
+        let cuda_index_ok = device.strip_prefix("cuda:").is_some_and(|i| i.parse::<usize>().is_ok());
+        if !(["auto", "cpu", "cuda"].contains(&device) || cuda_index_ok) {
+            return bad("run.device", format!("`{device}` is not one of auto, cpu, cuda, cuda:N"));
+        }
+        let s = &self.sampling;
+        if !(s.temperature >= 0.0 && s.temperature.is_finite()) {
+            return bad("sampling.temperature", format!("{} must be a finite number >= 0", s.temperature));
+        }
+        if !(s.top_p > 0.0 && s.top_p <= 1.0) {
+            return bad("sampling.top_p", format!("{} must be in (0, 1]", s.top_p));
+        }
+        for (field, v) in [
+            ("sampling.max_new_tokens", s.max_new_tokens),
+            ("sampling.batch_size", s.batch_size),
+            ("search.beams", self.search.beams),
+            ("search.successors", self.search.successors),
+            ("search.chunk_length", self.search.chunk_length),
+            ("select.per_prompt", self.select.per_prompt),
+            ("value.epochs", self.value.epochs),
+            ("value.batch_size", self.value.batch_size),
+            ("value.micro_batch_size", self.value.micro_batch_size),
+            ("data.prompts_per_iteration", self.data.prompts_per_iteration),
+            ("cluster.shard_size", self.cluster.shard_size),
+            ("cluster.train_ranks", self.cluster.train_ranks),
+        ] {
+            if v == 0 {
+                return bad(field, "must be at least 1".into());
+            }
+        }
+        if self.select.per_prompt > self.search.beams * self.search.successors {
+            return bad(
+                "select.per_prompt",
+                format!(
+                    "{} exceeds the W·K = {} candidates per prompt",
+                    self.select.per_prompt,
+                    self.search.beams * self.search.successors
+                ),
+            );
+        }
+        if self.select.method == SelectMethod::Softmax && self.select.temperature <= 0.0 {
+            return bad("select.temperature", "must be > 0 for softmax resampling".into());
+        }
+        let v = &self.value;
+        if v.lr.is_nan() || v.lr <= 0.0 {
+            return bad("value.lr", format!("{} must be > 0", v.lr));
+        }
+        if !v.batch_size.is_multiple_of(v.micro_batch_size * self.cluster.train_ranks) {
+            return bad(
+                "value.batch_size",
+                format!(
+                    "{} is not a multiple of micro_batch_size ({}) x cluster.train_ranks ({})",
+                    v.batch_size, v.micro_batch_size, self.cluster.train_ranks
+                ),
+            );
+        }
+        if v.betas.is_empty() || v.betas.iter().any(|b| b.is_nan() || *b <= 0.0) {
+            return bad("value.betas", "needs at least one value, each > 0".into());
+        }
+        if self.cluster.max_attempts == 0 {
+            return bad("cluster.max_attempts", "must be at least 1".into());
+        }
+        if self.cluster.heartbeat_interval_s == 0 || self.cluster.heartbeat_interval_s >= self.cluster.lease_timeout_s {
+            return bad(
+                "cluster.heartbeat_interval_s",
+                format!("must be in [1, lease_timeout_s = {})", self.cluster.lease_timeout_s),
+            );
+        }
+        Ok(())
+    }
+
+    /// beta_i of value function V_i (1-based); later iterations reuse the last configured beta.
+    pub fn beta(&self, i: usize) -> f64 {
+        let betas = &self.value.betas;
+        betas[i.saturating_sub(1).min(betas.len() - 1)]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<RunConfig> {
+        RunConfig::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_the_paper_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!((c.search.beams, c.search.successors, c.search.chunk_length), (4, 4, 8));
+        assert_eq!(c.value.lr, 3e-6);
+        assert_eq!(c.value.adam_eps, 1e-5);
+        assert_eq!(c.value.batch_size, 256);
+        assert_eq!(c.select.method, SelectMethod::Argmax);
+        assert_eq!(c.sampling.max_new_tokens, 53);
+    }
+
+    #[test]
+    fn unknown_field_is_named_in_the_error() {
+        let err = parse("[search]\nbeems = 4\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("test.toml") && msg.contains("beems"), "{msg}");
+        assert_eq!(err.kind(), "config_parse");
+    }
+
+    #[test]
+    fn wrong_type_is_named_in_the_error() {
+        let msg = parse("[sampling]\ntemperature = \"hot\"\n").unwrap_err().to_string();
+        assert!(msg.contains("temperature"), "{msg}");
+    }
+
+    #[test]
+    fn out_of_range_values_name_their_field() {
+        for (text, field) in [
+            ("[search]\nbeams = 0\n", "search.beams"),
+            ("[sampling]\ntop_p = 1.5\n", "sampling.top_p"),
+            ("[run]\nid = \"../x\"\n", "run.id"),
+            ("[run]\ndevice = \"tpu\"\n", "run.device"),
+            ("[value]\nbatch_size = 10\nmicro_batch_size = 4\n", "value.batch_size"),
+            ("[value]\nbetas = []\n", "value.betas"),
+            ("[select]\nper_prompt = 17\n", "select.per_prompt"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err.kind(), "config_value", "{text}");
+            assert!(err.to_string().contains(field), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn betas_repeat_the_last_value() {
+        let c = parse("[value]\nbetas = [1.0, 2.0, 2.5]\n").unwrap();
+        assert_eq!([c.beta(1), c.beta(2), c.beta(3), c.beta(7)], [1.0, 2.0, 2.5, 2.5]);
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let c = parse("[run]\nid = \"x1\"\niterations = 2\n").unwrap();
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(parse(&text).unwrap(), c);
+    }
+}

@@ -1,0 +1,9 @@
+//! What the coordinator and the workers share: the run config and its validation, the object-store
+//! layout every phase derives its keys from, and the error type for both. Never depends on libtorch.
+
+pub mod config;
+pub mod error;
+pub mod layout;
+
+pub use config::RunConfig;
+pub use error::{Error, Result};

@@ -1,0 +1,40 @@
+//! The one error enum of `iro-coordinator`, grouped by meaning. A command that fails with one of these
+//! changed nothing, so the driver can answer the caller and move on without repairing state.
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A command named a worker id the run state has never seen registered.
+    #[error("unknown worker `{worker_id}`: it has not registered with this coordinator")]
+    UnknownWorker { worker_id: String },
+    /// A command named a task outside the run's plan (past the last iteration, shard out of range, ...).
+    #[error("unknown task `{task_id}`: {why}")]
+    UnknownTask { task_id: String, why: String },
+    /// A task id string that does not parse as `iter-{t}/{phase}/{shard}`.
+    #[error("invalid task id `{value}`: {message}")]
+    InvalidTaskId { value: String, message: String },
+    /// A worker id that would be unsafe as an object-key segment or a metric label.
+    #[error("invalid worker id `{value}`: {message}")]
+    InvalidWorkerId { value: String, message: String },
+    /// JoinGang / AbortGang naming a task that is not gang-scheduled.
+    #[error("task `{task_id}` is not a gang task: only the train phase is gang-scheduled")]
+    NotAGangTask { task_id: String },
+    /// The plan derived from a run config (or built by hand) cannot be run.
+    #[error("invalid plan: `{field}` {message}")]
+    InvalidPlan { field: &'static str, message: String },
+}
+
+impl Error {
+    /// A stable, low-cardinality label for metrics and structured logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::UnknownWorker { .. } => "unknown_worker",
+            Error::UnknownTask { .. } => "unknown_task",
+            Error::InvalidTaskId { .. } => "invalid_task_id",
+            Error::InvalidWorkerId { .. } => "invalid_worker_id",
+            Error::NotAGangTask { .. } => "not_a_gang_task",
+            Error::InvalidPlan { .. } => "invalid_plan",
+        }
+    }
+}

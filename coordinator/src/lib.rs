@@ -1,0 +1,6 @@
+//! The iro control plane: turns a run config into iterations × phases × tasks, leases them to workers,
+//! and reports progress. Never links libtorch: it runs on any small node.
+
+pub mod error;
+pub mod plan;
+pub mod state;

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite from a fresh machine: set-up (idempotent), build, every test of every crate.
+# This is the README's test command, and .ci/run calls exactly this.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+bash scripts/setup.sh
+echo "test: building the workspace"
+cargo build --workspace --all-targets --locked
+echo "test: running every test"
+cargo test --workspace --locked "$@"

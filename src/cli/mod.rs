@@ -1,0 +1,37 @@
+//! The subcommands. Each one parses its arguments and calls into a crate.
+
+mod info;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::logging::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(name = "iro", version, about = "Align frozen language models with Iterative Reweight-then-Optimize")]
+pub struct Cli {
+    /// Log format: human-readable, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value = "human", env = "IRO_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show what libtorch sees on this machine (threads, CUDA devices) and the build's versions.
+    Info,
+    /// Validate a run config and print it with every default filled in.
+    CheckConfig {
+        /// The run config (TOML).
+        config: PathBuf,
+    },
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Info => info::run(),
+        Command::CheckConfig { config } => info::check_config(&config),
+    }
+}

@@ -1,0 +1,126 @@
+//! Heads on a backbone: next-token logits (`CausalLm`) and one scalar per position (`ScalarModel`) —
+//! a value function reads every position, a reward model the last real token.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tch::{Device, Kind, Tensor};
+
+use super::{ArchConfig, Backbone, Checkpoint, ModelConfig};
+use crate::error::{Error, Result};
+use crate::generate::kv_cache::KvCache;
+
+/// A causal language model: backbone + output projection (its own, or tied to the input embeddings).
+pub struct CausalLm {
+    pub config: ModelConfig,
+    pub backbone: Arc<Backbone>,
+    lm_head: Tensor,
+}
+
+impl CausalLm {
+    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        Self::from_checkpoint(&Checkpoint::load(dir, kind, device)?)
+    }
+
+    pub fn from_checkpoint(ck: &Checkpoint) -> Result<Self> {
+        let backbone = ck.backbone()?;
+        let shape = [ck.config.vocab_size(), ck.config.hidden_size()];
+        let head_name = match ck.config.arch {
+            ArchConfig::GptNeoX(_) => "embed_out.weight",
+            ArchConfig::Llama(_) => "lm_head.weight",
+        };
+        let lm_head = match ck.weights.get_opt(head_name, &shape)? {
+            Some(w) => w,
+            None if ck.config.tie_word_embeddings() => backbone.embeddings().shallow_clone(),
+            // Untied but absent: let `get` produce the error that names the tensor and the files.
+            None => ck.weights.get(head_name, &shape)?,
+        };
+        Ok(Self { config: ck.config.clone(), backbone, lm_head })
+    }
+
+    /// Hidden states and logits [B, T, V] for the new tokens (see `Backbone::forward`).
+    pub fn forward(&self, ids: &Tensor, valid: &Tensor, positions: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
+        self.logits(&self.backbone.forward(ids, valid, positions, cache))
+    }
+
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.linear::<Tensor>(&self.lm_head, None)
+    }
+}
+
+/// A linear map from a hidden state to one scalar, `w·h + b − offset`.
+pub struct ScalarHead {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    /// Subtracted from every output: the TL;DR reward models' `bias` config field, which centres the
+    /// reference summaries' mean score at 0.
+    pub offset: f64,
+}
+
+impl ScalarHead {
+    /// [B, T, H] → [B, T]
+    pub fn forward(&self, hidden: &Tensor) -> Tensor {
+        let out = hidden.linear(&self.weight, self.bias.as_ref()).squeeze_dim(-1);
+        if self.offset == 0.0 { out } else { out - self.offset }
+    }
+}
+
+/// A backbone with a scalar head at every position: reward models and value functions.
+pub struct ScalarModel {
+    pub config: ModelConfig,
+    pub backbone: Arc<Backbone>,
+    pub head: ScalarHead,
+}
+
+impl ScalarModel {
+    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        Self::from_checkpoint(&Checkpoint::load(dir, kind, device)?)
+    }
+
+    /// Reads the head in whichever convention the checkpoint uses: HF's `*ForSequenceClassification`
+    /// (`score.weight`, no bias) or the TL;DR reward models' `scalar_head` (weight + bias, and the
+    /// config's `bias` subtracted).
+    pub fn from_checkpoint(ck: &Checkpoint) -> Result<Self> {
+        let h = ck.config.hidden_size();
+        let w = &ck.weights;
+        let head = if let Some(weight) = w.get_opt("score.weight", &[1, h])? {
+            ScalarHead { weight, bias: w.get_opt("score.bias", &[1])?, offset: 0.0 }
+        } else if let Some(weight) = w.get_opt("scalar_head.weight", &[1, h])? {
+            let offset = ck.config.raw.get("bias").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+            ScalarHead { weight, bias: w.get_opt("scalar_head.bias", &[1])?, offset }
+        } else {
+            if ck.config.num_labels != 1 && ck.config.class.ends_with("ForSequenceClassification") {
+                return Err(Error::Checkpoint {
+                    path: w.dir().to_owned(),
+                    message: format!("a scalar head needs num_labels = 1, config has {}", ck.config.num_labels),
+                });
+            }
+            return Err(Error::MissingTensor {
+                path: w.dir().to_owned(),
+                name: "score.weight (or scalar_head.weight)".into(),
+                files: "model weights".into(),
+            });
+        };
+        Ok(Self { config: ck.config.clone(), backbone: ck.backbone()?, head })
+    }
+
+    /// Per-position values [B, T].
+    pub fn values(&self, ids: &Tensor, valid: &Tensor, positions: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
+        self.head.forward(&self.backbone.forward(ids, valid, positions, cache))
+    }
+
+    /// One score per row, read at the last real token (works for left and right padding).
+    pub fn score(&self, ids: &Tensor, valid: &Tensor) -> Tensor {
+        let positions = super::positions_from_valid(valid);
+        let values = self.values(ids, valid, &positions, None);
+        gather_last(&values, valid)
+    }
+}
+
+/// `values` [B, T] read at each row's last `valid` position.
+pub fn gather_last(values: &Tensor, valid: &Tensor) -> Tensor {
+    let t = valid.size()[1];
+    let idx = Tensor::arange(t, (Kind::Int64, valid.device())).unsqueeze(0) * valid.to_kind(Kind::Int64);
+    let last = idx.argmax(-1, true);
+    values.gather(1, &last, false).squeeze_dim(1)
+}

@@ -1,0 +1,173 @@
+//! Frozen-model architectures on libtorch, loaded from HF checkpoint folders: the backbones
+//! (`gpt_neox`, `llama`), and the heads that turn their hidden states into next-token logits
+//! (`CausalLm`) or one scalar per position (`ScalarModel`: reward models and value functions).
+
+pub mod attention;
+pub mod config;
+pub mod gpt_neox;
+pub mod heads;
+pub mod llama;
+pub mod weights;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tch::{Device, Kind, Tensor};
+
+pub use config::{ArchConfig, ModelConfig};
+pub use heads::{CausalLm, ScalarModel};
+pub use weights::Weights;
+
+use crate::error::Result;
+use crate::generate::kv_cache::{CacheShape, KvCache};
+
+/// A dense layer with HF's [out, in] weight layout.
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn load(w: &Weights, name: &str, input: i64, output: i64, bias: bool) -> Result<Self> {
+        let weight = w.get(&format!("{name}.weight"), &[output, input])?;
+        let bias = if bias { Some(w.get(&format!("{name}.bias"), &[output])?) } else { None };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// State of one forward call shared by every layer: rotary positions, the attention mask, and the
+/// cache the layers append their keys and values to (none when scoring or training whole sequences).
+pub struct Step<'a> {
+    pub positions: Tensor,
+    pub mask: Tensor,
+    cache: Option<&'a mut KvCache>,
+}
+
+impl Step<'_> {
+    /// The keys/values layer `layer` attends over: the new ones alone, or every cached slot so far.
+    fn keys_values(&mut self, layer: usize, k: Tensor, v: Tensor) -> (Tensor, Tensor) {
+        match self.cache.as_deref_mut() {
+            Some(cache) => cache.append(layer, &k, &v),
+            None => (k, v),
+        }
+    }
+}
+
+/// A transformer stack up to and including its final norm.
+pub enum Backbone {
+    GptNeoX(gpt_neox::GptNeoX),
+    Llama(llama::Llama),
+}
+
+impl Backbone {
+    pub fn load(config: &ModelConfig, w: &Weights, prefix: &str) -> Result<Self> {
+        Ok(match &config.arch {
+            ArchConfig::GptNeoX(c) => Backbone::GptNeoX(gpt_neox::GptNeoX::load(c, w, prefix)?),
+            ArchConfig::Llama(c) => Backbone::Llama(llama::Llama::load(c, w, prefix)?),
+        })
+    }
+
+    /// Hidden states [B, T, H] after the final norm for `ids` [B, T]. `valid` [B, T] marks real tokens
+    /// (false for left padding); `positions` [B, T] are the rotary positions. With a cache, the new tokens
+    /// attend to every cached slot and are appended to it.
+    pub fn forward(&self, ids: &Tensor, valid: &Tensor, positions: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
+        let new = ids.size()[1];
+        let (mask, cache) = match cache {
+            Some(c) => {
+                let past = c.len();
+                let all = c.push_valid(valid);
+                (attention::causal_mask(&all, past, new), Some(c))
+            }
+            None => (attention::causal_mask(valid, 0, new), None),
+        };
+        let mut step = Step { positions: positions.shallow_clone(), mask, cache };
+        let hidden = match self {
+            Backbone::GptNeoX(m) => m.forward(ids, &mut step),
+            Backbone::Llama(m) => m.forward(ids, &mut step),
+        };
+        if let Some(c) = step.cache {
+            c.advance(new);
+        }
+        hidden
+    }
+
+    pub fn cache_shape(&self) -> CacheShape {
+        match self {
+            Backbone::GptNeoX(m) => m.cache_shape(),
+            Backbone::Llama(m) => m.cache_shape(),
+        }
+    }
+
+    /// An empty cache for `batch` rows of at most `capacity` tokens, in the weights' dtype and device.
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
+        let e = self.embeddings();
+        KvCache::new(self.cache_shape(), batch, capacity, e.kind(), e.device())
+    }
+
+    /// The input embedding matrix [V, H] (also the output head when embeddings are tied).
+    pub fn embeddings(&self) -> &Tensor {
+        match self {
+            Backbone::GptNeoX(m) => m.embeddings(),
+            Backbone::Llama(m) => m.embeddings(),
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.embeddings().device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.embeddings().kind()
+    }
+}
+
+/// A checkpoint folder loaded once: config, weights on the target device, and the backbone's name prefix.
+/// Heads are built from it, sharing the backbone (`Arc`) so a policy and a value head on the same
+/// checkpoint hold one copy of the weights.
+pub struct Checkpoint {
+    pub config: ModelConfig,
+    pub weights: Weights,
+    pub prefix: String,
+}
+
+impl Checkpoint {
+    pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        let config = ModelConfig::load(dir)?;
+        let weights = Weights::load(dir, kind, device)?;
+        let prefix = backbone_prefix(&config, &weights);
+        Ok(Self { config, weights, prefix })
+    }
+
+    pub fn backbone(&self) -> Result<Arc<Backbone>> {
+        Ok(Arc::new(Backbone::load(&self.config, &self.weights, &self.prefix)?))
+    }
+}
+
+/// Where the backbone's tensors live: HF classes use `gpt_neox.` / `model.`; reward-model wrappers
+/// put the backbone under `lm_backbone.`; a bare `GPTNeoXModel`/`LlamaModel` has no prefix.
+fn backbone_prefix(config: &ModelConfig, w: &Weights) -> String {
+    let embed = match config.arch {
+        ArchConfig::GptNeoX(_) => "embed_in.weight",
+        ArchConfig::Llama(_) => "embed_tokens.weight",
+    };
+    for prefix in ["gpt_neox.", "model.", "lm_backbone.", "lm_backbone.gpt_neox.", "lm_backbone.model.", ""] {
+        if w.contains(&format!("{prefix}{embed}")) {
+            return prefix.to_owned();
+        }
+    }
+    // Nothing matches: fall back to the HF class's own prefix so the error names the tensor it expects.
+    match config.arch {
+        ArchConfig::GptNeoX(_) => "gpt_neox.".into(),
+        ArchConfig::Llama(_) => "model.".into(),
+    }
+}
+
+/// Rotary positions for a padded batch: each real token's index among its row's real tokens
+/// (`cumsum(mask) - 1`, clamped at 0 for padding), as transformers computes them for left padding.
+pub fn positions_from_valid(valid: &Tensor) -> Tensor {
+    (valid.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1).clamp_min(0)
+}
