@@ -90,7 +90,12 @@ impl ModelConfig {
     }
 
     pub fn from_json(raw: Value, path: &Path) -> Result<Self> {
-        let r = Reader { v: &raw, path };
+        let top = Reader { v: &raw, path };
+        // The TL;DR reward models (`ScalarModel`) nest their backbone's config under `base_config`.
+        let r = match (top.str_opt(&["model_type"]), raw.get("base_config")) {
+            (None, Some(base)) if base.is_object() => Reader { v: base, path },
+            _ => top,
+        };
         let class = raw.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str).unwrap_or("").to_owned();
         let model_type = r.str_opt(&["model_type"]).unwrap_or_default();
         let arch = match model_type.as_str() {
@@ -141,7 +146,7 @@ impl ModelConfig {
         Ok(Self {
             arch,
             class,
-            num_labels: r.int(&["num_labels"]).unwrap_or_else(|_| {
+            num_labels: Reader { v: &raw, path }.int(&["num_labels"]).unwrap_or_else(|_| {
                 raw.get("id2label").and_then(Value::as_object).map(|m| m.len() as i64).unwrap_or(1)
             }),
             eos_token_ids: match raw.get("eos_token_id") {
