@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
+bash scripts/assets.sh     # the real small model, sentence encoder and AlpacaEval prompts some tests check
+bash scripts/moto.sh       # a real S3-compatible server for the object-store tests
 echo "test: building the workspace"
 cargo build --workspace --all-targets --locked
 echo "test: running every test"

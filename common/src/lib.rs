@@ -2,8 +2,11 @@
 //! layout every phase derives its keys from, and the error type for both. Never depends on libtorch.
 
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod layout;
+pub mod records;
+pub mod store;
 
 pub use config::RunConfig;
 pub use error::{Error, Result};

@@ -1,6 +1,8 @@
 //! The subcommands. Each one parses its arguments and calls into a crate.
 
+mod generate;
 mod info;
+mod progress;
 
 use std::path::PathBuf;
 
@@ -22,6 +24,10 @@ pub struct Cli {
 pub enum Command {
     /// Show what libtorch sees on this machine (threads, CUDA devices) and the build's versions.
     Info,
+    /// Sample continuations of raw prompts (JSON Lines with a `prompt` field) with a frozen model.
+    Generate(generate::GenerateArgs),
+    /// Score `prompt` + `output` rows with a reward model's scalar head.
+    Score(generate::ScoreArgs),
     /// Validate a run config and print it with every default filled in.
     CheckConfig {
         /// The run config (TOML).
@@ -32,6 +38,8 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info => info::run(),
+        Command::Generate(args) => generate::generate(args),
+        Command::Score(args) => generate::score(args),
         Command::CheckConfig { config } => info::check_config(&config),
     }
 }

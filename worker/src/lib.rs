@@ -4,7 +4,9 @@
 pub mod device;
 pub mod error;
 pub mod generate;
+pub mod jobs;
 pub mod model;
+pub mod reward;
 pub mod text;
 
 pub use error::{Error, Result};

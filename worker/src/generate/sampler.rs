@@ -52,6 +52,11 @@ impl RowRng {
     }
 }
 
+/// The seed of row `row` of a job seeded with `seed`: independent of batch composition and order.
+pub fn row_seed(seed: u64, row: u64) -> u64 {
+    RowRng::new(seed).fork(row).next_u64()
+}
+
 /// Chooses one token per row from `logits` [B, V]. Returns the tokens and their log-probabilities under
 /// the unmodified distribution (softmax of the raw logits: no temperature, no filtering), which is what
 /// KL estimates and importance weights need.

@@ -3,6 +3,7 @@
 //! (`CausalLm`) or one scalar per position (`ScalarModel`: reward models and value functions).
 
 pub mod attention;
+pub mod bert;
 pub mod config;
 pub mod gpt_neox;
 pub mod heads;
