@@ -23,6 +23,25 @@ pub enum Error {
     /// The plan derived from a run config (or built by hand) cannot be run.
     #[error("invalid plan: `{field}` {message}")]
     InvalidPlan { field: &'static str, message: String },
+    /// Reading or writing the command log (or its state folder) failed.
+    #[error("coordinator state `{path}`: {message}")]
+    Storage { path: String, message: String },
+    /// A complete line in the middle of the command log does not parse: not a torn tail from a crash,
+    /// so the log is refused rather than silently cut short.
+    #[error("command log `{path}` line {line} is corrupt: {message}")]
+    CorruptLog { path: String, line: usize, message: String },
+    /// The state folder belongs to another run or another plan than the config being started.
+    #[error("state folder `{path}` does not match this run: {message}")]
+    StateMismatch { path: String, message: String },
+    /// The driver stopped, or refuses commands since its log could not be written.
+    #[error("coordinator unavailable: {message}")]
+    Unavailable { message: String },
+    /// The coordinator's own settings (listen addresses, token, state folder) cannot be used.
+    #[error("coordinator config: `{field}` {message}")]
+    Config { field: &'static str, message: String },
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {message}")]
+    Bind { addr: String, message: String },
 }
 
 impl Error {
@@ -35,6 +54,12 @@ impl Error {
             Error::InvalidWorkerId { .. } => "invalid_worker_id",
             Error::NotAGangTask { .. } => "not_a_gang_task",
             Error::InvalidPlan { .. } => "invalid_plan",
+            Error::Storage { .. } => "storage",
+            Error::CorruptLog { .. } => "corrupt_log",
+            Error::StateMismatch { .. } => "state_mismatch",
+            Error::Unavailable { .. } => "unavailable",
+            Error::Config { .. } => "config",
+            Error::Bind { .. } => "bind",
         }
     }
 }

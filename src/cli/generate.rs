@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use iro_common::config::PromptFormat;
 use iro_worker::generate::sampler::SamplingParams;
 use iro_worker::jobs::{self, Placement};
 
@@ -25,6 +26,13 @@ impl PlacementArgs {
     fn placement(&self) -> Placement {
         Placement { device: self.device.clone(), dtype: self.dtype.clone() }
     }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ChatTemplate {
+    Raw,
+    Chatml,
+    Llama3,
 }
 
 #[derive(Debug, Args)]
@@ -52,6 +60,9 @@ pub struct GenerateArgs {
     pub top_p: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// raw: each prompt as given; chatml / llama3: wrapped as one user turn of that chat template.
+    #[arg(long, value_enum, default_value = "raw")]
+    pub chat_template: ChatTemplate,
     #[command(flatten)]
     pub placement: PlacementArgs,
 }
@@ -73,6 +84,11 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         placement: args.placement.placement(),
         batch_size: args.placement.batch_size,
+        prompt_format: match args.chat_template {
+            ChatTemplate::Raw => PromptFormat::Raw,
+            ChatTemplate::Chatml => PromptFormat::Chatml,
+            ChatTemplate::Llama3 => PromptFormat::Llama3,
+        },
     };
     let mut bar = Bar::new("generate");
     let summary = jobs::generate::run(&job, &mut |done, total| bar.update(done, total))?;

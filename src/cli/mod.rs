@@ -1,5 +1,7 @@
 //! The subcommands. Each one parses its arguments and calls into a crate.
 
+mod bench;
+mod cluster;
 mod generate;
 mod info;
 mod progress;
@@ -28,6 +30,13 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Score `prompt` + `output` rows with a reward model's scalar head.
     Score(generate::ScoreArgs),
+    /// Benchmarks against the Python reference implementations.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+    /// Run the coordinator: leases the run's tasks to workers over gRPC, serves /status and /metrics.
+    Coordinator(cluster::CoordinatorArgs),
+    /// Print a coordinator's status as a table.
+    Status(cluster::StatusArgs),
     /// Validate a run config and print it with every default filled in.
     CheckConfig {
         /// The run config (TOML).
@@ -38,6 +47,9 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info => info::run(),
+        Command::Bench(cmd) => bench::run(cmd),
+        Command::Coordinator(args) => cluster::coordinator(args),
+        Command::Status(args) => cluster::status(args),
         Command::Generate(args) => generate::generate(args),
         Command::Score(args) => generate::score(args),
         Command::CheckConfig { config } => info::check_config(&config),

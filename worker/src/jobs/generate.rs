@@ -11,7 +11,8 @@ use crate::error::{Error, Result};
 use crate::generate::sampler::{SamplingParams, row_seed};
 use crate::generate::{GenerateOptions, generate};
 use crate::model::{CausalLm, ModelConfig};
-use crate::text::Tokenizer;
+use crate::text::{Tokenizer, prompt};
+use iro_common::config::PromptFormat;
 
 #[derive(Debug, Clone)]
 pub struct GenerateJob {
@@ -23,6 +24,8 @@ pub struct GenerateJob {
     pub seed: u64,
     pub placement: Placement,
     pub batch_size: usize,
+    /// `raw` uses each prompt as given; a chat format wraps it as a single user turn first.
+    pub prompt_format: PromptFormat,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -73,9 +76,15 @@ pub fn run(job: &GenerateJob, progress: Progress) -> Result<GenerateSummary> {
         pad_token_id: pad_token(&lm.config, &eos),
     };
     let mut rows = Rows::read(&job.prompts)?;
-    // Raw prompts are used as given, tokenised as `tokenizer(prompt)` would (its own special tokens added).
-    let prompts: Vec<Vec<i64>> =
-        (0..rows.rows.len()).map(|i| tokenizer.encode(rows.str_field(i, "prompt")?, true)).collect::<Result<_>>()?;
+    // Raw prompts are used as given, tokenised as `tokenizer(prompt)` would (its own special tokens added);
+    // chat-templated ones already carry theirs.
+    let add_special = !prompt::has_special_tokens(job.prompt_format);
+    let prompts: Vec<Vec<i64>> = (0..rows.rows.len())
+        .map(|i| {
+            let text = prompt::chat_prompt(job.prompt_format, rows.str_field(i, "prompt")?, None)?;
+            tokenizer.encode(&text, add_special)
+        })
+        .collect::<Result<_>>()?;
     // Batches of similar length waste less compute on padding; each row's seed depends only on its index,
     // so the order changes nothing in the samples.
     let mut order: Vec<usize> = (0..prompts.len()).collect();

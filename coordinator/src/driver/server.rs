@@ -1,0 +1,238 @@
+//! The library entry point both `iro coordinator` and the embedded `iro run --workers N` call: resume the
+//! run from its state folder, bind the gRPC and status listeners (port 0 is fine), and hand back the
+//! bound addresses and a way to shut down.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use iro_common::RunConfig;
+use iro_proto::coordinator_server::CoordinatorServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::server::TcpIncoming;
+
+use super::actor::{self, DriverOptions, Handle};
+use super::auth::{self, ClusterToken};
+use super::clock::{Clock, SystemClock};
+use super::log::{CommandLog, FileLog, MemoryLog};
+use super::service::CoordinatorService;
+use super::telemetry::RpcMetrics;
+use super::wire::Payloads;
+use crate::error::{Error, Result};
+use crate::state::{Plan, RunStatus};
+use crate::status::{self, StatusContext};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:8080";
+
+/// How long `shutdown` waits for in-flight calls before cutting connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Clone)]
+pub struct CoordinatorConfig {
+    /// The run; workers receive it (as JSON) when they register. Its `run.store` is what they write to.
+    pub run: RunConfig,
+    /// Derived from `run` by `new`; tests shorten its timeouts.
+    pub plan: Plan,
+    /// gRPC listener for workers.
+    pub listen: SocketAddr,
+    /// HTTP listener for `/status`, `/metrics` and `/`.
+    pub status_listen: SocketAddr,
+    /// Where the command log lives; a restart on the same folder resumes the run. None: in memory only
+    /// (nothing survives a restart; for benchmarks and throwaway runs).
+    pub state_dir: Option<PathBuf>,
+    /// The cluster token. None: no authentication, and both listeners must be loopback addresses.
+    pub token: Option<ClusterToken>,
+    /// Also require the token on the status endpoint. Off by default: it is read-only and carries no
+    /// secrets, and browsers and most scrapers cannot easily send a bearer token; keep it on the
+    /// cluster network, or turn this on (Prometheus can send `bearer_token_file`).
+    pub status_requires_token: bool,
+    pub clock: Arc<dyn Clock>,
+    pub driver: DriverOptions,
+}
+
+impl fmt::Debug for CoordinatorConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoordinatorConfig")
+            .field("run_id", &self.run.run.id)
+            .field("plan", &self.plan)
+            .field("listen", &self.listen)
+            .field("status_listen", &self.status_listen)
+            .field("state_dir", &self.state_dir)
+            .field("token", &self.token)
+            .field("status_requires_token", &self.status_requires_token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CoordinatorConfig {
+    /// Loopback defaults, no state folder, no token, the system clock.
+    pub fn new(run: RunConfig) -> Result<Self> {
+        let plan = Plan::from_config(&run)?;
+        let parse = |a: &str| a.parse().map_err(|e| Error::Config { field: "listen", message: format!("{a}: {e}") });
+        Ok(Self {
+            run,
+            plan,
+            listen: parse(DEFAULT_LISTEN)?,
+            status_listen: parse(DEFAULT_STATUS_LISTEN)?,
+            state_dir: None,
+            token: None,
+            status_requires_token: false,
+            clock: Arc::new(SystemClock),
+            driver: DriverOptions::default(),
+        })
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.token.is_none() {
+            for (field, addr) in [("listen", self.listen), ("status_listen", self.status_listen)] {
+                if !addr.ip().is_loopback() {
+                    return Err(Error::Config {
+                        field,
+                        message: format!(
+                            "refusing to listen on {addr} without a cluster token: set --token-file or \
+                             {}, or listen on a loopback address (127.0.0.1)",
+                            auth::TOKEN_ENV
+                        ),
+                    });
+                }
+            }
+            if self.status_requires_token {
+                return Err(Error::Config { field: "status_requires_token", message: "needs a cluster token".into() });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A running coordinator.
+pub struct ServerHandle {
+    grpc_addr: SocketAddr,
+    status_addr: SocketAddr,
+    handle: Handle,
+    shutdown: watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
+    driver: JoinHandle<()>,
+}
+
+impl ServerHandle {
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// `http://{grpc_addr}`, what workers connect to.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    pub fn status_addr(&self) -> SocketAddr {
+        self.status_addr
+    }
+
+    pub fn status_url(&self) -> String {
+        format!("http://{}", self.status_addr)
+    }
+
+    /// The driver handle, for in-process callers (the embedded mode reads manifests through it).
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Resolves once the run finished or failed.
+    pub async fn run_over(&self) -> RunStatus {
+        self.handle.run_over().await
+    }
+
+    /// Stops accepting calls, lets in-flight ones finish (for a few seconds at most), then stops the
+    /// driver. Everything acknowledged is already in the log.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for mut server in self.servers {
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+                server.abort();
+            }
+        }
+        self.handle.stop().await;
+        let _ = self.driver.await;
+    }
+}
+
+/// Resumes (or starts) the run and serves it: gRPC for workers on `listen`, HTTP status on
+/// `status_listen`.
+pub async fn serve(config: CoordinatorConfig) -> Result<ServerHandle> {
+    config.check()?;
+    let run_id = config.run.run.id.clone();
+    let payloads = Payloads::new(&config.run)?;
+    let run_config_json = serde_json::to_string(&config.run)
+        .map_err(|e| Error::Config { field: "run", message: format!("cannot serialize the run config: {e}") })?;
+    let log: Box<dyn CommandLog> = match &config.state_dir {
+        Some(dir) => Box::new(open_log(dir.clone(), run_id.clone(), config.plan.clone()).await?),
+        None => Box::new(MemoryLog::new()),
+    };
+    // Bind before starting the driver, so a taken port fails fast without touching the log's timers.
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|e| Error::Bind { addr: addr.to_string(), message: e.to_string() })
+    };
+    let grpc_listener = bind(config.listen).await?;
+    let status_listener = bind(config.status_listen).await?;
+    let local = |l: &TcpListener, addr: SocketAddr| {
+        l.local_addr().map_err(|e| Error::Bind { addr: addr.to_string(), message: e.to_string() })
+    };
+    let grpc_addr = local(&grpc_listener, config.listen)?;
+    let status_addr = local(&status_listener, config.status_listen)?;
+
+    let (handle, driver) = actor::start(config.plan.clone(), log, config.clock.clone(), config.driver.clone()).await?;
+    let metrics = Arc::new(RpcMetrics::default());
+    let (shutdown, _) = watch::channel(false);
+
+    let service = CoordinatorService::new(handle.clone(), &run_id, run_config_json, payloads, metrics.clone());
+    let grpc = CoordinatorServer::with_interceptor(service, auth::interceptor(config.token.clone(), metrics.clone()));
+    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let mut stop = shutdown.subscribe();
+    let grpc_task = tokio::spawn(async move {
+        let signal = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) =
+            tonic::transport::Server::builder().add_service(grpc).serve_with_incoming_shutdown(incoming, signal).await
+        {
+            tracing::error!("gRPC server stopped: {e}");
+        }
+    });
+
+    let context = StatusContext {
+        handle: handle.clone(),
+        rpc: metrics,
+        run_id: run_id.clone(),
+        token: config.status_requires_token.then(|| config.token.clone()).flatten(),
+    };
+    let mut stop = shutdown.subscribe();
+    let status_task = tokio::spawn(async move {
+        let signal = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = axum::serve(status_listener, status::router(context)).with_graceful_shutdown(signal).await {
+            tracing::error!("status server stopped: {e}");
+        }
+    });
+
+    tracing::info!(
+        run = %run_id,
+        grpc = %grpc_addr,
+        status = %status_addr,
+        auth = config.token.is_some(),
+        state_dir = ?config.state_dir,
+        "coordinator listening"
+    );
+    Ok(ServerHandle { grpc_addr, status_addr, handle, shutdown, servers: vec![grpc_task, status_task], driver })
+}
+
+async fn open_log(dir: PathBuf, run_id: String, plan: Plan) -> Result<FileLog> {
+    tokio::task::spawn_blocking(move || FileLog::open(&dir, &run_id, &plan))
+        .await
+        .map_err(|e| Error::Unavailable { message: format!("opening the command log panicked: {e}") })?
+}

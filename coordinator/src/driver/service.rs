@@ -1,0 +1,133 @@
+//! The tonic `Coordinator` service: each RPC checks its request (`wire`), sends one command through the
+//! driver handle, and maps the reply back. No state lives here; every call is timed and counted by
+//! method and status code for `/metrics`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use iro_proto as pb;
+use tonic::{Request, Response, Status};
+
+use super::actor::Handle;
+use super::telemetry::RpcMetrics;
+use super::wire::{self, Payloads};
+use crate::state::{Command, Reply};
+
+#[derive(Clone)]
+pub struct CoordinatorService {
+    handle: Handle,
+    run_id: Arc<str>,
+    run_config_json: Arc<str>,
+    payloads: Arc<Payloads>,
+    metrics: Arc<RpcMetrics>,
+}
+
+impl CoordinatorService {
+    pub fn new(
+        handle: Handle,
+        run_id: &str,
+        run_config_json: String,
+        payloads: Payloads,
+        metrics: Arc<RpcMetrics>,
+    ) -> Self {
+        Self {
+            handle,
+            run_id: run_id.into(),
+            run_config_json: run_config_json.into(),
+            payloads: Arc::new(payloads),
+            metrics,
+        }
+    }
+
+    async fn timed<T>(
+        &self,
+        method: &'static str,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<Response<T>, Status> {
+        let started = Instant::now();
+        let result = call.await;
+        let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.metrics.record(method, code, started.elapsed().as_secs_f64());
+        result.map(Response::new)
+    }
+
+    async fn apply(&self, command: Command) -> Result<Reply, Status> {
+        self.handle.apply(command).await.map(|applied| applied.reply).map_err(wire::status)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for CoordinatorService {
+    async fn register_worker(
+        &self,
+        request: Request<pb::RegisterWorkerRequest>,
+    ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        self.timed("register_worker", async {
+            let (id, name, resources) = wire::register(request.into_inner())?;
+            let applied = self.handle.register(id, name, resources).await.map_err(wire::status)?;
+            wire::register_response(applied.reply, &self.run_id, &self.run_config_json)
+        })
+        .await
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.timed("heartbeat", async {
+            let reply = self.apply(wire::heartbeat(request.into_inner())?).await?;
+            wire::heartbeat_response(reply)
+        })
+        .await
+    }
+
+    async fn lease_task(
+        &self,
+        request: Request<pb::LeaseTaskRequest>,
+    ) -> Result<Response<pb::LeaseTaskResponse>, Status> {
+        self.timed("lease_task", async {
+            let reply = self.apply(wire::lease(request.into_inner())?).await?;
+            wire::lease_response(reply, &self.payloads)
+        })
+        .await
+    }
+
+    async fn complete_task(
+        &self,
+        request: Request<pb::CompleteTaskRequest>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        self.timed("complete_task", async {
+            let reply = self.apply(wire::complete(request.into_inner())?).await?;
+            wire::complete_response(reply)
+        })
+        .await
+    }
+
+    async fn fail_task(&self, request: Request<pb::FailTaskRequest>) -> Result<Response<pb::FailTaskResponse>, Status> {
+        self.timed("fail_task", async {
+            let reply = self.apply(wire::fail(request.into_inner())?).await?;
+            wire::fail_response(reply)
+        })
+        .await
+    }
+
+    async fn join_gang(&self, request: Request<pb::JoinGangRequest>) -> Result<Response<pb::JoinGangResponse>, Status> {
+        self.timed("join_gang", async {
+            let reply = self.apply(wire::join_gang(request.into_inner())?).await?;
+            wire::join_gang_response(reply)
+        })
+        .await
+    }
+
+    async fn abort_gang(
+        &self,
+        request: Request<pb::AbortGangRequest>,
+    ) -> Result<Response<pb::AbortGangResponse>, Status> {
+        self.timed("abort_gang", async {
+            let reply = self.apply(wire::abort_gang(request.into_inner())?).await?;
+            wire::abort_gang_response(reply)
+        })
+        .await
+    }
+}

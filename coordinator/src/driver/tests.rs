@@ -1,0 +1,254 @@
+//! Tests of the driver behind its handle, with the in-memory log and a manual clock: no sockets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::actor::{self, DriverOptions, Handle};
+use super::clock::ManualClock;
+use super::log::{CommandLog, FileLog, MemoryLog, parse_log};
+use crate::error::Error;
+use crate::plan::Phase;
+use crate::state::{Command, Lease, Plan, Reply, Resources, TaskId, TaskState, WorkerId};
+
+const T0: u64 = 1_000_000;
+
+fn plan() -> Plan {
+    let mut plan = Plan::new(1, 3, 1, 1);
+    plan.lease_ms = 1_000;
+    plan.heartbeat_interval_ms = 100;
+    plan.worker_timeout_ms = 10_000;
+    plan
+}
+
+async fn start(log: &MemoryLog, clock: &ManualClock, grace: u64) -> Handle {
+    let options = DriverOptions { restart_grace_ms: Some(grace) };
+    actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options).await.unwrap().0
+}
+
+async fn register(handle: &Handle, id: &str) -> WorkerId {
+    let resources = Resources { device: "cpu".into(), ..Resources::default() };
+    match handle.register(Some(WorkerId::new(id)), id.into(), resources).await.unwrap().reply {
+        Reply::Registered { worker_id, .. } => worker_id,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn lease(handle: &Handle, worker: &WorkerId) -> Lease {
+    match handle.apply(Command::LeaseTask { worker_id: worker.clone(), now_ms: 0 }).await.unwrap().reply {
+        Reply::Lease(lease) => lease,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn task_state(handle: &Handle, task: TaskId) -> TaskState {
+    handle.read(move |v| v.state.task(task).unwrap().state.clone()).await.unwrap()
+}
+
+/// Waits (in real time, briefly) for the driver's timer to react to a clock move.
+async fn eventually(handle: &Handle, task: TaskId, want: impl Fn(&TaskState) -> bool) -> TaskState {
+    for _ in 0..200 {
+        let state = task_state(handle, task).await;
+        if want(&state) {
+            return state;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    task_state(handle, task).await
+}
+
+#[tokio::test]
+async fn applied_commands_are_logged_with_the_clock_time_and_refused_ones_are_not() {
+    let (log, clock) = (MemoryLog::new(), ManualClock::new(T0));
+    let handle = start(&log, &clock, 0).await;
+    let worker = register(&handle, "w-a").await;
+    clock.advance(5);
+    assert!(matches!(lease(&handle, &worker).await, Lease::Task { .. }));
+    let refused = handle.apply(Command::LeaseTask { worker_id: WorkerId::new("ghost"), now_ms: 0 }).await;
+    assert!(matches!(refused, Err(Error::UnknownWorker { .. })));
+    let entries = log.entries();
+    assert_eq!(entries.len(), 2, "register and lease, not the refused lease: {entries:?}");
+    assert_eq!(entries[0].now_ms(), T0);
+    assert_eq!(entries[1].now_ms(), T0 + 5, "the driver stamps its clock, whatever the caller put in");
+    assert_eq!(handle.read(|v| v.log_index).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn the_timer_expires_a_lease_once_the_clock_passes_its_deadline() {
+    let (log, clock) = (MemoryLog::new(), ManualClock::new(T0));
+    let handle = start(&log, &clock, 0).await;
+    let worker = register(&handle, "w-a").await;
+    let Lease::Task { task_id, deadline_ms, .. } = lease(&handle, &worker).await else { panic!() };
+    clock.set(deadline_ms - 1);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(matches!(task_state(&handle, task_id).await, TaskState::Leased { .. }), "not expired before the deadline");
+    clock.set(deadline_ms);
+    let state = eventually(&handle, task_id, |s| *s == TaskState::Pending).await;
+    assert_eq!(state, TaskState::Pending, "the timer sent ExpireLeases at the deadline");
+    assert!(log.entries().iter().any(|c| matches!(c, Command::ExpireLeases { now_ms } if *now_ms == deadline_ms)));
+}
+
+#[tokio::test]
+async fn a_restart_on_the_same_log_rebuilds_the_same_state() {
+    let (log, clock) = (MemoryLog::new(), ManualClock::new(T0));
+    let handle = start(&log, &clock, 0).await;
+    let worker = register(&handle, "w-a").await;
+    let Lease::Task { task_id, attempt, .. } = lease(&handle, &worker).await else { panic!() };
+    let output = crate::state::Output { key: "k".into(), sha256: "0".repeat(64), records: 3, tokens: 9 };
+    handle
+        .apply(Command::CompleteTask { worker_id: worker.clone(), task_id, attempt, output, now_ms: 0 })
+        .await
+        .unwrap();
+    lease(&handle, &worker).await;
+    let before = handle.read(|v| v.state.digest()).await.unwrap();
+    handle.stop().await;
+    assert!(matches!(handle.snapshot().await, Err(Error::Unavailable { .. })), "a stopped driver says so");
+
+    let restarted = start(&log, &clock, 0).await;
+    assert_eq!(restarted.read(|v| v.state.digest()).await.unwrap(), before);
+    assert!(matches!(task_state(&restarted, task_id).await, TaskState::Done(_)));
+}
+
+#[tokio::test]
+async fn after_a_restart_nothing_expires_before_the_grace_period_ends() {
+    let (log, clock) = (MemoryLog::new(), ManualClock::new(T0));
+    let handle = start(&log, &clock, 0).await;
+    let worker = register(&handle, "w-a").await;
+    let Lease::Task { task_id, deadline_ms, .. } = lease(&handle, &worker).await else { panic!() };
+    handle.stop().await;
+
+    // The coordinator was down past the lease's deadline.
+    clock.set(deadline_ms + 5_000);
+    let restarted = start(&log, &clock, 2_000).await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(matches!(task_state(&restarted, task_id).await, TaskState::Leased { .. }), "held during the grace");
+    clock.advance(1_500);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(matches!(task_state(&restarted, task_id).await, TaskState::Leased { .. }), "still within the grace");
+    // The worker checks in within the grace and renews its lease: nothing is lost.
+    let reply = restarted
+        .apply(Command::Heartbeat {
+            worker_id: worker.clone(),
+            lease: Some(crate::state::LeaseRef { task_id, attempt: 1 }),
+            progress: Default::default(),
+            now_ms: 0,
+        })
+        .await
+        .unwrap()
+        .reply;
+    assert!(matches!(reply, Reply::LeaseExtended { .. }), "{reply:?}");
+    clock.advance(500);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(matches!(task_state(&restarted, task_id).await, TaskState::Leased { .. }), "the renewed lease holds");
+    clock.advance(500);
+    assert_eq!(eventually(&restarted, task_id, |s| *s == TaskState::Pending).await, TaskState::Pending);
+}
+
+#[tokio::test]
+async fn a_failed_log_write_refuses_that_command_and_every_later_one() {
+    let (log, clock) = (MemoryLog::new(), ManualClock::new(T0));
+    let handle = start(&log, &clock, 0).await;
+    let worker = register(&handle, "w-a").await;
+    log.fail_appends(true);
+    let refused = handle.apply(Command::LeaseTask { worker_id: worker.clone(), now_ms: 0 }).await;
+    assert!(matches!(refused, Err(Error::Unavailable { .. })), "{refused:?}");
+    log.fail_appends(false);
+    let later = handle.apply(Command::LeaseTask { worker_id: worker.clone(), now_ms: 0 }).await;
+    assert!(matches!(later, Err(Error::Unavailable { .. })), "no command is served once state and log diverged");
+    let error = handle.read(|v| v.telemetry.log_error.clone()).await.unwrap();
+    assert!(error.unwrap().contains("appends made to fail"));
+    assert_eq!(log.entries().len(), 1, "only the registration is durable");
+}
+
+#[tokio::test]
+async fn concurrent_commands_share_log_writes() {
+    let (log, clock) = (MemoryLog::new(), ManualClock::new(T0));
+    let handle = start(&log, &clock, 0).await;
+    let mut calls = Vec::new();
+    for i in 0..64 {
+        let handle = handle.clone();
+        calls.push(tokio::spawn(async move { register(&handle, &format!("w-{i}")).await }));
+    }
+    for call in calls {
+        call.await.unwrap();
+    }
+    let (entries, batches) = handle.read(|v| (v.telemetry.log_entries, v.telemetry.log_batches)).await.unwrap();
+    assert_eq!(entries, 64);
+    assert!(batches <= 64, "{batches} batches");
+}
+
+fn line(command: &Command) -> String {
+    serde_json::to_string(command).unwrap() + "\n"
+}
+
+#[test]
+fn a_torn_last_line_is_dropped_but_a_corrupt_middle_line_is_an_error() {
+    let path = std::path::Path::new("commands.jsonl");
+    let a = Command::ExpireLeases { now_ms: 1 };
+    let b = Command::LeaseTask { worker_id: WorkerId::new("w-1"), now_ms: 2 };
+    let good = line(&a) + &line(&b);
+
+    let parsed = parse_log(path, good.as_bytes()).unwrap();
+    assert_eq!((parsed.commands.len(), parsed.valid_len), (2, good.len()));
+
+    let torn = good.clone() + r#"{"LeaseTask":{"worker_id":"w-"#;
+    let parsed = parse_log(path, torn.as_bytes()).unwrap();
+    assert_eq!((parsed.commands, parsed.valid_len), (vec![a.clone(), b.clone()], good.len()));
+
+    let garbage_line = good.clone() + "\0\0\0\n";
+    assert_eq!(parse_log(path, garbage_line.as_bytes()).unwrap().valid_len, good.len());
+
+    let corrupt = line(&a) + "{not json}\n" + &line(&b);
+    match parse_log(path, corrupt.as_bytes()) {
+        Err(Error::CorruptLog { line, .. }) => assert_eq!(line, 2),
+        other => panic!("{:?}", other.map(|p| p.commands)),
+    }
+}
+
+#[test]
+fn the_file_log_cuts_a_torn_tail_and_refuses_another_plan() {
+    let dir = tempfile::tempdir().unwrap();
+    let commands = [Command::ExpireLeases { now_ms: 1 }, Command::ExpireLeases { now_ms: 2 }];
+    {
+        let mut log = FileLog::open(dir.path(), "run-a", &plan()).unwrap();
+        assert!(log.load().unwrap().is_empty());
+        log.append(&commands).unwrap();
+    }
+    let path = dir.path().join(super::log::LOG_FILE);
+    let intact = std::fs::read(&path).unwrap();
+    let mut torn = intact.clone();
+    torn.extend_from_slice(br#"{"ExpireLeases":{"now_"#);
+    std::fs::write(&path, &torn).unwrap();
+
+    let mut log = FileLog::open(dir.path(), "run-a", &plan()).unwrap();
+    assert_eq!(log.load().unwrap(), commands.to_vec());
+    assert_eq!(std::fs::read(&path).unwrap(), intact, "the torn tail is truncated on disk");
+    log.append(&commands[..1]).unwrap();
+    drop(log);
+    assert_eq!(FileLog::open(dir.path(), "run-a", &plan()).unwrap().load().unwrap().len(), 3);
+
+    let mut other = plan();
+    other.lease_ms = 5;
+    match FileLog::open(dir.path(), "run-a", &other) {
+        Err(Error::StateMismatch { message, .. }) => assert!(message.contains("plan.lease_ms"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    match FileLog::open(dir.path(), "run-b", &plan()) {
+        Err(Error::StateMismatch { message, .. }) => assert!(message.contains("run_id"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn task_payloads_give_prompt_ranges_and_attempt_specific_keys() {
+    let mut config = iro_common::RunConfig::default();
+    config.run.id = "demo".into();
+    config.data.prompts_per_iteration = 100;
+    config.cluster.shard_size = 64;
+    let payloads = super::wire::Payloads::new(&config).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&payloads.json(TaskId::new(2, Phase::Rollout, 1), 3)).unwrap();
+    assert_eq!(json["prompt_start"], 64);
+    assert_eq!(json["prompt_end"], 100);
+    assert_eq!(json["output_key"], "runs/demo/iter-2/rollout/shard-00001.attempt-3.jsonl");
+    let json: serde_json::Value = serde_json::from_str(&payloads.json(TaskId::new(1, Phase::Train, 0), 1)).unwrap();
+    assert_eq!(json["value_dir"], "runs/demo/iter-1/value");
+}

@@ -1,0 +1,340 @@
+//! proto ↔ run-state mapping, in one place. Requests are checked field by field *before* anything reaches
+//! the driver, so a malformed request is answered `invalid_argument` naming the field and applies nothing;
+//! replies map back to responses, with a fenced report as a normal answer carrying its `Fence`.
+
+use iro_common::RunConfig;
+use iro_common::layout::{RunLayout, ShardedPhase};
+use iro_proto as pb;
+use tonic::Status;
+
+use crate::error::Error;
+use crate::plan::Phase;
+use crate::state::{
+    Command, Fenced, Lease, LeaseRef, Output, Progress, Reply, Resources, TaskId, WaitReason, WorkerId,
+};
+
+/// Longest free text kept from a request (names, errors, endpoints): the state and the status page stay
+/// bounded whatever a worker sends.
+pub const MAX_TEXT: usize = 4096;
+
+fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {message}"))
+}
+
+pub fn worker_id(field: &str, value: &str) -> Result<WorkerId, Status> {
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty (the id RegisterWorker returned)"));
+    }
+    let id = WorkerId::new(value);
+    id.check().map_err(|e| invalid(field, e))?;
+    Ok(id)
+}
+
+pub fn task_id(value: &str) -> Result<TaskId, Status> {
+    if value.is_empty() {
+        return Err(invalid("task_id", "must not be empty"));
+    }
+    value.parse().map_err(|e: Error| invalid("task_id", e))
+}
+
+fn attempt(value: u32) -> Result<u32, Status> {
+    if value == 0 {
+        return Err(invalid("attempt", "must be at least 1: attempts count from 1, as LeaseTask hands them out"));
+    }
+    Ok(value)
+}
+
+/// Free text: required ones must not be blank; all are cut to `MAX_TEXT` bytes on a char boundary.
+fn text(field: &str, value: String, required: bool) -> Result<String, Status> {
+    if required && value.trim().is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if value.len() <= MAX_TEXT {
+        return Ok(value);
+    }
+    let cut = (0..=MAX_TEXT).rev().find(|i| value.is_char_boundary(*i)).unwrap_or(0);
+    Ok(format!("{}…", &value[..cut]))
+}
+
+/// `name` must also be a single line: it shows up in log lines and on the status page.
+fn name(value: String) -> Result<String, Status> {
+    if value.chars().any(char::is_control) {
+        return Err(invalid("name", "must not contain control characters"));
+    }
+    if value.len() > 256 {
+        return Err(invalid("name", "must be at most 256 bytes"));
+    }
+    text("name", value, true)
+}
+
+pub fn register(req: pb::RegisterWorkerRequest) -> Result<(Option<WorkerId>, String, Resources), Status> {
+    let id = if req.worker_id.is_empty() { None } else { Some(worker_id("worker_id", &req.worker_id)?) };
+    let name = name(req.name)?;
+    let resources = req.resources.ok_or_else(|| invalid("resources", "missing: say at least the device"))?;
+    let device = text("resources.device", resources.device, true)?;
+    let cached_models = resources
+        .cached_models
+        .into_iter()
+        .take(256)
+        .map(|m| text("resources.cached_models", m, false))
+        .collect::<Result<_, _>>()?;
+    Ok((id, name, Resources { device, memory_bytes: resources.memory_bytes, cached_models }))
+}
+
+pub fn heartbeat(req: pb::HeartbeatRequest) -> Result<Command, Status> {
+    let worker_id = worker_id("worker_id", &req.worker_id)?;
+    let lease = if req.task_id.is_empty() {
+        None
+    } else {
+        Some(LeaseRef { task_id: task_id(&req.task_id)?, attempt: attempt(req.attempt)? })
+    };
+    let progress = Progress { done: req.progress_done, total: req.progress_total };
+    Ok(Command::Heartbeat { worker_id, lease, progress, now_ms: 0 })
+}
+
+pub fn lease(req: pb::LeaseTaskRequest) -> Result<Command, Status> {
+    Ok(Command::LeaseTask { worker_id: worker_id("worker_id", &req.worker_id)?, now_ms: 0 })
+}
+
+pub fn complete(req: pb::CompleteTaskRequest) -> Result<Command, Status> {
+    let worker_id = worker_id("worker_id", &req.worker_id)?;
+    let task_id = task_id(&req.task_id)?;
+    let attempt = attempt(req.attempt)?;
+    if req.output_key.is_empty() {
+        return Err(invalid("output_key", "must not be empty: the object-store key of this attempt's output"));
+    }
+    if req.output_key.len() > 1024 || req.output_key.chars().any(char::is_control) {
+        return Err(invalid("output_key", "must be a single line of at most 1024 bytes"));
+    }
+    if req.sha256.len() != 64 || !req.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err(invalid("sha256", "must be 64 lower-case hex digits"));
+    }
+    let output = Output { key: req.output_key, sha256: req.sha256, records: req.records, tokens: req.tokens };
+    Ok(Command::CompleteTask { worker_id, task_id, attempt, output, now_ms: 0 })
+}
+
+pub fn fail(req: pb::FailTaskRequest) -> Result<Command, Status> {
+    Ok(Command::FailTask {
+        worker_id: worker_id("worker_id", &req.worker_id)?,
+        task_id: task_id(&req.task_id)?,
+        attempt: attempt(req.attempt)?,
+        error: text("error", req.error, true)?,
+        released: req.released,
+        now_ms: 0,
+    })
+}
+
+pub fn join_gang(req: pb::JoinGangRequest) -> Result<Command, Status> {
+    Ok(Command::JoinGang {
+        worker_id: worker_id("worker_id", &req.worker_id)?,
+        task_id: task_id(&req.task_id)?,
+        attempt: attempt(req.attempt)?,
+        endpoint: {
+            if req.endpoint.len() > MAX_TEXT {
+                return Err(invalid("endpoint", format!("must be at most {MAX_TEXT} bytes")));
+            }
+            text("endpoint", req.endpoint, true)?
+        },
+        now_ms: 0,
+    })
+}
+
+pub fn abort_gang(req: pb::AbortGangRequest) -> Result<Command, Status> {
+    Ok(Command::AbortGang {
+        worker_id: worker_id("worker_id", &req.worker_id)?,
+        task_id: task_id(&req.task_id)?,
+        attempt: attempt(req.attempt)?,
+        reason: text("reason", req.reason, true)?,
+        now_ms: 0,
+    })
+}
+
+/// A refused command as a gRPC status; the message is the error's own, naming the id that was wrong.
+pub fn status(error: Error) -> Status {
+    let message = error.to_string();
+    match error {
+        Error::UnknownWorker { .. } => Status::not_found(format!("worker_id: {message}; register first")),
+        Error::UnknownTask { .. } => Status::not_found(format!("task_id: {message}")),
+        Error::InvalidTaskId { .. } => Status::invalid_argument(format!("task_id: {message}")),
+        Error::InvalidWorkerId { .. } => Status::invalid_argument(format!("worker_id: {message}")),
+        Error::NotAGangTask { .. } => Status::invalid_argument(format!("task_id: {message}")),
+        Error::Unavailable { .. } | Error::Storage { .. } => Status::unavailable(message),
+        Error::InvalidPlan { .. }
+        | Error::CorruptLog { .. }
+        | Error::StateMismatch { .. }
+        | Error::Config { .. }
+        | Error::Bind { .. } => Status::internal(message),
+    }
+}
+
+fn unexpected(rpc: &str, reply: &Reply) -> Status {
+    Status::internal(format!("{rpc}: the run state answered an unexpected {reply:?}"))
+}
+
+pub fn fence(fenced: &Fenced) -> pb::Fence {
+    pb::Fence { kind: fenced.kind().to_owned(), reason: fenced.to_string() }
+}
+
+fn ms_u32(ms: u64) -> u32 {
+    u32::try_from(ms).unwrap_or(u32::MAX)
+}
+
+pub fn register_response(
+    reply: Reply,
+    run_id: &str,
+    run_config_json: &str,
+) -> Result<pb::RegisterWorkerResponse, Status> {
+    match reply {
+        Reply::Registered { worker_id, heartbeat_interval_ms } => Ok(pb::RegisterWorkerResponse {
+            worker_id: worker_id.to_string(),
+            run_id: run_id.to_owned(),
+            heartbeat_interval_ms: ms_u32(heartbeat_interval_ms),
+            run_config_json: run_config_json.to_owned(),
+        }),
+        other => Err(unexpected("RegisterWorker", &other)),
+    }
+}
+
+pub fn heartbeat_response(reply: Reply) -> Result<pb::HeartbeatResponse, Status> {
+    match reply {
+        Reply::Alive => Ok(pb::HeartbeatResponse { keep_working: true, ..Default::default() }),
+        Reply::LeaseExtended { deadline_ms } => {
+            Ok(pb::HeartbeatResponse { keep_working: true, lease_deadline_unix_ms: deadline_ms, fence: None })
+        }
+        Reply::Fenced(f) => {
+            Ok(pb::HeartbeatResponse { keep_working: false, lease_deadline_unix_ms: 0, fence: Some(fence(&f)) })
+        }
+        other => Err(unexpected("Heartbeat", &other)),
+    }
+}
+
+/// What a worker needs beyond the task id to run a task: derived from the run config, so workers and
+/// coordinator cannot disagree on prompt ranges or output keys.
+#[derive(Debug, Clone)]
+pub struct Payloads {
+    layout: RunLayout,
+    shard_size: u64,
+    prompts_per_iteration: u64,
+    test_prompts: u64,
+}
+
+impl Payloads {
+    pub fn new(config: &RunConfig) -> Result<Self, Error> {
+        let layout =
+            RunLayout::new(&config.run.id).map_err(|e| Error::Config { field: "run.id", message: e.to_string() })?;
+        Ok(Self {
+            layout,
+            shard_size: config.cluster.shard_size.max(1) as u64,
+            prompts_per_iteration: config.data.prompts_per_iteration as u64,
+            test_prompts: config.data.test_prompts as u64,
+        })
+    }
+
+    /// Rollout and eval: the prompt range `[prompt_start, prompt_end)` within the iteration's prompt
+    /// slice (rollout) or the test set (eval), and the attempt-specific output key. Train: the folder
+    /// the value model of this iteration is written to.
+    pub fn json(&self, task: TaskId, attempt: u32) -> String {
+        let sharded = |phase: ShardedPhase, prompts: u64| {
+            let start = (u64::from(task.shard) * self.shard_size).min(prompts);
+            let end = (start + self.shard_size).min(prompts);
+            serde_json::json!({
+                "output_key": self.layout.shard(task.iteration, phase, task.shard, attempt),
+                "prompt_start": start,
+                "prompt_end": end,
+            })
+        };
+        let value = match task.phase {
+            Phase::Rollout => sharded(ShardedPhase::Rollout, self.prompts_per_iteration),
+            Phase::Eval => sharded(ShardedPhase::Eval, self.test_prompts),
+            Phase::Train => serde_json::json!({ "value_dir": self.layout.value_dir(task.iteration) }),
+        };
+        value.to_string()
+    }
+}
+
+pub fn lease_response(reply: Reply, payloads: &Payloads) -> Result<pb::LeaseTaskResponse, Status> {
+    use pb::lease_task_response::Outcome;
+    let Reply::Lease(lease) = reply else {
+        return Err(unexpected("LeaseTask", &reply));
+    };
+    let spec = |task_id: TaskId, attempt: u32, deadline_ms: u64| pb::TaskSpec {
+        task_id: task_id.to_string(),
+        attempt,
+        iteration: task_id.iteration,
+        phase: crate::state::phase_name(task_id.phase).to_owned(),
+        shard: task_id.shard,
+        lease_deadline_unix_ms: deadline_ms,
+        payload_json: payloads.json(task_id, attempt),
+        ..Default::default()
+    };
+    let (outcome, retry_reason) = match lease {
+        Lease::Task { task_id, attempt, deadline_ms } => (Outcome::Task(spec(task_id, attempt, deadline_ms)), ""),
+        Lease::GangRank { task_id, attempt, rank, world, deadline_ms, join_deadline_ms } => (
+            Outcome::Task(pb::TaskSpec {
+                rank,
+                world,
+                join_deadline_unix_ms: join_deadline_ms,
+                ..spec(task_id, attempt, deadline_ms)
+            }),
+            "",
+        ),
+        Lease::RetryAfter { ms, reason } => (
+            Outcome::RetryAfterMs(ms_u32(ms).max(1)),
+            match reason {
+                WaitReason::PhaseBarrier => "phase_barrier",
+                WaitReason::GangFull => "gang_full",
+            },
+        ),
+        Lease::RunFinished => (Outcome::RunFinished(true), ""),
+        Lease::RunFailed { reason } => (Outcome::RunFailed(reason), ""),
+    };
+    Ok(pb::LeaseTaskResponse { outcome: Some(outcome), retry_reason: retry_reason.to_owned() })
+}
+
+pub fn complete_response(reply: Reply) -> Result<pb::CompleteTaskResponse, Status> {
+    match reply {
+        Reply::Accepted { task_id, attempt } => Ok(pb::CompleteTaskResponse {
+            accepted: true,
+            reason: format!("attempt {attempt} of {task_id} is the accepted output"),
+            fence: None,
+        }),
+        Reply::RankFinished { task_id, rank } => Ok(pb::CompleteTaskResponse {
+            accepted: true,
+            reason: format!("rank {rank} of {task_id} finished; rank 0's completion carries the task's output"),
+            fence: None,
+        }),
+        Reply::Fenced(f) => {
+            Ok(pb::CompleteTaskResponse { accepted: false, reason: f.to_string(), fence: Some(fence(&f)) })
+        }
+        other => Err(unexpected("CompleteTask", &other)),
+    }
+}
+
+pub fn fail_response(reply: Reply) -> Result<pb::FailTaskResponse, Status> {
+    match reply {
+        Reply::Returned { will_retry, .. } => Ok(pb::FailTaskResponse { will_retry, accepted: true, fence: None }),
+        Reply::Fenced(f) => Ok(pb::FailTaskResponse { will_retry: false, accepted: false, fence: Some(fence(&f)) }),
+        other => Err(unexpected("FailTask", &other)),
+    }
+}
+
+pub fn join_gang_response(reply: Reply) -> Result<pb::JoinGangResponse, Status> {
+    use pb::join_gang_response::Outcome;
+    let outcome = match reply {
+        Reply::GangWaiting { joined, world, retry_after_ms } => {
+            Outcome::Waiting(pb::GangWaiting { joined, world, retry_after_ms: ms_u32(retry_after_ms).max(1) })
+        }
+        Reply::GangReady { rank, world, endpoints } => Outcome::Ready(pb::GangReady { rank, world, endpoints }),
+        Reply::Fenced(f) => Outcome::Fence(fence(&f)),
+        other => return Err(unexpected("JoinGang", &other)),
+    };
+    Ok(pb::JoinGangResponse { outcome: Some(outcome) })
+}
+
+pub fn abort_gang_response(reply: Reply) -> Result<pb::AbortGangResponse, Status> {
+    match reply {
+        Reply::Returned { will_retry, .. } => Ok(pb::AbortGangResponse { will_retry, accepted: true, fence: None }),
+        Reply::Fenced(f) => Ok(pb::AbortGangResponse { will_retry: false, accepted: false, fence: Some(fence(&f)) }),
+        other => Err(unexpected("AbortGang", &other)),
+    }
+}

@@ -1,0 +1,181 @@
+//! The other end of the status endpoint, for `iro status --coordinator URL`: a minimal HTTP/1.1 GET
+//! (plain `http://` on the cluster network; no client crate needed for one request) and a terminal
+//! table of the report.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::StatusReport;
+use super::page::duration;
+use crate::driver::ClusterToken;
+use crate::error::{Error, Result};
+
+/// A response: status code, `content-type`, body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `GET {base}{path}` where `base` is `http://host:port` (a trailing slash is fine).
+pub async fn get(base: &str, path: &str, token: Option<&ClusterToken>) -> Result<HttpResponse> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let fail = |message: String| Error::Unavailable { message: format!("GET {url}: {message}") };
+    let authority = base
+        .strip_prefix("http://")
+        .ok_or_else(|| fail("only http:// URLs are supported".into()))?
+        .trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') {
+        return Err(fail("expected http://HOST:PORT".into()));
+    }
+    let authority = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:80") };
+    let exchange = async {
+        let mut stream = TcpStream::connect(&authority).await.map_err(|e| fail(e.to_string()))?;
+        let mut request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nAccept: */*\r\n");
+        if let Some(token) = token {
+            let _ = write!(request, "Authorization: Bearer {}\r\n", token.expose());
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).await.map_err(|e| fail(e.to_string()))?;
+        let mut bytes = Vec::new();
+        stream.read_to_end(&mut bytes).await.map_err(|e| fail(e.to_string()))?;
+        Ok::<_, Error>(bytes)
+    };
+    let bytes = tokio::time::timeout(TIMEOUT, exchange).await.map_err(|_| fail("timed out".into()))??;
+    parse_response(&bytes).map_err(fail)
+}
+
+fn parse_response(bytes: &[u8]) -> std::result::Result<HttpResponse, String> {
+    let split = bytes.windows(4).position(|w| w == b"\r\n\r\n").ok_or("no end of headers")?;
+    let head = std::str::from_utf8(&bytes[..split]).map_err(|_| "headers are not UTF-8")?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad status line `{status_line}`"))?;
+    let mut content_type = String::new();
+    let mut chunked = false;
+    for line in lines {
+        let Some((name, value)) = line.split_once(':') else { continue };
+        let value = value.trim();
+        match name.trim().to_ascii_lowercase().as_str() {
+            "content-type" => content_type = value.to_owned(),
+            "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
+            _ => {}
+        }
+    }
+    let raw = &bytes[split + 4..];
+    let body = if chunked { dechunk(raw)? } else { raw.to_vec() };
+    let body = String::from_utf8(body).map_err(|_| "body is not UTF-8")?;
+    Ok(HttpResponse { status, content_type, body })
+}
+
+fn dechunk(mut raw: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    loop {
+        let end = raw.windows(2).position(|w| w == b"\r\n").ok_or("truncated chunk size")?;
+        let size_text = std::str::from_utf8(&raw[..end]).map_err(|_| "bad chunk size")?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| format!("bad chunk size `{size_text}`"))?;
+        raw = &raw[end + 2..];
+        if size == 0 {
+            return Ok(body);
+        }
+        if raw.len() < size + 2 {
+            return Err("truncated chunk".into());
+        }
+        body.extend_from_slice(&raw[..size]);
+        raw = &raw[size + 2..];
+    }
+}
+
+/// The coordinator's `/status`, parsed.
+pub async fn fetch_status(base: &str, token: Option<&ClusterToken>) -> Result<StatusReport> {
+    let response = get(base, "/status", token).await?;
+    if response.status != 200 {
+        return Err(Error::Unavailable {
+            message: format!("GET {base}/status answered {}: {}", response.status, response.body.trim()),
+        });
+    }
+    serde_json::from_str(&response.body)
+        .map_err(|e| Error::Unavailable { message: format!("GET {base}/status: not a status report: {e}") })
+}
+
+/// The report as a terminal table (what `iro status` prints).
+pub fn render_table(report: &StatusReport) -> String {
+    let mut out = String::new();
+    let stage = match (report.iteration, &report.phase) {
+        (Some(t), Some(phase)) => format!("iteration {t}/{}, {phase}", report.iterations),
+        _ => "-".to_owned(),
+    };
+    let _ = writeln!(out, "run {}  {}  {stage}", report.run_id, report.status);
+    if let Some(reason) = &report.failure {
+        let _ = writeln!(out, "failure: {reason}");
+    }
+    let _ = writeln!(
+        out,
+        "throughput {:.1} tasks/min, {:.1} records/s   ETA {}   log {} commands",
+        report.throughput.tasks_per_minute,
+        report.throughput.records_per_second,
+        report.eta_s.map_or_else(|| "-".to_owned(), duration),
+        report.log.index
+    );
+    let _ = writeln!(out, "\n{:<18} {:>8} {:>8} {:>8} {:>8}", "tasks", "pending", "leased", "done", "failed");
+    let mut row = |label: &str, c: &crate::state::Counts| {
+        let _ = writeln!(out, "{label:<18} {:>8} {:>8} {:>8} {:>8}", c.pending, c.leased, c.done, c.failed);
+    };
+    row("current phase", &report.phase_tasks);
+    row("overall", &report.overall_tasks);
+    let _ = writeln!(
+        out,
+        "\nworkers: {} alive, {} dead\n{:<12} {:<20} {:<8} {:<6} {:>9} {:<22} {:>6}",
+        report.workers_alive, report.workers_dead, "id", "name", "device", "state", "heartbeat", "task", "done"
+    );
+    for w in &report.workers {
+        let task = match (&w.current_task, w.attempt) {
+            (Some(task), Some(attempt)) => format!("{task}#{attempt}"),
+            _ => "idle".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<12} {:<20} {:<8} {:<6} {:>9} {:<22} {:>6}",
+            w.id,
+            w.name,
+            w.device,
+            if w.alive { "alive" } else { "dead" },
+            format!("{} ago", duration(w.last_heartbeat_age_ms as f64 / 1000.0)),
+            task,
+            w.completed
+        );
+    }
+    if !report.recent_errors.is_empty() {
+        let _ = writeln!(out, "\nrecent errors:");
+        for e in &report.recent_errors {
+            let _ = writeln!(out, "  {} {} ({}): {}", duration(e.age_ms as f64 / 1000.0), e.task, e.cause, e.message);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked_responses() {
+        let plain = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+        let r = parse_response(plain).unwrap();
+        assert_eq!((r.status, r.content_type.as_str(), r.body.as_str()), (200, "application/json", "{}"));
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+        assert_eq!(parse_response(chunked).unwrap().body, "abcde");
+        assert!(parse_response(b"garbage").is_err());
+    }
+}

@@ -1,0 +1,114 @@
+//! The operators' endpoint: `/status` JSON, `/metrics` Prometheus text and `/` HTML, with the numbers
+//! of the run behind them, including a dead worker and its re-leased task.
+
+use iro_coordinator::driver::ManualClock;
+use iro_proto as pb;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn status_metrics_and_page_answer_with_their_content_types_and_the_run_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let server = start(dir.path(), &clock).await;
+    let mut client = client(&server).await;
+    let a = register(&mut client, "pod-<a>").await;
+    let first = take(&mut client, &a).await;
+    clock.advance(20_000);
+    assert!(complete(&mut client, &a, &first).await.accepted);
+    let second = take(&mut client, &a).await;
+    let heartbeat = pb::HeartbeatRequest {
+        worker_id: a.clone(),
+        task_id: second.task_id.clone(),
+        attempt: second.attempt,
+        progress_done: 10,
+        progress_total: 64,
+    };
+    let beat = client.heartbeat(heartbeat).await.unwrap().into_inner();
+    assert!(beat.keep_working && beat.lease_deadline_unix_ms > 0);
+    clock.advance(4_000);
+
+    let response = http(&server, "/status").await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.content_type, "application/json");
+    let report: iro_coordinator::status::StatusReport = serde_json::from_str(&response.body).unwrap();
+    assert_eq!((report.run_id.as_str(), report.status.as_str()), ("itest", "running"));
+    assert_eq!((report.iteration, report.phase.as_deref()), (Some(1), Some("rollout")));
+    assert_eq!((report.phase_tasks.done, report.phase_tasks.leased, report.phase_tasks.pending), (1, 1, 0));
+    assert_eq!((report.overall_tasks.done, report.overall_tasks.total()), (1, 4));
+    assert_eq!(report.workers.len(), 1);
+    let w = &report.workers[0];
+    assert_eq!((w.name.as_str(), w.alive, w.last_heartbeat_age_ms), ("pod-<a>", true, 4_000));
+    assert_eq!((w.current_task.as_deref(), w.progress_done, w.progress_total), (Some("iter-1/rollout/1"), 10, 64));
+    // One task of 64 records in the 24 s this coordinator has run.
+    assert!((report.throughput.tasks_per_minute - 2.5).abs() < 1e-9, "{:?}", report.throughput);
+    assert!((report.throughput.records_per_second - 64.0 / 24.0).abs() < 1e-9, "{:?}", report.throughput);
+    let eta = report.eta_s.unwrap();
+    assert!((eta - 3.0 * 24.0).abs() < 1e-6, "3 tasks left at 24 s each: {eta}");
+
+    let metrics = http(&server, "/metrics").await;
+    assert_eq!(metrics.content_type, "text/plain; version=0.0.4; charset=utf-8");
+    for line in [
+        "iro_run_status{status=\"running\"} 1",
+        "iro_tasks{phase=\"rollout\",state=\"done\"} 1",
+        "iro_tasks{phase=\"rollout\",state=\"leased\"} 1",
+        "iro_tasks{phase=\"eval\",state=\"pending\"} 1",
+        "iro_current_stage_tasks{state=\"done\"} 1",
+        "iro_workers{state=\"alive\"} 1",
+        "iro_tasks_accepted_total 1",
+        "iro_records_total 64",
+        "iro_commands_total{command=\"lease_task\"} 2",
+        "iro_rpc_requests_total{method=\"lease_task\",code=\"ok\"} 2",
+        "iro_rpc_duration_seconds_count{method=\"complete_task\"} 1",
+    ] {
+        assert!(metrics.body.lines().any(|l| l == line), "missing `{line}` in\n{}", metrics.body);
+    }
+    assert!(!metrics.body.contains(&a), "worker ids are never metric labels");
+    assert!(!metrics.body.contains("iter-1/"), "task ids are never metric labels");
+
+    let page = http(&server, "/").await;
+    assert_eq!(page.content_type, "text/html; charset=utf-8");
+    assert!(page.body.contains("http-equiv=\"refresh\""), "the page refreshes itself");
+    assert!(page.body.contains("<progress value=\"1\" max=\"4\">"), "overall progress bar");
+    assert!(page.body.contains("pod-&lt;a&gt;") && !page.body.contains("pod-<a>"), "worker names are escaped");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_silent_worker_shows_as_dead_and_its_task_is_leased_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let server = start(dir.path(), &clock).await;
+    let mut client = client(&server).await;
+    let a = register(&mut client, "pod-a").await;
+    let b = register(&mut client, "pod-b").await;
+    let held = take(&mut client, &a).await;
+
+    // pod-b keeps heartbeating; pod-a goes silent past the worker timeout.
+    clock.advance(WORKER_TIMEOUT_MS / 2);
+    client.heartbeat(pb::HeartbeatRequest { worker_id: b.clone(), ..Default::default() }).await.unwrap();
+    clock.advance(WORKER_TIMEOUT_MS / 2);
+    let report = wait_for(&server, "pod-a to be declared dead", |r| r.workers_dead == 1).await;
+    let dead = report.workers.iter().find(|w| w.id == a).unwrap();
+    assert!(!dead.alive && dead.current_task.is_none());
+    assert_eq!(report.recent_errors.len(), 1);
+    assert_eq!(report.recent_errors[0].cause, "worker_dead");
+    assert_eq!(report.recent_errors[0].task, held.task_id);
+
+    let retaken = take(&mut client, &b).await;
+    assert_eq!((retaken.task_id.as_str(), retaken.attempt), (held.task_id.as_str(), 2));
+    let page = http(&server, "/").await.body;
+    assert!(page.contains("class=\"dead\""), "the page marks the dead worker");
+    let metrics = http(&server, "/metrics").await.body;
+    assert!(metrics.contains("iro_workers{state=\"dead\"} 1\n"));
+    assert!(metrics.contains("iro_lease_losses_total{cause=\"worker_dead\"} 1\n"), "{metrics}");
+
+    // The dead worker's late completion is fenced, and the heartbeat tells it to stop.
+    let late = complete(&mut client, &a, &held).await;
+    assert_eq!(late.fence.unwrap().kind, "stale_attempt");
+    let beat =
+        pb::HeartbeatRequest { worker_id: a.clone(), task_id: held.task_id.clone(), attempt: 1, ..Default::default() };
+    let beat = client.heartbeat(beat).await.unwrap().into_inner();
+    assert!(!beat.keep_working && beat.fence.is_some());
+    server.shutdown().await;
+}

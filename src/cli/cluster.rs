@@ -1,0 +1,72 @@
+//! `iro coordinator` and `iro status`: the control plane as a separate process, and its operator view.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+use iro_common::RunConfig;
+use iro_coordinator::driver::{ClusterToken, CoordinatorConfig, TOKEN_ENV, serve};
+use iro_coordinator::status::client::{fetch_status, render_table};
+
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// The run config (TOML).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// gRPC address workers connect to.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// HTTP address of /status, /metrics and the progress page.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub status_listen: SocketAddr,
+    /// Object store URL (a folder or s3://bucket/prefix); overrides the config's run.store.
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Where the command log lives; restarting on the same folder resumes the run.
+    #[arg(long)]
+    pub state_dir: PathBuf,
+    /// File holding the cluster token (else the IRO_CLUSTER_TOKEN variable; without either, loopback only).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let mut run = RunConfig::load(&args.config)?;
+    if let Some(store) = args.store {
+        run.run.store = store;
+    }
+    let mut config = CoordinatorConfig::new(run)?;
+    config.listen = args.listen;
+    config.status_listen = args.status_listen;
+    config.state_dir = Some(args.state_dir);
+    config.token = ClusterToken::load(args.token_file.as_deref(), std::env::var(TOKEN_ENV).ok())?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let server = serve(config).await?;
+        tracing::info!(grpc = %server.grpc_url(), status = %server.status_url(), "coordinator serving");
+        tokio::select! {
+            status = server.run_over() => tracing::info!(?status, "run over"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        }
+        server.shutdown().await;
+        anyhow::Ok(())
+    })
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The coordinator's status URL, e.g. http://127.0.0.1:8080
+    #[arg(long)]
+    pub coordinator: String,
+    /// Cluster token file, when the status endpoint requires it.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let token = ClusterToken::load(args.token_file.as_deref(), std::env::var(TOKEN_ENV).ok())?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let report = rt.block_on(fetch_status(&args.coordinator, token.as_ref()))?;
+    print!("{}", render_table(&report));
+    Ok(())
+}

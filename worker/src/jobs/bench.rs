@@ -1,0 +1,124 @@
+//! `iro bench generate`: tokens/second of batched sampling against transformers' `generate` on the same
+//! weights, prompts, batch sizes and token counts, in one run, with the ratio printed. Both sides run
+//! libtorch on the same threads; the difference is per-token overhead and cache handling.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+use crate::generate::sampler::{SamplingParams, row_seed};
+use crate::generate::{GenerateOptions, generate};
+use crate::model::CausalLm;
+use crate::text::{Tokenizer, prompt};
+
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub model: PathBuf,
+    pub batch_sizes: Vec<usize>,
+    pub new_tokens: usize,
+    pub threads: usize,
+    pub repeats: usize,
+    pub sampling: SamplingParams,
+    /// Python with torch + transformers for the baseline; `None` runs only our side.
+    pub python: Option<PathBuf>,
+    pub baseline_script: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchRow {
+    pub batch: usize,
+    pub ours_tokens_per_second: f64,
+    pub baseline_tokens_per_second: Option<f64>,
+}
+
+/// Fixed instruction prompts of varied length, chat-templated, so both sides see identical token ids.
+const PROMPTS: [&str; 8] = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Give three tips for staying healthy.",
+    "Explain why the sky is blue to a ten year old child in a few sentences.",
+    "List five uses of a paperclip.",
+    "How do I make a cup of tea?",
+    "Summarise the plot of Romeo and Juliet in two sentences.",
+    "What is the difference between weather and climate?",
+];
+
+pub fn run(cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
+    let max_batch = *cfg.batch_sizes.iter().max().ok_or_else(|| Error::InvalidRequest("no batch sizes".into()))?;
+    tch::set_num_threads(cfg.threads as i32);
+    let tokenizer = Tokenizer::load(&cfg.model)?;
+    let prompts: Vec<Vec<i64>> = (0..max_batch)
+        .map(|i| {
+            let text = prompt::chat_prompt(iro_common::config::PromptFormat::Chatml, PROMPTS[i % PROMPTS.len()], None)?;
+            tokenizer.encode(&text, false)
+        })
+        .collect::<Result<_>>()?;
+    let lm = CausalLm::load(&cfg.model, tch::Kind::Float, tch::Device::Cpu)?;
+    // No EOS: every row generates exactly `new_tokens`, as the baseline's min_new_tokens forces.
+    let opts = GenerateOptions {
+        max_new_tokens: cfg.new_tokens,
+        sampling: cfg.sampling,
+        eos_token_ids: vec![],
+        pad_token_id: lm.config.pad_token_id.unwrap_or(0),
+    };
+    let mut ours = Vec::new();
+    for &b in &cfg.batch_sizes {
+        let seeds: Vec<u64> = (0..b as u64).map(|i| row_seed(0, i)).collect();
+        let mut best = f64::INFINITY;
+        for _ in 0..cfg.repeats.max(1) {
+            let start = Instant::now();
+            let out = generate(&lm, &prompts[..b], &seeds, &opts)?;
+            best = best.min(start.elapsed().as_secs_f64());
+            debug_assert!(out.iter().all(|g| g.tokens.len() == cfg.new_tokens));
+        }
+        let tps = (b * cfg.new_tokens) as f64 / best;
+        tracing::info!(batch = b, tokens_per_second = format!("{tps:.1}"), "iro");
+        ours.push(tps);
+    }
+    drop(lm);
+    let baseline = match &cfg.python {
+        Some(py) => Some(run_baseline(py, &cfg.baseline_script, cfg, &prompts)?),
+        None => None,
+    };
+    Ok(cfg
+        .batch_sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &batch)| BenchRow {
+            batch,
+            ours_tokens_per_second: ours[i],
+            baseline_tokens_per_second: baseline.as_ref().map(|b| b[i]),
+        })
+        .collect())
+}
+
+fn run_baseline(python: &Path, script: &Path, cfg: &BenchConfig, prompts: &[Vec<i64>]) -> Result<Vec<f64>> {
+    let request = json!({
+        "model": cfg.model, "prompts": prompts, "batch_sizes": cfg.batch_sizes, "new_tokens": cfg.new_tokens,
+        "threads": cfg.threads, "temperature": cfg.sampling.temperature, "top_k": cfg.sampling.top_k,
+        "top_p": cfg.sampling.top_p, "repeats": cfg.repeats.max(1),
+    });
+    let mut child = Command::new(python)
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(Error::io(python))?;
+    child.stdin.take().expect("piped stdin").write_all(request.to_string().as_bytes()).map_err(Error::io(python))?;
+    let out = child.wait_with_output().map_err(Error::io(python))?;
+    if !out.status.success() {
+        return Err(Error::InvalidRequest(format!("baseline {} exited with {}", script.display(), out.status)));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Error::InvalidRequest(format!("baseline printed no JSON result: {e}")))?;
+    tracing::info!(versions = %v["versions"], "transformers baseline");
+    v["results"]
+        .as_array()
+        .map(|rows| rows.iter().filter_map(|r| r["tokens_per_second"].as_f64()).collect::<Vec<_>>())
+        .filter(|r| r.len() == cfg.batch_sizes.len())
+        .ok_or_else(|| Error::InvalidRequest("baseline result lacks tokens_per_second per batch size".into()))
+}
