@@ -7,6 +7,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
 bash scripts/assets.sh     # the real small model, sentence encoder and AlpacaEval prompts some tests check
 bash scripts/moto.sh       # a real S3-compatible server for the object-store tests
+echo "test: the control plane must not link libtorch"
+for crate in iro-common iro-coordinator; do
+  if cargo tree --locked -p "$crate" -e normal,build | grep -qwE 'tch|torch-sys'; then
+    echo "test: error: $crate depends on tch/torch-sys" >&2; exit 1
+  fi
+done
 echo "test: building the workspace"
 cargo build --workspace --all-targets --locked
 echo "test: running every test"

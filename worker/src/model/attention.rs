@@ -88,15 +88,9 @@ pub fn causal_mask(valid: &Tensor, past: i64, new: i64) -> Tensor {
 /// Fused attention (flash / memory-efficient kernels where libtorch has them). `q` [B, H, T, D],
 /// `k`/`v` [B, H_kv, S, D] with H a multiple of H_kv (grouped-query attention).
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Tensor {
-    let heads = q.size()[1];
-    let kv_heads = k.size()[1];
-    let (k, v) = if heads == kv_heads {
-        (k.shallow_clone(), v.shallow_clone())
-    } else {
-        let rep = heads / kv_heads;
-        (k.repeat_interleave_self_int(rep, 1, None), v.repeat_interleave_self_int(rep, 1, None))
-    };
-    Tensor::scaled_dot_product_attention(q, &k, &v, Some(mask), 0.0, false, None, false)
+    // Grouped-query attention inside the kernel: no copy of the cached keys/values per query head.
+    let gqa = q.size()[1] != k.size()[1];
+    Tensor::scaled_dot_product_attention(q, k, v, Some(mask), 0.0, false, None, gqa)
 }
 
 #[cfg(test)]

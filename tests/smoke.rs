@@ -1,0 +1,74 @@
+//! A smoke test across every crate boundary and the binary itself: a proto message round-trips, a config
+//! with a wrong field is refused naming it, libtorch computes in the worker crate, and the `iro` binary
+//! starts (libtorch found through its rpath, nothing exported) and reports clear errors.
+
+use std::process::Command;
+
+use prost::Message;
+
+fn iro(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_iro")).args(args).env_remove("LD_LIBRARY_PATH").output().unwrap()
+}
+
+#[test]
+fn a_proto_message_round_trips() {
+    let msg = iro_proto::CompleteTaskRequest {
+        worker_id: "w-1".into(),
+        task_id: "iter-1/rollout/3".into(),
+        attempt: 2,
+        output_key: "runs/x/iter-1/rollout/shard-00003.attempt-2.jsonl".into(),
+        sha256: "ab".repeat(32),
+        records: 64,
+        tokens: 4096,
+        ..Default::default()
+    };
+    let bytes = msg.encode_to_vec();
+    assert_eq!(iro_proto::CompleteTaskRequest::decode(bytes.as_slice()).unwrap(), msg);
+}
+
+#[test]
+fn a_config_with_a_wrong_field_is_refused_by_name() {
+    let err = iro_common::RunConfig::parse("[search]\nbeams = 4\nchunk_lenght = 8\n", "bad.toml".as_ref()).unwrap_err();
+    assert!(err.to_string().contains("chunk_lenght"), "{err}");
+}
+
+#[test]
+fn libtorch_computes_in_the_worker_crate() {
+    let device = iro_worker::device::parse_device("cpu").unwrap();
+    let t = tch::Tensor::from_slice(&[1.0f32, 2.0, 3.0]).to_device(device);
+    assert_eq!(t.dot(&t).double_value(&[]), 14.0);
+}
+
+#[test]
+fn the_binary_starts_and_lists_only_what_exists() {
+    let out = iro(&["info"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sum(arange(4)) = 6"));
+    let help = String::from_utf8_lossy(&iro(&["--help"]).stdout).to_string();
+    for cmd in ["info", "generate", "score", "bench", "coordinator", "status", "check-config"] {
+        assert!(help.contains(cmd), "--help lacks {cmd}:\n{help}");
+    }
+}
+
+#[test]
+fn the_binary_names_a_bad_config_field_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[sampling]\ntop_p = 2.0\n").unwrap();
+    let out = iro(&["check-config", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sampling.top_p") && err.contains("bad.toml"), "{err}");
+}
+
+#[test]
+fn json_logs_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ok.toml");
+    std::fs::write(&path, "[run]\nid = \"smoke\"\n").unwrap();
+    let out = iro(&["--log-format", "json", "check-config", path.to_str().unwrap()]);
+    assert!(out.status.success());
+    let line = String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default().to_owned();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["run_id"], "smoke");
+}
