@@ -7,6 +7,8 @@ pub mod generate;
 pub mod jobs;
 pub mod model;
 pub mod reward;
+pub mod search;
 pub mod text;
+pub mod train;
 
 pub use error::{Error, Result};

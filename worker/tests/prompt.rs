@@ -12,7 +12,8 @@ fn tokenizer() -> Tokenizer {
 
 #[test]
 fn a_short_post_is_kept_whole_in_the_paper_format() {
-    let p = TldrPost { subreddit: "relationships", title: "Should I call her?", post: "We met last week.\nIt went well." };
+    let p =
+        TldrPost { subreddit: "relationships", title: "Should I call her?", post: "We met last week.\nIt went well." };
     let s = tldr_prompt(&p, &tokenizer(), 512).unwrap();
     assert_eq!(
         s,
@@ -23,7 +24,8 @@ fn a_short_post_is_kept_whole_in_the_paper_format() {
 #[test]
 fn a_long_post_is_cut_at_its_last_newlines_until_it_fits() {
     let tok = tokenizer();
-    let paragraphs: Vec<String> = (0..12).map(|i| format!("Paragraph {i} says something about the old mill.")).collect();
+    let paragraphs: Vec<String> =
+        (0..12).map(|i| format!("Paragraph {i} says something about the old mill.")).collect();
     let post = paragraphs.join("\n");
     let p = TldrPost { subreddit: "tifu", title: "Long story", post: &post };
     let full = tldr_prompt(&p, &tok, 10_000).unwrap();

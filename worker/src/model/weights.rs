@@ -75,6 +75,11 @@ impl Weights {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }
+
+    /// Every tensor with its HF name (shallow handles: same storage), e.g. to mark them trainable.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.tensors.iter().map(|(n, (t, _))| (n.as_str(), t))
+    }
 }
 
 /// The weight files of a checkpoint folder: the sharded index wins over a single file when both exist.

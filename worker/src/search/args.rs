@@ -1,0 +1,129 @@
+//! ARGS (reward-guided search, greedy): at each step the policy's top-k next tokens are rescored by
+//! `log pi(token) + w · r(x ⊕ y ⊕ token)` and the argmax is kept. One scorer call per token covers the
+//! k candidates of every row; a caching scorer is replicated k-fold before the call and collapsed onto
+//! the chosen candidate after it, so it only ever feeds one new token per row.
+
+use tch::{Device, Kind, Tensor};
+
+use super::PrefixScorer;
+use crate::error::{Error, Result};
+use crate::generate::{Generation, left_pad};
+use crate::model::{CausalLm, positions_from_valid};
+
+#[derive(Debug, Clone)]
+pub struct ArgsParams {
+    /// k: candidate tokens per step (the policy's top-k by logit).
+    pub top_k: usize,
+    /// w: weight of the reward against the log-probability.
+    pub weight: f64,
+    pub max_new_tokens: usize,
+    pub eos_token_ids: Vec<i64>,
+    pub pad_token_id: i64,
+}
+
+struct Row {
+    tokens: Vec<i64>,
+    logprobs: Vec<f32>,
+    finished: bool,
+    stopped_at_eos: bool,
+}
+
+/// Greedy ARGS for a batch of prompts; `scorer` reads the reward of a prefix (e.g. a `ValueEnsemble`
+/// over one reward model). Logprobs are under the unmodified policy, as `generate` reports them.
+pub fn args_decode(
+    policy: &CausalLm,
+    prompts: &[Vec<i64>],
+    params: &ArgsParams,
+    scorer: &mut dyn PrefixScorer,
+) -> Result<Vec<Generation>> {
+    let vocab = policy.config.vocab_size() as usize;
+    if params.top_k == 0 || params.top_k > vocab || prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
+        return Err(Error::InvalidRequest(format!(
+            "ARGS needs non-empty prompts and 1 ≤ k ≤ vocab ({vocab}), got k = {} for {} prompts",
+            params.top_k,
+            prompts.len()
+        )));
+    }
+    let _g = tch::no_grad_guard();
+    let k = params.top_k;
+    let b = prompts.len();
+    let device = policy.backbone.device();
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let (ids, valid) = left_pad(prompts, width, params.pad_token_id, device);
+    let positions = positions_from_valid(&valid);
+    let mut cache = policy.backbone.new_cache(b as i64, (width + params.max_new_tokens) as i64);
+    let hidden = policy.backbone.forward(&ids, &valid, &positions, Some(&mut cache));
+    let mut next_logits = policy.logits(&hidden.select(1, -1));
+    let mut next_pos = positions.select(1, -1) + 1;
+    let mut rows: Vec<Row> = (0..b)
+        .map(|_| Row { tokens: Vec::new(), logprobs: Vec::new(), finished: false, stopped_at_eos: false })
+        .collect();
+    let cand_prompts: Vec<Vec<i64>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
+    let replicate: Vec<i64> = (0..b * k).map(|r| (r / k) as i64).collect();
+    scorer.reset();
+    while params.max_new_tokens > 0 && !rows.iter().all(|r| r.finished) {
+        let logp = next_logits.to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+        let (top_lp, top_ids) = logp.topk(k as i64, -1, true, true);
+        let top_lp: Vec<f32> = Vec::try_from(top_lp.to_device(Device::Cpu).reshape([-1])).expect("f32 top-k");
+        let top_ids: Vec<i64> = Vec::try_from(top_ids.to_device(Device::Cpu).reshape([-1])).expect("i64 top-k");
+        let mut responses = Vec::with_capacity(b * k);
+        let mut finished = Vec::with_capacity(b * k);
+        for (i, row) in rows.iter().enumerate() {
+            for j in 0..k {
+                let mut y = row.tokens.clone();
+                if row.finished {
+                    finished.push(true);
+                } else {
+                    let t = top_ids[i * k + j];
+                    y.push(t);
+                    finished.push(params.eos_token_ids.contains(&t) || y.len() >= params.max_new_tokens);
+                }
+                responses.push(y);
+            }
+        }
+        scorer.reorder(&replicate);
+        let rewards = scorer.score(&cand_prompts, &responses, &finished)?;
+        let mut chosen = Vec::with_capacity(b);
+        let mut fed = Vec::with_capacity(b);
+        let mut live = Vec::with_capacity(b);
+        for (i, row) in rows.iter_mut().enumerate() {
+            if row.finished {
+                chosen.push((i * k) as i64);
+                fed.push(params.pad_token_id);
+                live.push(false);
+                continue;
+            }
+            // Ties go to the higher-logit candidate (top-k order).
+            let mut best = 0;
+            let mut best_score = f64::NEG_INFINITY;
+            for j in 0..k {
+                let s = top_lp[i * k + j] as f64 + params.weight * rewards[i * k + j];
+                if s > best_score {
+                    best = j;
+                    best_score = s;
+                }
+            }
+            let t = top_ids[i * k + best];
+            chosen.push((i * k + best) as i64);
+            row.tokens.push(t);
+            row.logprobs.push(top_lp[i * k + best]);
+            row.stopped_at_eos = params.eos_token_ids.contains(&t);
+            row.finished = finished[i * k + best];
+            fed.push(t);
+            live.push(true);
+        }
+        scorer.reorder(&chosen);
+        if rows.iter().all(|r| r.finished) {
+            break;
+        }
+        let ids = Tensor::from_slice(&fed).to_device(device).unsqueeze(1);
+        let valid = Tensor::from_slice(&live).to_device(device).unsqueeze(1);
+        let hidden = policy.backbone.forward(&ids, &valid, &next_pos.unsqueeze(1), Some(&mut cache));
+        next_logits = policy.logits(&hidden.select(1, 0));
+        next_pos = &next_pos + 1;
+    }
+    Ok(rows
+        .into_iter()
+        .map(|r| Generation { tokens: r.tokens, logprobs: r.logprobs, stopped_at_eos: r.stopped_at_eos })
+        .collect())
+}

@@ -1,0 +1,177 @@
+//! Resumable, HF-compatible value checkpoints. A checkpoint folder `checkpoint-<step>` holds
+//! `model.safetensors` + `config.json` (for the `model` kind, a `*ForSequenceClassification` folder that
+//! `ScalarModel::load` and transformers read; for the `head` kind, the head's tensors), and the training state:
+//! `train_state.safetensors` (AdamW moments `m.<param>`, `v.<param>`) and `train_state.json` (`TrainState`).
+//! Each is written to a hidden temp folder and renamed into place, so a crash never leaves half a checkpoint;
+//! older checkpoints are removed only after the new one exists.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tch::{Device, Kind, Tensor};
+
+use super::optim::AdamW;
+use super::value::TrainableValue;
+use crate::error::{Error, Result};
+
+/// Where training stands after the optimizer step `step` (steps counted from 1; 0 = nothing done).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// The epoch the next step belongs to, and the position within that epoch's shuffled order where its
+    /// batch starts.
+    pub epoch: usize,
+    pub position: usize,
+    pub seed: u64,
+    pub examples: usize,
+    pub batch_size: usize,
+    pub steps_per_epoch: usize,
+    pub total_steps: usize,
+    pub lr: f64,
+    /// `model` or `head`.
+    pub kind: String,
+    /// The loss of every step so far.
+    pub losses: Vec<f64>,
+}
+
+const PREFIX: &str = "checkpoint-";
+
+/// The folder name of the checkpoint after `step` optimizer steps.
+pub fn checkpoint_dir(out_dir: &Path, step: usize) -> PathBuf {
+    out_dir.join(format!("{PREFIX}{step:08}"))
+}
+
+/// The newest complete checkpoint under `out_dir` (temp folders are hidden and never match).
+pub fn latest(out_dir: &Path) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(out_dir).ok()?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix(PREFIX)?.parse::<usize>().ok().map(|s| (s, e.path()))
+        })
+        .filter(|(_, p)| p.join("train_state.json").exists())
+        .max_by_key(|(s, _)| *s)
+        .map(|(_, p)| p)
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_owned(), source }
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let cpu: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).contiguous())).collect();
+    Tensor::write_safetensors(&cpu, path)
+        .map_err(|e| Error::Checkpoint { path: path.to_owned(), message: format!("cannot write safetensors: {e}") })
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).expect("JSON values always serialise");
+    std::fs::write(path, text).map_err(io(path))
+}
+
+/// The tensors of `model.safetensors` and the `config.json` of a value function.
+fn model_files(value: &TrainableValue) -> (Vec<(String, Tensor)>, Value) {
+    match value {
+        TrainableValue::Model { model, params } => {
+            let mut tensors: Vec<(String, Tensor)> =
+                params.iter().filter(|(n, _)| n != "score.bias").map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+            // A TL;DR reward model's `bias` config offset is folded into `score.bias`, so the saved head is plain.
+            let offset = model.head.offset;
+            match &model.head.bias {
+                Some(b) => tensors.push(("score.bias".into(), b.detach() - offset)),
+                None if offset != 0.0 => tensors.push(("score.bias".into(), Tensor::from_slice(&[-offset as f32]))),
+                None => {}
+            }
+            let mut config = model.config.raw.clone();
+            let class = match model.config.arch {
+                crate::model::ArchConfig::GptNeoX(_) => "GPTNeoXForSequenceClassification",
+                crate::model::ArchConfig::Llama(_) => "LlamaForSequenceClassification",
+            };
+            if let Some(obj) = config.as_object_mut() {
+                obj.insert("architectures".into(), json!([class]));
+                obj.insert("num_labels".into(), json!(1));
+                obj.insert("id2label".into(), json!({"0": "LABEL_0"}));
+                obj.insert("label2id".into(), json!({"LABEL_0": 0}));
+                obj.remove("bias");
+            }
+            (tensors, config)
+        }
+        TrainableValue::Head { head, .. } => {
+            let width = head.dense_weight.size()[0];
+            let hidden = head.dense_weight.size()[1];
+            let config = json!({"iro_value_kind": "head", "hidden_size": hidden, "head_width": width});
+            (head.named(), config)
+        }
+    }
+}
+
+/// Writes `checkpoint-<state.step>` under `out_dir` atomically and removes older checkpoints.
+pub fn save(out_dir: &Path, value: &TrainableValue, opt: &AdamW, state: &TrainState) -> Result<PathBuf> {
+    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    let final_dir = checkpoint_dir(out_dir, state.step);
+    let tmp = out_dir.join(format!(".tmp-{PREFIX}{:08}", state.step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+
+    let (tensors, config) = model_files(value);
+    write_tensors(&tmp.join("model.safetensors"), &tensors)?;
+    write_json(&tmp.join("config.json"), &config)?;
+    let names: Vec<String> = value.named_params().into_iter().map(|(n, _)| n).collect();
+    let mut moments = Vec::with_capacity(2 * names.len());
+    for (name, (m, v)) in names.iter().zip(opt.m.iter().zip(&opt.v)) {
+        moments.push((format!("m.{name}"), m.shallow_clone()));
+        moments.push((format!("v.{name}"), v.shallow_clone()));
+    }
+    write_tensors(&tmp.join("train_state.safetensors"), &moments)?;
+    write_json(&tmp.join("train_state.json"), state)?;
+
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+    for entry in std::fs::read_dir(out_dir).map_err(io(out_dir))?.filter_map(|e| e.ok()) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(PREFIX) && entry.path() != final_dir {
+            std::fs::remove_dir_all(entry.path()).map_err(io(&entry.path()))?;
+        }
+    }
+    Ok(final_dir)
+}
+
+/// Reads `train_state.json` and fills `opt`'s moments from `train_state.safetensors` (by parameter name).
+pub fn load_train_state(dir: &Path, value: &TrainableValue, opt: &mut AdamW) -> Result<TrainState> {
+    let json_path = dir.join("train_state.json");
+    let text = std::fs::read_to_string(&json_path).map_err(io(&json_path))?;
+    let state: TrainState = serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint { path: json_path.clone(), message: format!("malformed train state: {e}") })?;
+    let file = dir.join("train_state.safetensors");
+    let tensors = Tensor::read_safetensors(&file)
+        .map_err(|e| Error::Checkpoint { path: file.clone(), message: format!("cannot read safetensors: {e}") })?;
+    let find = |name: &str, like: &Tensor| -> Result<Tensor> {
+        let t = tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t).ok_or_else(|| Error::MissingTensor {
+            path: dir.to_owned(),
+            name: name.to_owned(),
+            files: file.display().to_string(),
+        })?;
+        if t.size() != like.size() {
+            return Err(Error::TensorShape {
+                file: file.clone(),
+                name: name.to_owned(),
+                expected: like.size(),
+                actual: t.size(),
+            });
+        }
+        Ok(t.to_kind(Kind::Float).to_device(like.device()))
+    };
+    let params = value.named_params();
+    opt.m = params.iter().map(|(n, p)| find(&format!("m.{n}"), p)).collect::<Result<_>>()?;
+    opt.v = params.iter().map(|(n, p)| find(&format!("v.{n}"), p)).collect::<Result<_>>()?;
+    opt.steps = state.step as u64;
+    Ok(state)
+}

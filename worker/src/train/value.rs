@@ -1,0 +1,189 @@
+//! The value function being trained, in its two kinds (`value.kind`): `model`, a whole backbone + scalar head
+//! whose every weight is trained (the paper), and `head`, a small MLP on the frozen policy's last hidden
+//! states (our addition: no second forward pass at decode time). Each lists its trainable tensors by name,
+//! in a fixed order, so the optimizer state and the checkpoints line up.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use iro_common::data::SplitMix64;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::heads::ScalarHead;
+use crate::model::{ArchConfig, Backbone, Checkpoint, ModelConfig, ScalarModel};
+
+/// Standard deviation of a freshly initialised head (HF's `initializer_range` default).
+const INIT_STD: f64 = 0.02;
+
+/// `n` normal draws (Box-Muller on SplitMix64), so a fresh head is the same on every device and libtorch build.
+pub fn normal_init(n: usize, std: f64, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64::new(seed);
+    let mut uniform = move || -> f64 { ((rng.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64 };
+    (0..n)
+        .map(|_| {
+            let (u1, u2) = (uniform(), uniform());
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
+        })
+        .collect()
+}
+
+/// A small MLP value head on frozen hidden states: `w2 · gelu(w1 · h + b1) + b2`, [B, T, H] → [B, T].
+pub struct MlpHead {
+    pub dense_weight: Tensor,
+    pub dense_bias: Tensor,
+    pub out_weight: Tensor,
+    pub out_bias: Tensor,
+}
+
+impl MlpHead {
+    pub const NAMES: [&'static str; 4] =
+        ["value_head.dense.weight", "value_head.dense.bias", "value_head.out.weight", "value_head.out.bias"];
+
+    /// Fresh weights: small normal `dense`, zero `out` bias, small normal `out` weight.
+    pub fn new(hidden: i64, width: i64, seed: u64, device: Device) -> Self {
+        let t = |data: Vec<f32>, shape: &[i64]| Tensor::from_slice(&data).view(shape).to_device(device);
+        Self {
+            dense_weight: t(normal_init((width * hidden) as usize, INIT_STD, seed), &[width, hidden]),
+            dense_bias: Tensor::zeros([width], (Kind::Float, device)),
+            out_weight: t(normal_init(width as usize, INIT_STD, seed ^ 0x5EED), &[1, width]),
+            out_bias: Tensor::zeros([1], (Kind::Float, device)),
+        }
+    }
+
+    /// Loads a head saved by `checkpoint::save` (`model.safetensors` with the four `value_head.*` tensors).
+    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        let file = dir.join("model.safetensors");
+        let tensors = Tensor::read_safetensors(&file)
+            .map_err(|e| Error::Checkpoint { path: file.clone(), message: format!("cannot read safetensors: {e}") })?;
+        let get = |name: &str| {
+            tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.to_kind(Kind::Float).to_device(device)).ok_or_else(
+                || Error::MissingTensor { path: dir.to_owned(), name: name.into(), files: file.display().to_string() },
+            )
+        };
+        Ok(Self {
+            dense_weight: get(Self::NAMES[0])?,
+            dense_bias: get(Self::NAMES[1])?,
+            out_weight: get(Self::NAMES[2])?,
+            out_bias: get(Self::NAMES[3])?,
+        })
+    }
+
+    pub fn forward(&self, hidden: &Tensor) -> Tensor {
+        let h = hidden.to_kind(Kind::Float).linear(&self.dense_weight, Some(&self.dense_bias)).gelu("none");
+        h.linear(&self.out_weight, Some(&self.out_bias)).squeeze_dim(-1)
+    }
+
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        let ts = [&self.dense_weight, &self.dense_bias, &self.out_weight, &self.out_bias];
+        Self::NAMES.iter().zip(ts).map(|(n, t)| ((*n).to_owned(), t.shallow_clone())).collect()
+    }
+}
+
+/// What is being trained.
+pub enum TrainableValue {
+    /// Every floating backbone tensor and the scalar head.
+    Model {
+        model: Box<ScalarModel>,
+        /// Trainable tensors under the names they are saved with (HF's canonical backbone prefix,
+        /// `score.weight`, `score.bias`), sorted by name.
+        params: Vec<(String, Tensor)>,
+    },
+    /// Only the head; the backbone runs under `no_grad`.
+    Head { backbone: Arc<Backbone>, head: MlpHead },
+}
+
+/// HF's own prefix for the backbone of `*ForSequenceClassification`.
+pub fn canonical_prefix(config: &ModelConfig) -> &'static str {
+    match config.arch {
+        ArchConfig::GptNeoX(_) => "gpt_neox.",
+        ArchConfig::Llama(_) => "model.",
+    }
+}
+
+impl TrainableValue {
+    /// A `model`-kind value function from an HF folder: a `*ForSequenceClassification` / reward checkpoint
+    /// (or one saved by this trainer) keeps its head; a policy folder gets a fresh small-random `score.weight`
+    /// drawn from `seed`. `kind` should be f32 for training.
+    pub fn model_from_dir(dir: &Path, kind: Kind, device: Device, seed: u64) -> Result<Self> {
+        let ck = Checkpoint::load(dir, kind, device)?;
+        let h = ck.config.hidden_size();
+        let has_head = ck.weights.contains("score.weight") || ck.weights.contains("scalar_head.weight");
+        let model = if has_head {
+            ScalarModel::from_checkpoint(&ck)?
+        } else {
+            let w = Tensor::from_slice(&normal_init(h as usize, INIT_STD, seed))
+                .view([1, h])
+                .to_kind(kind)
+                .to_device(device);
+            ScalarModel {
+                config: ck.config.clone(),
+                backbone: ck.backbone()?,
+                head: ScalarHead { weight: w, bias: None, offset: 0.0 },
+            }
+        };
+        let canonical = canonical_prefix(&ck.config);
+        let mut params: Vec<(String, Tensor)> = ck
+            .weights
+            .tensors()
+            .filter(|(_, t)| t.is_floating_point())
+            .filter_map(|(n, t)| n.strip_prefix(ck.prefix.as_str()).map(|rest| (format!("{canonical}{rest}"), t)))
+            // A checkpoint without a prefix also holds its head: keep the backbone's tensors only.
+            .filter(|(n, _)| !n.contains("score.") && !n.contains("scalar_head."))
+            .map(|(n, t)| (n, t.shallow_clone()))
+            .collect();
+        params.push(("score.weight".into(), model.head.weight.shallow_clone()));
+        if let Some(b) = &model.head.bias {
+            params.push(("score.bias".into(), b.shallow_clone()));
+        }
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        for (_, t) in &params {
+            let _ = t.set_requires_grad(true);
+        }
+        Ok(Self::Model { model: Box::new(model), params })
+    }
+
+    /// A `head`-kind value function on a frozen backbone: fresh (`from = None`, width `width`, drawn from `seed`)
+    /// or loaded from a saved head checkpoint.
+    pub fn head(backbone: Arc<Backbone>, hidden: i64, width: i64, from: Option<&Path>, seed: u64) -> Result<Self> {
+        let device = backbone.device();
+        let head = match from {
+            Some(dir) => MlpHead::load(dir, device)?,
+            None => MlpHead::new(hidden, width, seed, device),
+        };
+        for (_, t) in head.named() {
+            let _ = t.set_requires_grad(true);
+        }
+        Ok(Self::Head { backbone, head })
+    }
+
+    /// The trainable tensors with their saved names, in a fixed order.
+    pub fn named_params(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Self::Model { params, .. } => params.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect(),
+            Self::Head { head, .. } => head.named(),
+        }
+    }
+
+    pub fn params(&self) -> Vec<Tensor> {
+        self.named_params().into_iter().map(|(_, t)| t).collect()
+    }
+
+    /// Per-position values [B, T] (f32), with the graph to the trainable tensors.
+    pub fn values(&self, ids: &Tensor, valid: &Tensor, positions: &Tensor) -> Tensor {
+        match self {
+            Self::Model { model, .. } => model.values(ids, valid, positions, None).to_kind(Kind::Float),
+            Self::Head { backbone, head } => {
+                let hidden = tch::no_grad(|| backbone.forward(ids, valid, positions, None)).detach();
+                head.forward(&hidden)
+            }
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            Self::Model { model, .. } => model.backbone.device(),
+            Self::Head { backbone, .. } => backbone.device(),
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Guided decoding on the tiny fixtures: CBS end to end, CBS(W = 1, K = N, L = ∞) = Best-of-N, the
+//! cached value scorer = re-encoding, and ARGS with w = 0 = greedy decoding (iro.md, "Guided decoding"
+//! and "Baselines").
+
+use std::path::{Path, PathBuf};
+
+use iro_worker::Result;
+use iro_worker::generate::sampler::SamplingParams;
+use iro_worker::generate::{GenerateOptions, generate};
+use iro_worker::model::{CausalLm, ScalarModel, positions_from_valid};
+use iro_worker::search::{
+    ArgsParams, CachedValueEnsemble, CbsParams, FinalPick, PrefixScorer, ValueEnsemble, args_decode, best_of_n,
+    chunk_beam_search, pick_final,
+};
+use tch::{Device, Kind};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn policy() -> CausalLm {
+    CausalLm::load(&fixture("llama_gqa_tied"), Kind::Float, Device::Cpu).unwrap()
+}
+
+fn scalar(name: &str) -> ScalarModel {
+    ScalarModel::load(&fixture(name), Kind::Float, Device::Cpu).unwrap()
+}
+
+fn prompts() -> Vec<Vec<i64>> {
+    vec![vec![5, 17, 42, 99, 100, 7, 8], vec![300, 301, 9, 12]]
+}
+
+/// 68 is the fixture's own EOS; the others make some sampled rows stop early, so finished rows (scored
+/// with EOS appended) and cut-off rows both occur.
+const EOS: [i64; 4] = [68, 2, 401, 37];
+const SAMPLING: SamplingParams = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0 };
+
+fn cbs_params(beams: usize, successors: usize, chunk_len: usize, max_new_tokens: usize) -> CbsParams {
+    CbsParams {
+        beams,
+        successors,
+        chunk_len,
+        sampling: SAMPLING,
+        max_new_tokens,
+        eos_token_ids: EOS.to_vec(),
+        pad_token_id: 3,
+    }
+}
+
+/// Scores with both scorers, checks they agree, and returns the cached one's scores.
+struct Both<'m> {
+    plain: ValueEnsemble<'m>,
+    cached: CachedValueEnsemble<'m>,
+    calls: usize,
+}
+
+impl PrefixScorer for Both<'_> {
+    fn score(&mut self, prompts: &[Vec<i64>], responses: &[Vec<i64>], finished: &[bool]) -> Result<Vec<f64>> {
+        let a = self.plain.score(prompts, responses, finished)?;
+        let b = self.cached.score(prompts, responses, finished)?;
+        for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+            assert!((a - b).abs() <= 1e-4, "call {}: row {i}: re-encoded {a} vs cached {b}", self.calls);
+        }
+        self.calls += 1;
+        Ok(b)
+    }
+
+    fn reorder(&mut self, index: &[i64]) {
+        self.cached.reorder(index);
+    }
+
+    fn reset(&mut self) {
+        self.cached.reset();
+    }
+}
+
+#[test]
+fn cbs_w2_k2_l3_returns_w_times_k_rows_per_prompt_within_max_new_tokens() {
+    let lm = policy();
+    let (v1, v2, rm) = (scalar("llama_seqcls"), scalar("neox_seqcls"), scalar("neox_seqcls"));
+    let mut values = ValueEnsemble::new(vec![(&v1, 1.0), (&v2, 2.0)], EOS.to_vec()).unwrap();
+    let params = cbs_params(2, 2, 3, 8);
+    let out = chunk_beam_search(&lm, &prompts(), &[11, 12], &params, &mut values).unwrap();
+    assert_eq!(out.len(), 2);
+    for group in &out {
+        assert_eq!(group.len(), 4);
+        for c in group {
+            assert!(!c.generation.tokens.is_empty() && c.generation.tokens.len() <= 8);
+            assert!(c.score.is_finite());
+        }
+    }
+    // The returned scores are the ensemble's scores of the returned rows.
+    for (p, group) in prompts().iter().zip(&out) {
+        let responses: Vec<Vec<i64>> = group.iter().map(|c| c.generation.tokens.clone()).collect();
+        let finished = vec![true; responses.len()];
+        let again = values.score(&vec![p.clone(); responses.len()], &responses, &finished).unwrap();
+        for (c, s) in group.iter().zip(again) {
+            assert!((c.score - s).abs() < 1e-4);
+        }
+    }
+    // Seeded: the same seeds reproduce the search.
+    let rerun = chunk_beam_search(&lm, &prompts(), &[11, 12], &params, &mut values).unwrap();
+    assert_eq!(out, rerun);
+    // Final picks.
+    assert_eq!(pick_final(&prompts(), &out, FinalPick::First, None).unwrap(), vec![0, 0]);
+    let by_value = pick_final(&prompts(), &out, FinalPick::ValueArgmax, None).unwrap();
+    for (g, &i) in out.iter().zip(&by_value) {
+        assert!(g.iter().all(|c| c.score <= g[i].score));
+    }
+    assert!(pick_final(&prompts(), &out, FinalPick::RewardArgmax, None).is_err());
+    let mut reward = ValueEnsemble::new(vec![(&rm, 1.0)], EOS.to_vec()).unwrap();
+    let by_reward = pick_final(&prompts(), &out, FinalPick::RewardArgmax, Some(&mut reward)).unwrap();
+    assert!(by_reward.iter().all(|&i| i < 4));
+}
+
+#[test]
+fn cbs_with_one_beam_n_successors_and_unbounded_chunks_is_best_of_n() {
+    let lm = policy();
+    let rm = scalar("neox_seqcls");
+    let mut reward = ValueEnsemble::new(vec![(&rm, 1.0)], EOS.to_vec()).unwrap();
+    let n = 4;
+    let seeds = [21, 22];
+    let cbs = chunk_beam_search(&lm, &prompts(), &seeds, &cbs_params(1, n, usize::MAX, 10), &mut reward).unwrap();
+    let opts = GenerateOptions { max_new_tokens: 10, sampling: SAMPLING, eos_token_ids: EOS.to_vec(), pad_token_id: 3 };
+    let bon = best_of_n(&lm, &prompts(), &seeds, n, &opts, &mut reward).unwrap();
+    for (c, b) in cbs.iter().zip(&bon) {
+        let cg: Vec<_> = c.iter().map(|c| &c.generation).collect();
+        let bg: Vec<_> = b.candidates.iter().map(|c| &c.generation).collect();
+        assert_eq!(cg, bg);
+        // Scored by the same model, so the reward argmax is the same row too.
+        let best = c.iter().map(|c| c.score).fold(f64::NEG_INFINITY, f64::max);
+        assert_eq!(b.candidates[b.best].score, best);
+    }
+    // The N samples really differ (replicas are forked, not copies).
+    assert!(bon[0].candidates.iter().any(|c| c.generation != bon[0].candidates[0].generation));
+}
+
+#[test]
+fn cached_value_scorer_equals_re_encoding_through_cbs_reorders() {
+    let lm = policy();
+    let (v1, v2) = (scalar("llama_seqcls"), scalar("neox_seqcls"));
+    let members = || vec![(&v1, 1.0), (&v2, 2.5)];
+    for headroom in [11, 2] {
+        // headroom 2 < a chunk forces the cache to be rebuilt from scratch on the way.
+        let mut both = Both {
+            plain: ValueEnsemble::new(members(), EOS.to_vec()).unwrap(),
+            cached: CachedValueEnsemble::new(members(), EOS.to_vec(), headroom).unwrap(),
+            calls: 0,
+        };
+        let out = chunk_beam_search(&lm, &prompts(), &[31, 32], &cbs_params(2, 3, 3, 10), &mut both).unwrap();
+        assert!(both.calls >= 3, "only {} chunks", both.calls);
+        assert_eq!(out.iter().map(Vec::len).collect::<Vec<_>>(), vec![6, 6]);
+        let prefills = both.cached.prefills();
+        if headroom == 11 {
+            assert_eq!(prefills, 1, "the cache should carry the whole search");
+        } else {
+            assert!(prefills > 1);
+        }
+        let rows: Vec<_> = out.iter().flatten().map(|c| c.generation.stopped_at_eos).collect();
+        assert!(rows.contains(&true) && rows.contains(&false), "want both EOS-stopped and cut-off rows");
+    }
+    // Through ARGS's replicate-then-collapse too.
+    let mut both = Both {
+        plain: ValueEnsemble::new(members(), EOS.to_vec()).unwrap(),
+        cached: CachedValueEnsemble::new(members(), EOS.to_vec(), 7).unwrap(),
+        calls: 0,
+    };
+    let params = ArgsParams { top_k: 3, weight: 1.0, max_new_tokens: 6, eos_token_ids: EOS.to_vec(), pad_token_id: 3 };
+    let got = args_decode(&lm, &prompts(), &params, &mut both).unwrap();
+    assert!(both.calls >= 1);
+    assert_eq!(both.cached.prefills(), 1);
+    assert_eq!(got.len(), 2);
+}
+
+#[test]
+fn args_with_zero_reward_weight_is_greedy_decoding() {
+    for name in ["llama_gqa_tied", "neox_parallel"] {
+        let lm = CausalLm::load(&fixture(name), Kind::Float, Device::Cpu).unwrap();
+        let rm = scalar("neox_seqcls");
+        let mut reward = ValueEnsemble::new(vec![(&rm, 1.0)], EOS.to_vec()).unwrap();
+        let params =
+            ArgsParams { top_k: 4, weight: 0.0, max_new_tokens: 9, eos_token_ids: EOS.to_vec(), pad_token_id: 3 };
+        let got = args_decode(&lm, &prompts(), &params, &mut reward).unwrap();
+        let opts = GenerateOptions {
+            max_new_tokens: 9,
+            sampling: SamplingParams::GREEDY,
+            eos_token_ids: EOS.to_vec(),
+            pad_token_id: 3,
+        };
+        let greedy = generate(&lm, &prompts(), &[0, 0], &opts).unwrap();
+        for (a, g) in got.iter().zip(&greedy) {
+            assert_eq!(a.tokens, g.tokens, "{name}");
+            assert_eq!(a.stopped_at_eos, g.stopped_at_eos, "{name}");
+            for (x, y) in a.logprobs.iter().zip(&g.logprobs) {
+                assert!((x - y).abs() < 1e-4, "{name}: logprob {x} vs {y}");
+            }
+        }
+    }
+}
+
+#[test]
+fn args_with_a_dominant_reward_picks_the_best_rewarded_of_the_top_k() {
+    let lm = policy();
+    // Reward: minus the last token id, weighted so it dominates the log-probability.
+    let mut reward = |_: &[Vec<i64>], ys: &[Vec<i64>], _: &[bool]| -> Result<Vec<f64>> {
+        Ok(ys.iter().map(|y| -(*y.last().unwrap_or(&0) as f64)).collect())
+    };
+    let params = ArgsParams { top_k: 5, weight: 1e6, max_new_tokens: 1, eos_token_ids: vec![], pad_token_id: 3 };
+    let got = args_decode(&lm, &prompts(), &params, &mut reward).unwrap();
+    let _g = tch::no_grad_guard();
+    for (p, g) in prompts().iter().zip(&got) {
+        let ids = tch::Tensor::from_slice(p).unsqueeze(0);
+        let valid = ids.ones_like().to_kind(Kind::Bool);
+        let logits = lm.forward(&ids, &valid, &positions_from_valid(&valid), None).select(1, -1);
+        let top: Vec<i64> = Vec::try_from(logits.topk(5, -1, true, true).1.reshape([-1])).unwrap();
+        assert_eq!(g.tokens, vec![*top.iter().min().unwrap()]);
+    }
+}
