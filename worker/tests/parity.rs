@@ -182,3 +182,43 @@ fn one_checkpoint_serves_a_policy_and_a_value_head_from_one_copy_of_the_weights(
     let b = CausalLm::from_checkpoint(&ck).unwrap();
     assert_eq!(a.backbone.embeddings().data_ptr(), b.backbone.embeddings().data_ptr());
 }
+
+/// A copy of a fixture folder whose config.json and weights a test may break.
+fn broken_copy(name: &str, edit_config: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(fixture(name).join(f), dir.path().join(f)).unwrap();
+    }
+    let path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit_config(&mut cfg);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    dir
+}
+
+fn load_err(dir: &Path) -> iro_worker::Error {
+    CausalLm::load(dir, Kind::Float, Device::Cpu).err().expect("loading must fail")
+}
+
+#[test]
+fn loading_errors_name_the_tensor_the_file_and_the_architecture() {
+    // A config with one more layer than the weights: the missing tensor is named.
+    let dir = broken_copy("llama_gqa_tied", |c| c["num_hidden_layers"] = 3.into());
+    let err = load_err(dir.path());
+    assert_eq!(err.kind(), "missing_tensor");
+    assert!(err.to_string().contains("model.layers.2.") && err.to_string().contains("model.safetensors"), "{err}");
+    // A wider MLP than the weights: the mis-shaped tensor and its file are named.
+    let dir = broken_copy("neox_parallel", |c| c["intermediate_size"] = 100.into());
+    let err = load_err(dir.path());
+    assert_eq!(err.kind(), "tensor_shape");
+    assert!(err.to_string().contains("dense_h_to_4h.weight") && err.to_string().contains("model.safetensors"), "{err}");
+    // An architecture the engine does not implement.
+    let dir = broken_copy("neox_parallel", |c| c["model_type"] = "mamba".into());
+    let err = load_err(dir.path());
+    assert_eq!(err.kind(), "unsupported_architecture");
+    assert!(err.to_string().contains("mamba"), "{err}");
+    // No weights at all.
+    let dir = broken_copy("neox_parallel", |_| {});
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    assert_eq!(load_err(dir.path()).kind(), "checkpoint");
+}
