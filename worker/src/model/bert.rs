@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-use super::Linear;
 use super::weights::Weights;
+use super::{LayerNorm, Linear};
 use crate::error::{Error, Result};
 
 /// The `config.json` fields the encoder needs.
@@ -75,27 +75,6 @@ impl BertConfig {
 
     pub fn head_dim(&self) -> i64 {
         self.hidden_size / self.num_heads
-    }
-}
-
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn load(w: &Weights, name: &str, dim: i64, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: w.get(&format!("{name}.weight"), &[dim])?,
-            bias: w.get(&format!("{name}.bias"), &[dim])?,
-            eps,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let dim = self.weight.size()[0];
-        x.layer_norm([dim], Some(&self.weight), Some(&self.bias), self.eps, false)
     }
 }
 

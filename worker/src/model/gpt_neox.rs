@@ -7,29 +7,9 @@ use tch::Tensor;
 use super::attention::{Rope, attend};
 use super::config::NeoXConfig;
 use super::weights::Weights;
-use super::{Linear, Step};
+use super::{LayerNorm, Linear, Step};
 use crate::error::Result;
 use crate::generate::kv_cache::CacheShape;
-
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-}
-
-impl LayerNorm {
-    fn load(w: &Weights, name: &str, dim: i64, eps: f64) -> Result<Self> {
-        Ok(Self {
-            weight: w.get(&format!("{name}.weight"), &[dim])?,
-            bias: w.get(&format!("{name}.bias"), &[dim])?,
-            eps,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm([self.weight.size()[0]], Some(&self.weight), Some(&self.bias), self.eps, true)
-    }
-}
 
 struct Layer {
     input_layernorm: LayerNorm,

@@ -40,6 +40,27 @@ impl Linear {
     }
 }
 
+/// LayerNorm with weight and bias (GPT-NeoX, BERT), HF names `{name}.weight` / `{name}.bias`.
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(w: &Weights, name: &str, dim: i64, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: w.get(&format!("{name}.weight"), &[dim])?,
+            bias: w.get(&format!("{name}.bias"), &[dim])?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm([self.weight.size()[0]], Some(&self.weight), Some(&self.bias), self.eps, true)
+    }
+}
+
 /// State of one forward call shared by every layer: rotary positions, the attention mask, and the
 /// cache the layers append their keys and values to (none when scoring or training whole sequences).
 pub struct Step<'a> {
