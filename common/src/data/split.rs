@@ -6,7 +6,7 @@
 use crate::error::{Error, Result};
 
 /// SplitMix64 (Steele, Lea, Flood 2014): a tiny, well-mixed 64-bit generator, fully determined by its seed.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SplitMix64 {
     state: u64,
 }
@@ -14,6 +14,11 @@ pub struct SplitMix64 {
 impl SplitMix64 {
     pub fn new(seed: u64) -> Self {
         Self { state: seed }
+    }
+
+    /// The current state: `SplitMix64::new(g.state())` continues exactly where `g` is.
+    pub fn state(&self) -> u64 {
+        self.state
     }
 
     pub fn next_u64(&mut self) -> u64 {

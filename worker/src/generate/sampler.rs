@@ -3,6 +3,7 @@
 //! rows share its batch. Filtering runs on the device; the final draw runs on the host over at most
 //! top-k (or the nucleus) candidates.
 
+use iro_common::data::SplitMix64;
 use tch::{Kind, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -22,28 +23,25 @@ impl SamplingParams {
     }
 }
 
-/// SplitMix64: tiny, fast, and its stream is fixed forever (unlike a library RNG whose algorithm may
-/// change between versions), so seeded runs reproduce across builds.
+/// One row's random stream: the project's SplitMix64 (`iro_common::data::SplitMix64`), whose output is fixed
+/// forever (unlike a library RNG whose algorithm may change between versions), so seeded runs reproduce
+/// across builds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RowRng(u64);
+pub struct RowRng(SplitMix64);
 
 impl RowRng {
     pub fn new(seed: u64) -> Self {
-        Self(seed)
+        Self(SplitMix64::new(seed))
     }
 
     /// A child stream for replica `i` of this row (guided search replicates a beam K times).
     pub fn fork(&self, i: u64) -> Self {
-        let mut r = Self(self.0 ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03));
-        Self(r.next_u64())
+        let mut r = SplitMix64::new(self.0.state() ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03));
+        Self::new(r.next_u64())
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     /// Uniform in [0, 1) with 53 bits.
