@@ -37,6 +37,18 @@ pub enum Error {
     /// libtorch raised an error.
     #[error("torch: {0}")]
     Torch(#[from] tch::TchError),
+    /// The object store, a record, a manifest or a data file (common's errors name the key or file).
+    #[error(transparent)]
+    Common(#[from] iro_common::Error),
+    /// The task was taken back (lease lost, gang aborted, shutdown) and stopped part-way; nothing was reported.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+    /// A collective call failed or passed its deadline; the message names the ranks that did not answer.
+    #[error("collective: {0}")]
+    Collective(String),
+    /// The coordinator refused a call or could not be reached.
+    #[error("coordinator: {0}")]
+    Coordinator(String),
 }
 
 impl Error {
@@ -53,6 +65,10 @@ impl Error {
             Error::InvalidRequest(_) => "invalid_request",
             Error::Data { .. } => "data",
             Error::Torch(_) => "torch",
+            Error::Common(e) => e.kind(),
+            Error::Cancelled(_) => "cancelled",
+            Error::Collective(_) => "collective",
+            Error::Coordinator(_) => "coordinator",
         }
     }
 

@@ -7,6 +7,7 @@ pub mod generate;
 pub mod jobs;
 pub mod model;
 pub mod reward;
+pub mod runtime;
 pub mod search;
 pub mod text;
 pub mod train;

@@ -1,0 +1,109 @@
+//! The contract between the task loop and the work itself: the loop (leasing, heartbeats, reports) hands a
+//! `TaskRef` to a `TaskRunner`, which does the tensor work, writes its output to the object store at the
+//! attempt-specific key and returns where it put it. The loop never looks inside a task; the runner never
+//! talks to the coordinator. Runners are synchronous: libtorch work blocks a thread anyway.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::error::Result;
+
+/// The three phases of an iteration, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskPhase {
+    Rollout,
+    Train,
+    Eval,
+}
+
+impl TaskPhase {
+    /// The wire spelling (`TaskSpec.phase`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskPhase::Rollout => "rollout",
+            TaskPhase::Train => "train",
+            TaskPhase::Eval => "eval",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "rollout" => Some(TaskPhase::Rollout),
+            "train" => Some(TaskPhase::Train),
+            "eval" => Some(TaskPhase::Eval),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for TaskPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One leased unit of work. Iterations count from 1; shards from 0 (the train task is shard 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRef {
+    pub task_id: String,
+    pub attempt: u32,
+    pub iteration: u32,
+    pub phase: TaskPhase,
+    pub shard: u32,
+    /// Train-gang rank and world size (0 and 1 outside a gang).
+    pub rank: u32,
+    pub world: u32,
+    /// What each rank published when the gang formed (ring addresses, rank 0's NCCL id); empty outside a gang.
+    pub endpoints: Vec<String>,
+}
+
+/// What a finished task reports: the object it wrote, its checksum and its counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskOutput {
+    /// Object-store key of the attempt-specific output (a JSONL shard, or the value checkpoint's weights).
+    pub key: String,
+    pub sha256: String,
+    /// Records written (rows of a shard; optimizer steps of a training).
+    pub records: u64,
+    /// Tokens generated to produce it.
+    pub tokens: u64,
+}
+
+/// Shared between the loop and a running task: the loop cancels (lease lost, shutdown), the task reports
+/// progress for heartbeats and checks for cancellation between batches.
+#[derive(Debug, Default)]
+pub struct TaskControl {
+    cancelled: AtomicBool,
+    done: AtomicU64,
+    total: AtomicU64,
+}
+
+impl TaskControl {
+    pub fn cancel(&self) {
+        self.cancelled.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(Ordering::SeqCst)
+    }
+
+    /// `Err(Cancelled)` once the loop has cancelled the task: call between units of work.
+    pub fn check(&self, what: &str) -> Result<()> {
+        if self.is_cancelled() { Err(crate::Error::Cancelled(what.to_owned())) } else { Ok(()) }
+    }
+
+    pub fn set_progress(&self, done: u64, total: u64) {
+        self.total.store(total, Ordering::Relaxed);
+        self.done.store(done, Ordering::Relaxed);
+    }
+
+    /// (done, total)
+    pub fn progress(&self) -> (u64, u64) {
+        (self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed))
+    }
+}
+
+/// Does the work of one task. Implementations keep loaded models across calls.
+pub trait TaskRunner: Send {
+    fn run(&mut self, task: &TaskRef, control: &TaskControl) -> Result<TaskOutput>;
+}
