@@ -205,6 +205,8 @@ pub struct ValueSection {
     pub betas: Vec<f64>,
     /// Save a resumable checkpoint every this many optimizer steps (0: only at the end).
     pub checkpoint_every: usize,
+    /// Hidden width of the `head` kind's MLP.
+    pub head_width: usize,
 }
 
 impl Default for ValueSection {
@@ -221,6 +223,7 @@ impl Default for ValueSection {
             micro_batch_size: 8,
             betas: vec![1.0],
             checkpoint_every: 50,
+            head_width: 256,
         }
     }
 }
@@ -307,11 +310,24 @@ pub struct ClusterSection {
     pub max_attempts: u32,
     /// Ranks of the data-parallel value-training gang.
     pub train_ranks: usize,
+    /// Gradients are summed across the gang in buckets of this many bytes (PyTorch DDP's 25 MiB by default).
+    pub bucket_bytes: usize,
+    /// The longest one collective call (all-reduce, broadcast, barrier, joining the gang) may take before it
+    /// fails naming the ranks that did not answer.
+    pub collective_deadline_s: u64,
 }
 
 impl Default for ClusterSection {
     fn default() -> Self {
-        Self { shard_size: 64, lease_timeout_s: 120, heartbeat_interval_s: 10, max_attempts: 3, train_ranks: 1 }
+        Self {
+            shard_size: 64,
+            lease_timeout_s: 120,
+            heartbeat_interval_s: 10,
+            max_attempts: 3,
+            train_ranks: 1,
+            bucket_bytes: 25 * 1024 * 1024,
+            collective_deadline_s: 300,
+        }
     }
 }
 
@@ -367,6 +383,7 @@ impl RunConfig {
             ("value.epochs", self.value.epochs),
             ("value.batch_size", self.value.batch_size),
             ("value.micro_batch_size", self.value.micro_batch_size),
+            ("value.head_width", self.value.head_width),
             ("data.prompts_per_iteration", self.data.prompts_per_iteration),
             ("cluster.shard_size", self.cluster.shard_size),
             ("cluster.train_ranks", self.cluster.train_ranks),
@@ -406,6 +423,12 @@ impl RunConfig {
         }
         if self.cluster.max_attempts == 0 {
             return bad("cluster.max_attempts", "must be at least 1".into());
+        }
+        if self.cluster.bucket_bytes < 1024 {
+            return bad("cluster.bucket_bytes", format!("{} must be at least 1024", self.cluster.bucket_bytes));
+        }
+        if self.cluster.collective_deadline_s == 0 {
+            return bad("cluster.collective_deadline_s", "must be at least 1".into());
         }
         if self.cluster.heartbeat_interval_s == 0 || self.cluster.heartbeat_interval_s >= self.cluster.lease_timeout_s {
             return bad(
@@ -466,6 +489,8 @@ mod tests {
             ("[value]\nbatch_size = 10\nmicro_batch_size = 4\n", "value.batch_size"),
             ("[value]\nbetas = []\n", "value.betas"),
             ("[select]\nper_prompt = 17\n", "select.per_prompt"),
+            ("[cluster]\nbucket_bytes = 10\n", "cluster.bucket_bytes"),
+            ("[cluster]\ncollective_deadline_s = 0\n", "cluster.collective_deadline_s"),
         ] {
             let err = parse(text).unwrap_err();
             assert_eq!(err.kind(), "config_value", "{text}");

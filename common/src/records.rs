@@ -62,11 +62,25 @@ pub struct EvalRecord {
     pub iteration: u32,
     /// Evaluation reward-model score; `None` until scored.
     pub reward: Option<f64>,
-    /// Response tokens generated.
+    /// Tokens the method sampled for this prompt (every candidate of a search or Best-of-N, not only `output`).
     pub tokens: u64,
+    /// Tokens of `output`.
+    #[serde(default)]
+    pub length: u64,
     /// The reference answer (GPT-4's output, the human TL;DR summary), when the data has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<String>,
+    /// The evaluation reward of the reference answer, for the win rate against it; `None` where the reward
+    /// itself compares with the reference (embedding similarity), so a win rate against it means nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference_reward: Option<f64>,
+    /// An upper bound on KL(method ‖ base) in nats for this prompt, where the method has one (selection among
+    /// n samples costs at most log n); `None` for methods without a bound (ARGS's greedy decoding).
+    #[serde(default)]
+    pub kl_bound: Option<f64>,
+    /// Wall time the method spent on this prompt (its batch's time shared equally).
+    #[serde(default)]
+    pub seconds: f64,
 }
 
 /// Serialises records as JSON Lines: one object per line, each line ending in `\n`.

@@ -286,7 +286,11 @@ fn eval_rows_carry_alpaca_eval_fields() {
         iteration: 2,
         reward: Some(0.25),
         tokens: 3,
+        length: 3,
         reference: None,
+        reference_reward: None,
+        kl_bound: Some(0.0),
+        seconds: 0.5,
     };
     let bytes = encode_jsonl(std::slice::from_ref(&row)).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();

@@ -5,6 +5,7 @@ mod cluster;
 mod generate;
 mod info;
 mod progress;
+mod run;
 
 use std::path::PathBuf;
 
@@ -26,6 +27,8 @@ pub struct Cli {
 pub enum Command {
     /// Show what libtorch sees on this machine (threads, CUDA devices) and the build's versions.
     Info,
+    /// Run IRO end to end on this machine (rollout, reward, select, value training, evaluation, baselines).
+    Run(run::RunArgs),
     /// Sample continuations of raw prompts (JSON Lines with a `prompt` field) with a frozen model.
     Generate(generate::GenerateArgs),
     /// Score `prompt` + `output` rows with a reward model's scalar head.
@@ -47,6 +50,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Info => info::run(),
+        Command::Run(args) => run::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Coordinator(args) => cluster::coordinator(args),
         Command::Status(args) => cluster::status(args),

@@ -5,21 +5,22 @@ use std::io::IsTerminal;
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub struct Bar {
-    phase: &'static str,
+    phase: String,
     bar: Option<ProgressBar>,
     last_logged_decile: usize,
 }
 
 impl Bar {
-    pub fn new(phase: &'static str) -> Self {
+    pub fn new(phase: impl Into<String>) -> Self {
+        let phase = phase.into();
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = ProgressBar::new(0);
             b.set_style(
-                ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} rows  {elapsed_precise} eta {eta}")
+                ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len}  {elapsed_precise} eta {eta}")
                     .expect("static template")
                     .progress_chars("=> "),
             );
-            b.set_prefix(phase);
+            b.set_prefix(phase.clone());
             b
         });
         Self { phase, bar, last_logged_decile: 0 }
@@ -35,7 +36,7 @@ impl Bar {
                 let decile = if total == 0 { 10 } else { done * 10 / total };
                 if decile > self.last_logged_decile || done == 0 {
                     self.last_logged_decile = decile;
-                    tracing::info!(phase = self.phase, done, total, "progress");
+                    tracing::info!(phase = %self.phase, done, total, "progress");
                 }
             }
         }

@@ -6,6 +6,7 @@ pub mod error;
 pub mod generate;
 pub mod jobs;
 pub mod model;
+pub mod pipeline;
 pub mod reward;
 pub mod runtime;
 pub mod search;

@@ -67,6 +67,9 @@ pub struct Store {
     inner: Arc<dyn ObjectStore>,
     /// How the store is named in errors and logs: the folder, `s3://bucket/prefix`, or `memory://`.
     url: String,
+    /// The folder of a local store: tools that need real files (checkpoints libtorch reads and writes) use
+    /// it directly instead of copying through the store.
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl Store {
@@ -99,7 +102,7 @@ impl Store {
             .map_err(|e| open_err(e.to_string()))?
             .with_automatic_cleanup(true)
             .with_fsync(options.fsync);
-        Ok(Self { inner: Arc::new(local), url: canonical.display().to_string() })
+        Ok(Self { inner: Arc::new(local), url: canonical.display().to_string(), local_root: Some(canonical) })
     }
 
     fn open_s3(url: &str, rest: &str, options: &StoreOptions) -> Result<Self> {
@@ -134,12 +137,17 @@ impl Store {
             Arc::new(PrefixStore::new(s3, prefix))
         };
         let url = if prefix.is_empty() { format!("s3://{bucket}") } else { format!("s3://{bucket}/{prefix}") };
-        Ok(Self { inner, url })
+        Ok(Self { inner, url, local_root: None })
     }
 
     /// A store that lives in memory: for tests and for the single-process demo's scratch data.
     pub fn in_memory() -> Self {
-        Self { inner: Arc::new(InMemory::new()), url: "memory://".into() }
+        Self { inner: Arc::new(InMemory::new()), url: "memory://".into(), local_root: None }
+    }
+
+    /// The file path of `key` when the store is a local folder.
+    pub fn local_path(&self, key: &str) -> Option<std::path::PathBuf> {
+        self.local_root.as_ref().map(|root| root.join(key))
     }
 
     /// The store's name as errors and logs show it.
@@ -177,6 +185,14 @@ impl Store {
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(self.error("head", key, e)),
         }
+    }
+
+    /// The size in bytes of the object at `key` (a HEAD request, the object is not read);
+    /// [`Error::ObjectMissing`] when there is none.
+    pub async fn size(&self, key: &str) -> Result<u64> {
+        let path = self.path(key)?;
+        let meta = self.inner.head(&path).await.map_err(|e| self.error("head", key, e))?;
+        Ok(meta.size)
     }
 
     /// Every key under `prefix`, sorted. The prefix matches whole path segments: `runs/a` lists

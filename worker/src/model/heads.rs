@@ -65,11 +65,86 @@ impl ScalarHead {
     }
 }
 
+/// A small MLP value head on frozen hidden states: `w2 · gelu(w1 · h + b1) + b2`, [B, T, H] → [B, T].
+pub struct MlpHead {
+    pub dense_weight: Tensor,
+    pub dense_bias: Tensor,
+    pub out_weight: Tensor,
+    pub out_bias: Tensor,
+}
+
+impl MlpHead {
+    pub const NAMES: [&'static str; 4] =
+        ["value_head.dense.weight", "value_head.dense.bias", "value_head.out.weight", "value_head.out.bias"];
+
+    /// Fresh weights: small normal `dense`, zero `out` bias, small normal `out` weight.
+    pub fn new(hidden: i64, width: i64, seed: u64, device: Device) -> Self {
+        let t = |data: Vec<f32>, shape: &[i64]| Tensor::from_slice(&data).view(shape).to_device(device);
+        Self {
+            dense_weight: t(
+                crate::train::value::normal_init((width * hidden) as usize, crate::train::value::INIT_STD, seed),
+                &[width, hidden],
+            ),
+            dense_bias: Tensor::zeros([width], (Kind::Float, device)),
+            out_weight: t(
+                crate::train::value::normal_init(width as usize, crate::train::value::INIT_STD, seed ^ 0x5EED),
+                &[1, width],
+            ),
+            out_bias: Tensor::zeros([1], (Kind::Float, device)),
+        }
+    }
+
+    /// Loads a head saved by `checkpoint::save` (`model.safetensors` with the four `value_head.*` tensors).
+    pub fn load(dir: &Path, device: Device) -> Result<Self> {
+        let file = dir.join("model.safetensors");
+        let tensors = Tensor::read_safetensors(&file)
+            .map_err(|e| Error::Checkpoint { path: file.clone(), message: format!("cannot read safetensors: {e}") })?;
+        let get = |name: &str| {
+            tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.to_kind(Kind::Float).to_device(device)).ok_or_else(
+                || Error::MissingTensor { path: dir.to_owned(), name: name.into(), files: file.display().to_string() },
+            )
+        };
+        Ok(Self {
+            dense_weight: get(Self::NAMES[0])?,
+            dense_bias: get(Self::NAMES[1])?,
+            out_weight: get(Self::NAMES[2])?,
+            out_bias: get(Self::NAMES[3])?,
+        })
+    }
+
+    pub fn forward(&self, hidden: &Tensor) -> Tensor {
+        let h = hidden.to_kind(Kind::Float).linear(&self.dense_weight, Some(&self.dense_bias)).gelu("none");
+        h.linear(&self.out_weight, Some(&self.out_bias)).squeeze_dim(-1)
+    }
+
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        let ts = [&self.dense_weight, &self.dense_bias, &self.out_weight, &self.out_bias];
+        Self::NAMES.iter().zip(ts).map(|(n, t)| ((*n).to_owned(), t.shallow_clone())).collect()
+    }
+}
+
+/// The head of a `ScalarModel`: a linear map (reward models, `model`-kind values) or the MLP of a `head`-kind
+/// value function on the frozen policy's hidden states.
+pub enum Head {
+    Linear(ScalarHead),
+    Mlp(MlpHead),
+}
+
+impl Head {
+    /// [B, T, H] → [B, T]
+    pub fn forward(&self, hidden: &Tensor) -> Tensor {
+        match self {
+            Head::Linear(h) => h.forward(hidden),
+            Head::Mlp(h) => h.forward(hidden),
+        }
+    }
+}
+
 /// A backbone with a scalar head at every position: reward models and value functions.
 pub struct ScalarModel {
     pub config: ModelConfig,
     pub backbone: Arc<Backbone>,
-    pub head: ScalarHead,
+    pub head: Head,
 }
 
 impl ScalarModel {
@@ -101,7 +176,7 @@ impl ScalarModel {
                 files: "model weights".into(),
             });
         };
-        Ok(Self { config: ck.config.clone(), backbone: ck.backbone()?, head })
+        Ok(Self { config: ck.config.clone(), backbone: ck.backbone()?, head: Head::Linear(head) })
     }
 
     /// Per-position values [B, T].

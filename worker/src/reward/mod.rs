@@ -3,9 +3,11 @@
 //! similarity to a reference answer is one implementation, a scalar-head reward model another.
 
 pub mod encoder;
+pub mod model;
 pub mod similarity;
 
 pub use encoder::{SentenceEncoder, TokenBatch};
+pub use model::RewardModel;
 pub use similarity::EmbeddingSimilarityReward;
 
 use crate::error::Result;

@@ -80,8 +80,11 @@ fn model_files(value: &TrainableValue) -> (Vec<(String, Tensor)>, Value) {
             let mut tensors: Vec<(String, Tensor)> =
                 params.iter().filter(|(n, _)| n != "score.bias").map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
             // A TL;DR reward model's `bias` config offset is folded into `score.bias`, so the saved head is plain.
-            let offset = model.head.offset;
-            match &model.head.bias {
+            let (offset, bias) = match &model.head {
+                crate::model::heads::Head::Linear(h) => (h.offset, h.bias.as_ref()),
+                crate::model::heads::Head::Mlp(_) => (0.0, None),
+            };
+            match bias {
                 Some(b) => tensors.push(("score.bias".into(), b.detach() - offset)),
                 None if offset != 0.0 => tensors.push(("score.bias".into(), Tensor::from_slice(&[-offset as f32]))),
                 None => {}

@@ -10,11 +10,12 @@ use iro_common::data::SplitMix64;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::heads::ScalarHead;
+pub use crate::model::heads::MlpHead;
+use crate::model::heads::{Head, ScalarHead};
 use crate::model::{ArchConfig, Backbone, Checkpoint, ModelConfig, ScalarModel};
 
 /// Standard deviation of a freshly initialised head (HF's `initializer_range` default).
-const INIT_STD: f64 = 0.02;
+pub(crate) const INIT_STD: f64 = 0.02;
 
 /// `n` normal draws (Box-Muller on SplitMix64), so a fresh head is the same on every device and libtorch build.
 pub fn normal_init(n: usize, std: f64, seed: u64) -> Vec<f32> {
@@ -26,58 +27,6 @@ pub fn normal_init(n: usize, std: f64, seed: u64) -> Vec<f32> {
             ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32
         })
         .collect()
-}
-
-/// A small MLP value head on frozen hidden states: `w2 · gelu(w1 · h + b1) + b2`, [B, T, H] → [B, T].
-pub struct MlpHead {
-    pub dense_weight: Tensor,
-    pub dense_bias: Tensor,
-    pub out_weight: Tensor,
-    pub out_bias: Tensor,
-}
-
-impl MlpHead {
-    pub const NAMES: [&'static str; 4] =
-        ["value_head.dense.weight", "value_head.dense.bias", "value_head.out.weight", "value_head.out.bias"];
-
-    /// Fresh weights: small normal `dense`, zero `out` bias, small normal `out` weight.
-    pub fn new(hidden: i64, width: i64, seed: u64, device: Device) -> Self {
-        let t = |data: Vec<f32>, shape: &[i64]| Tensor::from_slice(&data).view(shape).to_device(device);
-        Self {
-            dense_weight: t(normal_init((width * hidden) as usize, INIT_STD, seed), &[width, hidden]),
-            dense_bias: Tensor::zeros([width], (Kind::Float, device)),
-            out_weight: t(normal_init(width as usize, INIT_STD, seed ^ 0x5EED), &[1, width]),
-            out_bias: Tensor::zeros([1], (Kind::Float, device)),
-        }
-    }
-
-    /// Loads a head saved by `checkpoint::save` (`model.safetensors` with the four `value_head.*` tensors).
-    pub fn load(dir: &Path, device: Device) -> Result<Self> {
-        let file = dir.join("model.safetensors");
-        let tensors = Tensor::read_safetensors(&file)
-            .map_err(|e| Error::Checkpoint { path: file.clone(), message: format!("cannot read safetensors: {e}") })?;
-        let get = |name: &str| {
-            tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.to_kind(Kind::Float).to_device(device)).ok_or_else(
-                || Error::MissingTensor { path: dir.to_owned(), name: name.into(), files: file.display().to_string() },
-            )
-        };
-        Ok(Self {
-            dense_weight: get(Self::NAMES[0])?,
-            dense_bias: get(Self::NAMES[1])?,
-            out_weight: get(Self::NAMES[2])?,
-            out_bias: get(Self::NAMES[3])?,
-        })
-    }
-
-    pub fn forward(&self, hidden: &Tensor) -> Tensor {
-        let h = hidden.to_kind(Kind::Float).linear(&self.dense_weight, Some(&self.dense_bias)).gelu("none");
-        h.linear(&self.out_weight, Some(&self.out_bias)).squeeze_dim(-1)
-    }
-
-    pub fn named(&self) -> Vec<(String, Tensor)> {
-        let ts = [&self.dense_weight, &self.dense_bias, &self.out_weight, &self.out_bias];
-        Self::NAMES.iter().zip(ts).map(|(n, t)| ((*n).to_owned(), t.shallow_clone())).collect()
-    }
 }
 
 /// What is being trained.
@@ -119,7 +68,7 @@ impl TrainableValue {
             ScalarModel {
                 config: ck.config.clone(),
                 backbone: ck.backbone()?,
-                head: ScalarHead { weight: w, bias: None, offset: 0.0 },
+                head: Head::Linear(ScalarHead { weight: w, bias: None, offset: 0.0 }),
             }
         };
         let canonical = canonical_prefix(&ck.config);
@@ -132,8 +81,14 @@ impl TrainableValue {
             .filter(|(n, _)| !n.contains("score.") && !n.contains("scalar_head."))
             .map(|(n, t)| (n, t.shallow_clone()))
             .collect();
-        params.push(("score.weight".into(), model.head.weight.shallow_clone()));
-        if let Some(b) = &model.head.bias {
+        let Head::Linear(head) = &model.head else {
+            return Err(Error::Checkpoint {
+                path: dir.to_owned(),
+                message: "a `model` value function needs a linear score head".into(),
+            });
+        };
+        params.push(("score.weight".into(), head.weight.shallow_clone()));
+        if let Some(b) = &head.bias {
             params.push(("score.bias".into(), b.shallow_clone()));
         }
         params.sort_by(|a, b| a.0.cmp(&b.0));

@@ -1,0 +1,249 @@
+//! An eval shard (iro.md step 5): held-out prompts decoded with pi_t (CBS guided by V_1..V_t, the final row
+//! picked as `search.final` says) and, at iteration 1, with every configured baseline on the same prompts and
+//! seeds. Each answer is scored by the evaluation reward; the report aggregates the rows.
+
+use std::time::Instant;
+
+use iro_common::config::{Baseline, FinalPick};
+use iro_common::layout::ShardedPhase;
+use iro_common::records::{EvalRecord, ShardAttempt, write_shard};
+
+use super::Pipeline;
+use super::data::{self, PromptItem, phase_seed, prompt_items};
+use super::scoring::TextRewardScorer;
+use crate::error::{Error, Result};
+use crate::generate::{GenerateOptions, generate};
+use crate::model::CausalLm;
+use crate::reward::RewardInput;
+use crate::runtime::{TaskControl, TaskOutput};
+use crate::search::cbs::argmax;
+use crate::search::{ArgsParams, ImplicitReward, args_decode, best_of_n, chunk_beam_search};
+
+/// A decoding method under evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Iro,
+    Base(Baseline),
+}
+
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Iro => "iro",
+            Method::Base(Baseline::Base) => "base",
+            Method::Base(Baseline::BestOfN) => "best_of_n",
+            Method::Base(Baseline::Args) => "args",
+            Method::Base(Baseline::WeakToStrong) => "weak_to_strong",
+        }
+    }
+}
+
+/// One prompt's answer and what producing it cost.
+struct Answer {
+    tokens: Vec<i64>,
+    /// Tokens sampled for this prompt, every candidate included.
+    sampled: u64,
+    kl_bound: Option<f64>,
+}
+
+impl Pipeline {
+    pub(super) fn eval(&mut self, t: u32, shard: u32, attempt: u32, control: &TaskControl) -> Result<TaskOutput> {
+        let c = &self.config;
+        let picked = data::shard_of(self.data.test_prompts(), shard, c.cluster.shard_size)?.to_vec();
+        let items = prompt_items(
+            &self.data.test,
+            &picked,
+            c.policy.prompt_format,
+            c.policy.max_prompt_tokens,
+            &self.tokenizer,
+            phase_seed(c.run.seed, None),
+        )?;
+        self.ensure_values(t)?;
+        let mut methods = vec![Method::Iro];
+        if t == 1 {
+            methods.extend(self.config.baselines.methods.iter().map(|&b| Method::Base(b)));
+        }
+        if methods.contains(&Method::Base(Baseline::WeakToStrong)) && self.w2s.is_none() {
+            let b = &self.config.baselines;
+            let load = |dir: &std::path::Path| CausalLm::load(dir, self.kind, self.device);
+            self.w2s = Some((load(&b.w2s_tuned)?, load(&b.w2s_untuned)?));
+        }
+        let reference_rewards = self.reference_rewards(&items)?;
+        let total = (methods.len() * items.len()) as u64;
+        let mut records = Vec::new();
+        let mut tokens = 0u64;
+        control.set_progress(0, total);
+        for &method in &methods {
+            let per_batch = self.eval_batch(method);
+            let mut answers = Vec::with_capacity(items.len());
+            let mut seconds = Vec::with_capacity(items.len());
+            for batch in items.chunks(per_batch) {
+                control.check("eval shard")?;
+                let start = Instant::now();
+                answers.extend(self.answer(method, t, batch)?);
+                seconds.extend(std::iter::repeat_n(start.elapsed().as_secs_f64() / batch.len() as f64, batch.len()));
+                control.set_progress((records.len() + answers.len()) as u64, total);
+            }
+            let texts: Vec<String> =
+                answers.iter().map(|a| self.tokenizer.decode(&a.tokens, true)).collect::<Result<_>>()?;
+            let inputs: Vec<RewardInput<'_>> = items
+                .iter()
+                .zip(&texts)
+                .map(|(p, r)| RewardInput { prompt: &p.text, response: r, reference: p.reference.as_deref() })
+                .collect();
+            let rewards = self.eval_reward().score(&inputs)?;
+            for (i, ((item, answer), output)) in items.iter().zip(answers).zip(texts).enumerate() {
+                tokens += answer.sampled;
+                records.push(EvalRecord {
+                    instruction: item.display.clone(),
+                    output,
+                    generator: if method == Method::Iro { format!("iro/iter-{t}") } else { method.name().into() },
+                    dataset: item.dataset.clone(),
+                    prompt_id: item.id.clone(),
+                    method: method.name().into(),
+                    iteration: t,
+                    reward: Some(rewards[i]),
+                    tokens: answer.sampled,
+                    length: answer.tokens.len() as u64,
+                    reference: item.reference.clone(),
+                    reference_reward: reference_rewards.as_ref().map(|r| r[i]),
+                    kl_bound: answer.kl_bound,
+                    seconds: seconds[i],
+                });
+            }
+            tracing::info!(method = method.name(), prompts = items.len(), "evaluated");
+        }
+        let at = ShardAttempt { iteration: t, phase: ShardedPhase::Eval, shard, attempt };
+        let entry = self.block_on(write_shard(&self.store, &self.layout, at, &records, tokens))?;
+        Ok(TaskOutput { key: entry.key, sha256: entry.sha256, records: entry.records, tokens })
+    }
+
+    /// Prompts per forward batch: searches run W·K (or N) rows per prompt.
+    fn eval_batch(&self, method: Method) -> usize {
+        let s = &self.config.search;
+        let rows = match method {
+            Method::Iro | Method::Base(Baseline::WeakToStrong) => s.beams * s.successors,
+            Method::Base(Baseline::BestOfN) => self.config.baselines.best_of_n,
+            Method::Base(Baseline::Args) => self.config.baselines.args_k,
+            Method::Base(Baseline::Base) => 1,
+        };
+        (self.config.sampling.batch_size / rows.max(1)).max(1)
+    }
+
+    /// The evaluation reward of each prompt's reference answer, where a win rate against it means something:
+    /// a reward model scores the reference like any response; a similarity-to-reference reward would give
+    /// the reference a perfect score by construction.
+    fn reference_rewards(&self, items: &[PromptItem]) -> Result<Option<Vec<f64>>> {
+        if self.config.reward.kind != iro_common::config::RewardKind::Model {
+            return Ok(None);
+        }
+        let Some(refs) = items.iter().map(|p| p.reference.as_deref()).collect::<Option<Vec<&str>>>() else {
+            return Ok(None);
+        };
+        let inputs: Vec<RewardInput<'_>> = items
+            .iter()
+            .zip(refs)
+            .map(|(p, r)| RewardInput { prompt: &p.text, response: r, reference: Some(r) })
+            .collect();
+        self.eval_reward().score(&inputs).map(Some)
+    }
+
+    fn answer(&self, method: Method, t: u32, batch: &[PromptItem]) -> Result<Vec<Answer>> {
+        let prompts: Vec<Vec<i64>> = batch.iter().map(|p| p.ids.clone()).collect();
+        let seeds: Vec<u64> = batch.iter().map(|p| p.seed).collect();
+        let max_new_tokens = self.config.sampling.max_new_tokens;
+        let opts = GenerateOptions {
+            max_new_tokens,
+            sampling: self.sampling(),
+            eos_token_ids: self.eos.clone(),
+            pad_token_id: self.pad,
+        };
+        match method {
+            Method::Base(Baseline::Base) => Ok(generate(&self.policy, &prompts, &seeds, &opts)?
+                .into_iter()
+                .map(|g| Answer { sampled: g.tokens.len() as u64, tokens: g.tokens, kl_bound: Some(0.0) })
+                .collect()),
+            Method::Base(Baseline::BestOfN) => {
+                let n = self.config.baselines.best_of_n;
+                let mut reward = TextRewardScorer::new(self.reward.as_ref(), &self.tokenizer, batch);
+                let found = best_of_n(&self.policy, &prompts, &seeds, n, &opts, &mut reward)?;
+                // KL(best-of-n ‖ base) ≤ log n − (n − 1)/n (Beirami et al., 2024).
+                let bound = (n as f64).ln() - (n as f64 - 1.0) / n as f64;
+                Ok(found
+                    .into_iter()
+                    .map(|b| Answer {
+                        sampled: b.candidates.iter().map(|c| c.generation.tokens.len() as u64).sum(),
+                        tokens: b.candidates[b.best].generation.tokens.clone(),
+                        kl_bound: Some(bound),
+                    })
+                    .collect())
+            }
+            Method::Base(Baseline::Args) => {
+                let b = &self.config.baselines;
+                let params = ArgsParams {
+                    top_k: b.args_k,
+                    weight: b.args_weight,
+                    max_new_tokens,
+                    eos_token_ids: self.eos.clone(),
+                    pad_token_id: self.pad,
+                };
+                let mut reward = TextRewardScorer::new(self.reward.as_ref(), &self.tokenizer, batch);
+                Ok(args_decode(&self.policy, &prompts, &params, &mut reward)?
+                    .into_iter()
+                    .map(|g| Answer { sampled: g.tokens.len() as u64, tokens: g.tokens, kl_bound: None })
+                    .collect())
+            }
+            Method::Base(Baseline::WeakToStrong) => {
+                let (tuned, untuned) = self.w2s.as_ref().ok_or_else(|| {
+                    Error::InvalidRequest("weak_to_strong needs baselines.w2s_tuned and w2s_untuned".into())
+                })?;
+                let mut scorer = ImplicitReward::new(tuned, untuned)?;
+                let found = chunk_beam_search(&self.policy, &prompts, &seeds, &self.cbs_params(), &mut scorer)?;
+                // Weak-to-Strong Search answers with its best beam by its own (implicit) score.
+                self.pick(found, batch, FinalPick::ValueArgmax)
+            }
+            Method::Iro => {
+                let mut scorer = self.value_scorer(t)?;
+                let found = chunk_beam_search(&self.policy, &prompts, &seeds, &self.cbs_params(), scorer.as_mut())?;
+                self.pick(found, batch, self.config.search.final_pick)
+            }
+        }
+    }
+
+    fn pick(
+        &self,
+        found: Vec<Vec<crate::search::Candidate>>,
+        batch: &[PromptItem],
+        pick: FinalPick,
+    ) -> Result<Vec<Answer>> {
+        let (w, k, l) = (self.config.search.beams, self.config.search.successors, self.config.search.chunk_length);
+        let mut out = Vec::with_capacity(found.len());
+        for (item, cands) in batch.iter().zip(found) {
+            let chosen = match pick {
+                FinalPick::First => 0,
+                FinalPick::ValueArgmax => argmax(&cands.iter().map(|c| c.score).collect::<Vec<_>>()),
+                FinalPick::RewardArgmax => {
+                    let texts: Vec<String> = cands
+                        .iter()
+                        .map(|c| self.tokenizer.decode(&c.generation.tokens, true))
+                        .collect::<Result<_>>()?;
+                    let inputs: Vec<RewardInput<'_>> = texts
+                        .iter()
+                        .map(|r| RewardInput { prompt: &item.text, response: r, reference: item.reference.as_deref() })
+                        .collect();
+                    argmax(&self.reward.score(&inputs)?)
+                }
+            };
+            let tokens = cands[chosen].generation.tokens.clone();
+            // Each selection keeps W of W·K rows (at most a log K tilt per kept row), the final pick one of W·K.
+            let rounds = tokens.len().div_ceil(l).saturating_sub(1) as f64;
+            let last = if pick == FinalPick::First { 0.0 } else { ((w * k) as f64).ln() };
+            out.push(Answer {
+                sampled: cands.iter().map(|c| c.generation.tokens.len() as u64).sum(),
+                tokens,
+                kl_bound: Some(rounds * (k as f64).ln() + last),
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,205 @@
+//! IRO as tasks (iro.md): a rollout shard samples from pi_{t-1} and scores and selects its candidates, the
+//! train task fits V_t on the selected candidates, an eval shard decodes held-out prompts with pi_t (and, at
+//! iteration 1, with the baselines). `Pipeline` is the `TaskRunner` that does this work; the local driver
+//! (`local`) and the cluster's task loop (`runtime`) only decide which task runs where. Everything a task needs
+//! is derived from the run config, its iteration and shard, and what earlier phases wrote to the store.
+
+pub mod data;
+mod eval;
+pub mod local;
+pub mod report;
+mod rollout;
+pub mod scoring;
+pub mod select;
+mod train;
+mod values;
+
+use std::path::{Path, PathBuf};
+
+use iro_common::config::{RewardKind, RunConfig};
+use iro_common::layout::RunLayout;
+use iro_common::store::Store;
+use tch::{Device, Kind};
+
+use self::data::RunData;
+use crate::error::{Error, Result};
+use crate::generate::sampler::SamplingParams;
+use crate::jobs::generate::{pad_token, stop_tokens};
+use crate::model::{CausalLm, ScalarModel};
+use crate::reward::{EmbeddingSimilarityReward, Reward, RewardModel};
+use crate::runtime::{TaskControl, TaskOutput, TaskPhase, TaskRef, TaskRunner};
+use crate::text::{Tokenizer, prompt};
+
+/// A reward the pipeline holds across tasks.
+pub type BoxedReward = Box<dyn Reward>;
+
+/// The loaded state of one worker: the frozen policy, the rewards and the data, loaded once and kept across
+/// tasks; value functions are loaded the first time a task needs them.
+pub struct Pipeline {
+    config: RunConfig,
+    layout: RunLayout,
+    store: Store,
+    runtime: BlockOn,
+    device: Device,
+    kind: Kind,
+    policy_dir: PathBuf,
+    policy: CausalLm,
+    tokenizer: Tokenizer,
+    eos: Vec<i64>,
+    pad: i64,
+    data: RunData,
+    reward: BoxedReward,
+    /// `None`: the evaluation reward is the training one.
+    eval_reward: Option<BoxedReward>,
+    /// V_1, V_2, ... as far as loaded.
+    values: Vec<values::LoadedValue>,
+    /// The weak-to-strong pair, loaded on first use.
+    w2s: Option<(CausalLm, CausalLm)>,
+    /// Local scratch space (value checkpoints of a remote store live here while training).
+    work_dir: PathBuf,
+}
+
+impl Pipeline {
+    /// Loads the policy, tokenizer, rewards and data of `config`. `device` overrides `run.device` (a worker's
+    /// `--device`); `work_dir` is local scratch space.
+    pub fn open(config: RunConfig, device: Option<&str>, work_dir: &Path) -> Result<Self> {
+        let device = crate::device::parse_device(device.unwrap_or(&config.run.device))?;
+        let kind = crate::device::parse_dtype(&config.run.dtype, device)?;
+        let layout = RunLayout::new(&config.run.id)?;
+        let store = Store::open(&config.run.store)?;
+        let policy_dir = config.policy.model.clone();
+        let policy = CausalLm::load(&policy_dir, kind, device)?;
+        let tokenizer = Tokenizer::load(&policy_dir)?;
+        let eos = stop_tokens(&policy_dir, &policy.config)?;
+        if eos.is_empty() {
+            return Err(Error::Checkpoint {
+                path: policy_dir.clone(),
+                message: "no eos_token_id in config.json or generation_config.json: responses could never end".into(),
+            });
+        }
+        let pad = pad_token(&policy.config, &eos);
+        let data = RunData::load(&config)?;
+        let add_special = !prompt::has_special_tokens(config.policy.prompt_format);
+        let reward = load_reward(config.reward.kind, &config.reward.model, kind, device, add_special)?;
+        let eval_reward = if config.reward.eval_model.as_os_str().is_empty() {
+            None
+        } else {
+            Some(load_reward(config.reward.kind, &config.reward.eval_model, kind, device, add_special)?)
+        };
+        tracing::info!(
+            run = %config.run.id, policy = %policy_dir.display(), device = ?device, dtype = ?kind,
+            train_prompts = data.train.len(), test_prompts = data.test_prompts().len(), "pipeline loaded"
+        );
+        Ok(Self {
+            layout,
+            store,
+            runtime: BlockOn::new()?,
+            device,
+            kind,
+            policy_dir,
+            policy,
+            tokenizer,
+            eos,
+            pad,
+            data,
+            reward,
+            eval_reward,
+            values: Vec::new(),
+            w2s: None,
+            work_dir: work_dir.to_owned(),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &RunConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn layout(&self) -> &RunLayout {
+        &self.layout
+    }
+
+    fn sampling(&self) -> SamplingParams {
+        let s = &self.config.sampling;
+        SamplingParams { temperature: s.temperature, top_k: s.top_k, top_p: s.top_p }
+    }
+
+    fn eval_reward(&self) -> &dyn Reward {
+        self.eval_reward.as_deref().unwrap_or(self.reward.as_ref())
+    }
+
+    /// Runs a future on this pipeline's async runtime (the store is async; the tensor work is not).
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.runtime.block_on(f)
+    }
+}
+
+// SAFETY: a `Pipeline` is `!Send` only because its models share weights through `Arc<Backbone>` (tch's
+// `Tensor` is `Send` but not `Sync`). Every clone of such an `Arc` is owned by this pipeline (policy, head-kind
+// values, rewards, a training's borrowed backbone that is dropped before `run` returns), so moving the pipeline
+// moves all of them together: no two threads ever hold clones of one `Arc`, and the tensors are used from one
+// thread at a time.
+unsafe impl Send for Pipeline {}
+
+impl TaskRunner for Pipeline {
+    fn run(&mut self, task: &TaskRef, control: &TaskControl) -> Result<TaskOutput> {
+        let t = task.iteration;
+        if t == 0 || t > self.config.run.iterations {
+            return Err(Error::InvalidRequest(format!(
+                "task {}: iteration {t} is outside 1..={}",
+                task.task_id, self.config.run.iterations
+            )));
+        }
+        let span = tracing::info_span!("task", id = %task.task_id, attempt = task.attempt, phase = %task.phase, t, shard = task.shard);
+        let _enter = span.enter();
+        match task.phase {
+            TaskPhase::Rollout => self.rollout(t, task.shard, task.attempt, control),
+            TaskPhase::Train => self.train(t, control),
+            TaskPhase::Eval => self.eval(t, task.shard, task.attempt, control),
+        }
+    }
+}
+
+fn load_reward(kind: RewardKind, dir: &Path, dtype: Kind, device: Device, add_special: bool) -> Result<BoxedReward> {
+    Ok(match kind {
+        // The sentence encoder is tiny: f32 everywhere keeps its similarities comparable across devices.
+        RewardKind::EmbeddingSimilarity => Box::new(EmbeddingSimilarityReward::load(dir, Kind::Float, device)?),
+        RewardKind::Model => Box::new(RewardModel::load(dir, dtype, device, add_special)?),
+    })
+}
+
+/// A way to wait for async store calls from the synchronous task code: the caller's tokio runtime when there
+/// is one (a worker's task runs on a blocking thread of it), else a small runtime of our own.
+enum BlockOn {
+    Handle(tokio::runtime::Handle),
+    Own(tokio::runtime::Runtime),
+}
+
+impl BlockOn {
+    fn new() -> Result<Self> {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => Ok(BlockOn::Handle(h)),
+            Err(_) => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map(BlockOn::Own)
+                .map_err(|e| Error::InvalidRequest(format!("cannot start an async runtime for the store: {e}"))),
+        }
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        match self {
+            BlockOn::Handle(h) => h.block_on(f),
+            BlockOn::Own(rt) => rt.block_on(f),
+        }
+    }
+}
+
+/// A `ScalarModel` reference list with betas, for the value ensembles.
+fn members<'a>(values: &'a [values::LoadedValue], config: &RunConfig, upto: usize) -> Vec<(&'a ScalarModel, f64)> {
+    values.iter().take(upto).enumerate().map(|(i, v)| (&v.model, config.beta(i + 1))).collect()
+}

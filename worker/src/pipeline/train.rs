@@ -1,0 +1,117 @@
+//! The train task (iro.md step 4): fit V_t on the selected candidates of iteration t's accepted rollout shards,
+//! then publish it as an HF-compatible folder at `iter-{t}/value/model/`. Training checkpoints as it goes and a
+//! retried task resumes from the newest checkpoint, so a killed training ends with the same weights.
+
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+use iro_common::config::ValueKind;
+use iro_common::layout::ShardedPhase;
+use iro_common::records::{RolloutRecord, read_accepted, read_manifest};
+use iro_common::store::sha256_hex;
+use tch::Kind;
+
+use super::Pipeline;
+use super::values::MODEL_FILES;
+use crate::error::{Error, Result};
+use crate::runtime::{TaskControl, TaskOutput};
+use crate::text::prompt;
+use crate::train::{ValueExample, ValueInit, ValueTrainConfig, train_value};
+
+impl Pipeline {
+    pub(super) fn train(&mut self, t: u32, control: &TaskControl) -> Result<TaskOutput> {
+        let start = Instant::now();
+        let manifest = self.block_on(read_manifest(&self.store, &self.layout, t, ShardedPhase::Rollout))?;
+        let records: Vec<RolloutRecord> = self.block_on(read_accepted(&self.store, &manifest))?;
+        let examples = self.value_examples(&records)?;
+        let warm = self.config.value.warm_start && t > 1;
+        if warm {
+            self.ensure_values(t - 1)?;
+        }
+        let v = &self.config.value;
+        let previous = if warm { Some(self.value_model_dir(t - 1)?) } else { None };
+        let init = match v.kind {
+            ValueKind::Model => {
+                let base = if v.init.as_os_str().is_empty() { self.policy_dir.clone() } else { v.init.clone() };
+                // Training runs in f32 (AdamW moments and small updates need it); decoding uses the run dtype.
+                ValueInit::Model { dir: previous.clone().unwrap_or(base), kind: Kind::Float, device: self.device }
+            }
+            ValueKind::Head => ValueInit::Head {
+                backbone: self.policy.backbone.clone(),
+                hidden: self.policy.config.hidden_size(),
+                width: v.head_width as i64,
+                from: previous.clone(),
+            },
+        };
+        // Each V_t gets its own head initialisation stream.
+        let cfg = ValueTrainConfig::new(v, self.config.run.seed ^ u64::from(t), self.pad);
+        let out_dir = self.value_train_dir(t);
+        let report = train_value(&cfg, &examples, &init, &out_dir, true, |p| {
+            control.set_progress(p.step as u64, p.total_steps as u64);
+            if p.step % 10 == 0 || p.step == p.total_steps {
+                tracing::info!(step = p.step, total = p.total_steps, loss = p.loss, lr = p.lr, "value training");
+            }
+            if control.is_cancelled() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        })?;
+        if report.steps < report.total_steps {
+            return Err(Error::Cancelled(format!("value training stopped at step {}", report.steps)));
+        }
+        // The tokenizer travels with a `model` value so it can be loaded on its own (and compared with the policy's).
+        let tokenizer_from = match v.kind {
+            ValueKind::Model if !v.init.as_os_str().is_empty() && previous.is_none() => v.init.clone(),
+            ValueKind::Model => previous.unwrap_or_else(|| self.policy_dir.clone()),
+            ValueKind::Head => self.policy_dir.clone(),
+        };
+        let key = self.value_model_key(t);
+        let mut weights_sha = String::new();
+        for name in MODEL_FILES {
+            let path = if name == "tokenizer.json" { tokenizer_from.join(name) } else { report.checkpoint.join(name) };
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                Err(_) if name == "tokenizer.json" => continue,
+                Err(e) => return Err(Error::Io { path, source: e }),
+            };
+            if name == "model.safetensors" {
+                weights_sha = sha256_hex(&bytes);
+            }
+            self.block_on(self.store.put(&format!("{key}/{name}"), bytes))?;
+        }
+        tracing::info!(
+            examples = examples.len(), steps = report.steps, final_loss = report.final_loss,
+            seconds = start.elapsed().as_secs_f64(), key = %key, "value function published"
+        );
+        Ok(TaskOutput {
+            key: format!("{key}/model.safetensors"),
+            sha256: weights_sha,
+            records: report.steps as u64,
+            tokens: 0,
+        })
+    }
+
+    /// One example per selection of a candidate (softmax resampling can pick one several times).
+    fn value_examples(&self, records: &[RolloutRecord]) -> Result<Vec<ValueExample>> {
+        let add_special = !prompt::has_special_tokens(self.config.policy.prompt_format);
+        let mut out = Vec::new();
+        for r in records.iter().filter(|r| r.selected > 0) {
+            let reward = r.reward.ok_or_else(|| {
+                Error::InvalidRequest(format!("rollout record {} candidate {} has no reward", r.prompt_id, r.candidate))
+            })?;
+            let example = ValueExample {
+                prompt: self.tokenizer.encode(&r.prompt, add_special)?,
+                response: r.token_ids.iter().map(|&x| i64::from(x)).collect(),
+                reward,
+            };
+            for _ in 1..r.selected {
+                out.push(example.clone());
+            }
+            out.push(example);
+        }
+        if out.is_empty() {
+            return Err(Error::InvalidRequest(format!(
+                "iteration rollouts hold {} records and none is selected: nothing to train on",
+                records.len()
+            )));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,199 @@
+//! IRO end to end on the tiny fixtures (iro.md "One iteration t"): two iterations of rollout → reward →
+//! select → value training → evaluation with every baseline, through the single-process driver into a local
+//! store; then the guarantees an operator relies on: disjoint prompt slices, exactly one answer per test prompt
+//! and method, the selected candidate is the reward argmax, a resumed run redoes nothing, and a lost phase
+//! output is recomputed identically under a new attempt.
+
+use std::path::{Path, PathBuf};
+
+use iro_common::RunConfig;
+use iro_common::config::{Baseline, DataFormat, PromptFormat, RewardKind, ValueKind};
+use iro_common::layout::{RunLayout, ShardedPhase};
+use iro_common::records::{EvalRecord, RolloutRecord, read_accepted, read_manifest};
+use iro_common::store::Store;
+use iro_worker::model::ScalarModel;
+use iro_worker::pipeline::report::Summary;
+use iro_worker::pipeline::{Pipeline, local};
+use tch::{Device, Kind};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn tldr_posts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../common/tests/fixtures/tldr_sample.jsonl")
+}
+
+/// 12 posts: 4 held out for testing, 4 fresh ones per iteration.
+fn config(store: &Path, kind: ValueKind, iterations: u32, baselines: Vec<Baseline>) -> RunConfig {
+    let mut c = RunConfig::default();
+    c.run.id = "tiny".into();
+    c.run.seed = 7;
+    c.run.iterations = iterations;
+    c.run.store = store.display().to_string();
+    c.run.device = "cpu".into();
+    c.policy.model = fixture("llama_gqa_tied");
+    c.policy.prompt_format = PromptFormat::Tldr;
+    c.policy.max_prompt_tokens = 160;
+    c.data.format = DataFormat::Tldr;
+    c.data.train = tldr_posts();
+    c.data.test = tldr_posts();
+    c.data.prompts_per_iteration = 4;
+    c.data.test_prompts = 4;
+    c.sampling.max_new_tokens = 6;
+    c.sampling.batch_size = 8;
+    c.reward.kind = RewardKind::Model;
+    c.reward.model = fixture("llama_seqcls");
+    c.value.kind = kind;
+    c.value.lr = 1e-3;
+    c.value.epochs = 2;
+    c.value.batch_size = 4;
+    c.value.micro_batch_size = 2;
+    c.value.head_width = 16;
+    c.value.checkpoint_every = 1;
+    c.search.beams = 2;
+    c.search.successors = 2;
+    c.search.chunk_length = 3;
+    c.baselines.methods = baselines;
+    c.baselines.best_of_n = 4;
+    c.baselines.args_k = 3;
+    c.baselines.w2s_tuned = fixture("llama_gqa_tied");
+    c.baselines.w2s_untuned = fixture("llama_untied_scaled");
+    c.cluster.shard_size = 3;
+    c.validate(Path::new("test")).unwrap();
+    c
+}
+
+fn run(config: &RunConfig, work: &Path) -> Summary {
+    let mut p = Pipeline::open(config.clone(), None, work).unwrap();
+    local::run_local(&mut p, &mut |_, _, _| {}).unwrap()
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+fn rollouts(store: &Store, t: u32) -> Vec<RolloutRecord> {
+    let layout = RunLayout::new("tiny").unwrap();
+    block_on(async {
+        let m = read_manifest(store, &layout, t, ShardedPhase::Rollout).await.unwrap();
+        read_accepted(store, &m).await.unwrap()
+    })
+}
+
+fn evals(store: &Store, t: u32) -> Vec<EvalRecord> {
+    let layout = RunLayout::new("tiny").unwrap();
+    block_on(async {
+        let m = read_manifest(store, &layout, t, ShardedPhase::Eval).await.unwrap();
+        read_accepted(store, &m).await.unwrap()
+    })
+}
+
+/// Every object key under the run, for "nothing was redone" checks.
+fn keys(store: &Store) -> Vec<String> {
+    let mut k = block_on(store.list("runs/tiny")).unwrap();
+    k.sort();
+    k
+}
+
+#[test]
+fn two_iterations_with_every_baseline_then_resume_and_recompute() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = vec![Baseline::Base, Baseline::BestOfN, Baseline::Args, Baseline::WeakToStrong];
+    let c = config(&dir.path().join("store"), ValueKind::Head, 2, all);
+    let summary = run(&c, &dir.path().join("work"));
+    let store = Store::open(&c.run.store).unwrap();
+
+    // Rollouts: 4 prompts per iteration, disjoint across iterations; 1 sample each at t = 1, W·K = 4 at t = 2;
+    // exactly one candidate per prompt selected, and it is the reward argmax.
+    let (r1, r2) = (rollouts(&store, 1), rollouts(&store, 2));
+    assert_eq!(r1.len(), 4);
+    assert_eq!(r2.len(), 16);
+    assert!(r2.iter().all(|r| r.method == "cbs" && r.value_score.is_some()));
+    let ids = |rs: &[RolloutRecord]| rs.iter().map(|r| r.prompt_id.clone()).collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(ids(&r1).len(), 4);
+    assert_eq!(ids(&r2).len(), 4);
+    assert!(ids(&r1).is_disjoint(&ids(&r2)));
+    for id in ids(&r2) {
+        let cands: Vec<&RolloutRecord> = r2.iter().filter(|r| r.prompt_id == id).collect();
+        assert_eq!(cands.iter().map(|r| r.selected).sum::<u32>(), 1, "{id}");
+        let best = cands.iter().map(|r| r.reward.unwrap()).fold(f64::NEG_INFINITY, f64::max);
+        let chosen = cands.iter().find(|r| r.selected == 1).unwrap();
+        assert_eq!(chosen.reward.unwrap(), best, "{id}: the selected candidate is the reward argmax");
+    }
+
+    // Evaluation: the 4 held-out posts, never seen in a rollout, answered once by every method.
+    let e1 = evals(&store, 1);
+    let test_ids: std::collections::BTreeSet<String> = e1.iter().map(|e| e.prompt_id.clone()).collect();
+    assert_eq!(test_ids.len(), 4);
+    assert!(test_ids.is_disjoint(&ids(&r1)) && test_ids.is_disjoint(&ids(&r2)));
+    for method in ["iro", "base", "best_of_n", "args", "weak_to_strong"] {
+        let mut got: Vec<&str> = e1.iter().filter(|e| e.method == method).map(|e| e.prompt_id.as_str()).collect();
+        got.sort_unstable();
+        assert_eq!(got, test_ids.iter().map(String::as_str).collect::<Vec<_>>(), "{method}");
+    }
+    let e2 = evals(&store, 2);
+    assert_eq!(e2.len(), 4, "only IRO is evaluated after iteration 1");
+    assert!(e2.iter().all(|e| e.generator == "iro/iter-2" && e.reward.is_some() && e.reference_reward.is_some()));
+    // Best-of-N sampled N responses per prompt; base one.
+    let tokens = |m: &str| e1.iter().filter(|e| e.method == m).map(|e| e.tokens).sum::<u64>();
+    assert!(tokens("best_of_n") > tokens("base"));
+
+    let labels: Vec<String> = summary.rows.iter().map(|r| r.label()).collect();
+    assert_eq!(labels, ["base", "best_of_n", "args", "weak_to_strong", "iro iter 1", "iro iter 2"]);
+    assert!(summary.rows.iter().all(|r| r.prompts == 4 && r.reward.mean.is_finite()));
+    let report = dir.path().join("store/runs/tiny/report");
+    assert!(std::fs::read_to_string(report.join("summary.md")).unwrap().contains("| iro iter 2 | 4 |"));
+    assert_eq!(&std::fs::read(report.join("reward.png")).unwrap()[..4], b"\x89PNG");
+
+    // Resume of a finished run: nothing is recomputed or rewritten (report aside).
+    let before: Vec<String> = keys(&store).into_iter().filter(|k| !k.contains("/report/")).collect();
+    let again = run(&c, &dir.path().join("work"));
+    let after: Vec<String> = keys(&store).into_iter().filter(|k| !k.contains("/report/")).collect();
+    assert_eq!(before, after);
+    assert_eq!(again, summary);
+
+    // A lost phase output (iteration 2's eval manifest) is recomputed under attempt 2, with the same answers:
+    // every seed derives from the run seed and the prompt, not from the attempt.
+    std::fs::remove_file(dir.path().join("store/runs/tiny/iter-2/eval/manifest.json")).unwrap();
+    let redone = run(&c, &dir.path().join("work"));
+    assert!(keys(&store).iter().any(|k| k.ends_with("iter-2/eval/shard-00000.attempt-2.jsonl")));
+    let mut old = e2.clone();
+    let mut new = evals(&store, 2);
+    let strip = |rs: &mut Vec<EvalRecord>| {
+        rs.iter_mut().for_each(|r| r.seconds = 0.0);
+        rs.sort_by(|a, b| a.prompt_id.cmp(&b.prompt_id));
+    };
+    strip(&mut old);
+    strip(&mut new);
+    assert_eq!(old, new);
+    assert_eq!(redone.rows.len(), summary.rows.len());
+}
+
+#[test]
+fn model_kind_values_are_published_as_hf_seqcls_folders_and_guide_the_next_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(&dir.path().join("store"), ValueKind::Model, 2, vec![Baseline::Base]);
+    let summary = run(&c, &dir.path().join("work"));
+    for t in 1..=2 {
+        let folder = dir.path().join(format!("store/runs/tiny/iter-{t}/value/model"));
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
+        assert!(folder.join("tokenizer.json").exists());
+        ScalarModel::load(&folder, Kind::Float, Device::Cpu).unwrap();
+    }
+    // V_1 warm-starts V_2: the published weights differ (V_2 trained further on new data).
+    let w = |t: u32| std::fs::read(dir.path().join(format!("store/runs/tiny/iter-{t}/value/model/model.safetensors")));
+    assert_ne!(w(1).unwrap(), w(2).unwrap());
+    assert_eq!(summary.rows.len(), 3);
+}
+
+#[test]
+fn a_config_whose_data_is_too_small_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir.path().join("store"), ValueKind::Head, 1, vec![]);
+    c.data.test_prompts = 40;
+    let err = Pipeline::open(c, None, dir.path()).err().expect("12 posts cannot hold 40 test prompts");
+    assert!(err.to_string().contains("data.test_prompts"), "{err}");
+}
