@@ -88,9 +88,21 @@ pub fn causal_mask(valid: &Tensor, past: i64, new: i64) -> Tensor {
 /// Fused attention (flash / memory-efficient kernels where libtorch has them). `q` [B, H, T, D],
 /// `k`/`v` [B, H_kv, S, D] with H a multiple of H_kv (grouped-query attention).
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Tensor {
-    // Grouped-query attention inside the kernel: no copy of the cached keys/values per query head.
-    let gqa = q.size()[1] != k.size()[1];
-    Tensor::scaled_dot_product_attention(q, k, v, Some(mask), 0.0, false, None, gqa)
+    let (b, h, t, d) = q.size4().expect("q is [B, H, T, D]");
+    let kv_heads = k.size()[1];
+    if h == kv_heads {
+        return Tensor::scaled_dot_product_attention(q, k, v, Some(mask), 0.0, false, None, false);
+    }
+    // Grouped-query attention without copying keys/values: the g = H / H_kv query heads that share kv head j
+    // (heads j·g .. (j+1)·g, as HF's repeat_kv pairs them) become g·T query rows of one head j. libtorch's
+    // `enable_gqa` flag would do the same on GPU, but on CPU it falls back to the unfused path, which was
+    // 3-4× slower per call at decode shapes (worker/examples/sdpa_probe.rs).
+    let g = h / kv_heads;
+    let q = q.reshape([b, kv_heads, g * t, d]);
+    // Row r = gi·T + t of the grouped queries has query t's mask row.
+    let mask = if t == 1 { mask.shallow_clone() } else { mask.repeat([1, 1, g, 1]) };
+    let out = Tensor::scaled_dot_product_attention(&q, k, v, Some(&mask), 0.0, false, None, false);
+    out.reshape([b, h, t, d])
 }
 
 #[cfg(test)]
