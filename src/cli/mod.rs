@@ -6,6 +6,7 @@ mod generate;
 mod info;
 mod progress;
 mod run;
+mod worker;
 
 use std::path::PathBuf;
 
@@ -40,6 +41,8 @@ pub enum Command {
     Coordinator(cluster::CoordinatorArgs),
     /// Print a coordinator's status as a table.
     Status(cluster::StatusArgs),
+    /// Run a worker: lease tasks from a coordinator until the run is over (SIGTERM gives the lease back).
+    Worker(worker::WorkerArgs),
     /// Validate a run config and print it with every default filled in.
     CheckConfig {
         /// The run config (TOML).
@@ -54,6 +57,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Coordinator(args) => cluster::coordinator(args),
         Command::Status(args) => cluster::status(args),
+        Command::Worker(args) => worker::worker(args),
         Command::Generate(args) => generate::generate(args),
         Command::Score(args) => generate::score(args),
         Command::CheckConfig { config } => info::check_config(&config),

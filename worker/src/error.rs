@@ -49,6 +49,9 @@ pub enum Error {
     /// The coordinator refused a call or could not be reached.
     #[error("coordinator: {0}")]
     Coordinator(String),
+    /// The task runner could not be built (its factory failed) or was lost (it panicked).
+    #[error("task runner: {0}")]
+    Runner(String),
 }
 
 impl Error {
@@ -69,6 +72,7 @@ impl Error {
             Error::Cancelled(_) => "cancelled",
             Error::Collective(_) => "collective",
             Error::Coordinator(_) => "coordinator",
+            Error::Runner(_) => "runner",
         }
     }
 

@@ -3,6 +3,9 @@
 //! applies it, appends it to the command log, and replies only once the log is durable. Messages that
 //! queue up while a write is in flight form the next batch, which shares one fsync (group commit).
 //! Between messages it sleeps until the state's next deadline and then applies `ExpireLeases`.
+//! With a manifest `Publisher`, it queues every stage it moves past for publishing once the move is
+//! durable, and holds LeaseTask back ("retry later") until the stages before the active one are
+//! published, so no worker can start a stage before the manifest it reads exists.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,9 +15,13 @@ use tokio::task::JoinHandle;
 
 use super::clock::Clock;
 use super::log::CommandLog;
+use super::manifests::Publisher;
 use super::telemetry::Telemetry;
 use crate::error::{Error, Result};
-use crate::state::{Applied, Command, Plan, Resources, RunState, RunStatus, Snapshot, StageManifest, WorkerId};
+use crate::state::{
+    Applied, Command, Lease, Plan, Progress, Reply, Resources, RunState, RunStatus, Snapshot, StageManifest,
+    WaitReason, WorkerId,
+};
 
 /// Messages waiting beyond this many are left for the next batch, bounding one batch's latency.
 const MAX_BATCH: usize = 512;
@@ -63,6 +70,9 @@ pub struct Handle {
     tx: mpsc::Sender<Msg>,
     run: watch::Receiver<RunStatus>,
     clock: Arc<dyn Clock>,
+    /// Stages whose manifests are published, counted from the first, and how many stages there are;
+    /// None when the driver publishes no manifests.
+    published: Option<(watch::Receiver<usize>, usize)>,
 }
 
 fn stopped() -> Error {
@@ -108,11 +118,19 @@ impl Handle {
         self.run.borrow().clone()
     }
 
-    /// Resolves once the run has finished or failed (or the driver stopped).
+    /// Resolves once the run has finished or failed (or the driver stopped). A finished run resolves
+    /// only once the last stage's manifest is published too, so its outputs are readable.
     pub async fn run_over(&self) -> RunStatus {
         let mut run = self.run.clone();
         let result = run.wait_for(|s| *s != RunStatus::Running).await.map(|s| s.clone());
-        result.unwrap_or_else(|_| self.run_status())
+        let status = result.unwrap_or_else(|_| self.run_status());
+        if status == RunStatus::Finished
+            && let Some((published, stages)) = &self.published
+        {
+            // An error means the writer stopped (the driver is shutting down): nothing more to wait for.
+            let _ = published.clone().wait_for(|n| *n >= *stages).await;
+        }
+        status
     }
 
     pub fn clock(&self) -> &Arc<dyn Clock> {
@@ -129,11 +147,14 @@ impl Handle {
 }
 
 /// Starts the driver: loads the log, replays it into a fresh state for `plan`, and spawns the task.
+/// With a `publisher`, the manifests of every stage the replayed run has finished are (re)written
+/// before any lease is handed out, and each stage's as it finishes.
 pub async fn start(
     plan: Plan,
     mut log: Box<dyn CommandLog>,
     clock: Arc<dyn Clock>,
     options: DriverOptions,
+    mut publisher: Option<Publisher>,
 ) -> Result<(Handle, JoinHandle<()>)> {
     let grace = options.restart_grace_ms.unwrap_or(plan.worker_timeout_ms);
     // Loading and replaying a long log is blocking work: keep it off the async workers.
@@ -154,6 +175,10 @@ pub async fn start(
             "resumed the run from the command log"
         );
     }
+    let published = publisher.as_mut().map(|p| {
+        p.queue_finished(&state);
+        (p.watermark(), state.plan().stage_count())
+    });
     let (tx, rx) = mpsc::channel(QUEUE);
     let (run_tx, run_rx) = watch::channel(state.status().clone());
     let actor = Actor {
@@ -165,9 +190,10 @@ pub async fn start(
         run: run_tx,
         quiet_until_ms: if recovered > 0 { now.saturating_add(grace) } else { 0 },
         last_tick_ms: None,
+        publisher,
     };
     let task = tokio::spawn(actor.run(rx));
-    Ok((Handle { tx, run: run_rx, clock }, task))
+    Ok((Handle { tx, run: run_rx, clock, published }, task))
 }
 
 struct Actor {
@@ -183,6 +209,8 @@ struct Actor {
     /// When the timer last fired; the next tick waits for a later time, so a deadline that a tick
     /// could not clear never spins.
     last_tick_ms: Option<u64>,
+    /// Writes the manifests of finished stages; None: no manifests (tests, benchmarks).
+    publisher: Option<Publisher>,
 }
 
 enum Next {
@@ -229,6 +257,9 @@ impl Actor {
             self.commit(batch).await;
         }
         tracing::info!(commands = self.log_index, "coordinator driver stopped");
+        if let Some(publisher) = self.publisher.take() {
+            publisher.stop();
+        }
         if let Some(stop) = stop {
             let _ = stop.send(());
         }
@@ -267,7 +298,7 @@ impl Actor {
         None
     }
 
-    fn apply(&mut self, mut command: Command, reply: Option<ReplyTx>, batch: &mut Batch) {
+    fn apply(&mut self, command: Command, reply: Option<ReplyTx>, batch: &mut Batch) {
         batch.len += 1;
         let now = self.clock.now_ms();
         if let Some(message) = &self.telemetry.log_error {
@@ -277,14 +308,32 @@ impl Actor {
             batch.replies.push((reply, Err(error)));
             return;
         }
+        let (mut command, held_back) = self.hold_back(command);
         stamp(&mut command, now);
-        let result = self.state.apply(command.clone());
+        let mut result = self.state.apply(command.clone());
         self.telemetry.observe(&command, &result, now);
+        if held_back {
+            let wait = Lease::RetryAfter { ms: self.state.plan().retry_after_ms, reason: WaitReason::PhaseBarrier };
+            result = result.map(|applied| Applied { reply: Reply::Lease(wait), events: applied.events });
+        }
         // A refused command changed nothing, so it need not be logged (a replay would refuse it again).
         if result.is_ok() {
             batch.entries.push(command);
         }
         batch.replies.push((reply, result));
+    }
+
+    /// A LeaseTask while the manifests the active stage reads are still being written becomes a
+    /// lease-less heartbeat (the worker stays alive, nothing is leased); the caller answers it "retry
+    /// later". Returns whether it did.
+    fn hold_back(&self, command: Command) -> (Command, bool) {
+        let gate_open = self.publisher.as_ref().is_none_or(|p| p.gate_open(&self.state));
+        match command {
+            Command::LeaseTask { worker_id, now_ms } if !gate_open => {
+                (Command::Heartbeat { worker_id, lease: None, progress: Progress::default(), now_ms }, true)
+            }
+            other => (other, false),
+        }
     }
 
     /// Makes the batch durable, then answers it.
@@ -324,6 +373,12 @@ impl Actor {
                     }
                 }
             }
+        }
+        // Only what is durable may be published; after a failed write nothing more is.
+        if self.telemetry.log_error.is_none()
+            && let Some(publisher) = &mut self.publisher
+        {
+            publisher.queue_finished(&self.state);
         }
         for (reply, result) in batch.replies {
             if let Some(reply) = reply {

@@ -121,6 +121,8 @@ pub async fn grpc_lease_latency(
     config.listen = "127.0.0.1:0".parse().map_err(unavailable)?;
     config.status_listen = "127.0.0.1:0".parse().map_err(unavailable)?;
     config.state_dir = state_dir;
+    // The simulated workers write no objects, so there is nothing a manifest could name.
+    config.write_manifests = false;
     let token = ClusterToken::new("benchmark-token-0123456789")?;
     config.token = Some(token.clone());
     let server = serve(config).await?;

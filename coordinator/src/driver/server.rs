@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use iro_common::RunConfig;
+use iro_common::store::Store;
 use iro_proto::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -19,6 +20,7 @@ use super::actor::{self, DriverOptions, Handle};
 use super::auth::{self, ClusterToken};
 use super::clock::{Clock, SystemClock};
 use super::log::{CommandLog, FileLog, MemoryLog};
+use super::manifests::Publisher;
 use super::service::CoordinatorService;
 use super::telemetry::RpcMetrics;
 use super::wire::Payloads;
@@ -34,7 +36,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct CoordinatorConfig {
-    /// The run; workers receive it (as JSON) when they register. Its `run.store` is what they write to.
+    /// The run; workers receive it (as JSON) when they register. Its `run.store` is what they write to,
+    /// and where the coordinator publishes each finished stage's manifest.
     pub run: RunConfig,
     /// Derived from `run` by `new`; tests shorten its timeouts.
     pub plan: Plan,
@@ -53,6 +56,10 @@ pub struct CoordinatorConfig {
     pub status_requires_token: bool,
     pub clock: Arc<dyn Clock>,
     pub driver: DriverOptions,
+    /// Publish `manifest.json` for each finished rollout and eval stage to `run.store`, and lease no task
+    /// of the next stage before it is written. On by default; off only where workers write no real
+    /// objects (protocol tests, benchmarks), since a manifest names the objects the next phase reads.
+    pub write_manifests: bool,
 }
 
 impl fmt::Debug for CoordinatorConfig {
@@ -65,6 +72,7 @@ impl fmt::Debug for CoordinatorConfig {
             .field("state_dir", &self.state_dir)
             .field("token", &self.token)
             .field("status_requires_token", &self.status_requires_token)
+            .field("write_manifests", &self.write_manifests)
             .finish_non_exhaustive()
     }
 }
@@ -84,6 +92,7 @@ impl CoordinatorConfig {
             status_requires_token: false,
             clock: Arc::new(SystemClock),
             driver: DriverOptions::default(),
+            write_manifests: true,
         })
     }
 
@@ -185,7 +194,15 @@ pub async fn serve(config: CoordinatorConfig) -> Result<ServerHandle> {
     let grpc_addr = local(&grpc_listener, config.listen)?;
     let status_addr = local(&status_listener, config.status_listen)?;
 
-    let (handle, driver) = actor::start(config.plan.clone(), log, config.clock.clone(), config.driver.clone()).await?;
+    let publisher = if config.write_manifests {
+        let store = Store::open(&config.run.run.store)
+            .map_err(|e| Error::Config { field: "run.store", message: format!("cannot open the object store: {e}") })?;
+        Some(Publisher::start(store, &run_id)?)
+    } else {
+        None
+    };
+    let (handle, driver) =
+        actor::start(config.plan.clone(), log, config.clock.clone(), config.driver.clone(), publisher).await?;
     let metrics = Arc::new(RpcMetrics::default());
     let (shutdown, _) = watch::channel(false);
 

@@ -22,7 +22,7 @@ fn plan() -> Plan {
 
 async fn start(log: &MemoryLog, clock: &ManualClock, grace: u64) -> Handle {
     let options = DriverOptions { restart_grace_ms: Some(grace) };
-    actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options).await.unwrap().0
+    actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options, None).await.unwrap().0
 }
 
 async fn register(handle: &Handle, id: &str) -> WorkerId {
@@ -251,4 +251,78 @@ fn task_payloads_give_prompt_ranges_and_attempt_specific_keys() {
     assert_eq!(json["output_key"], "runs/demo/iter-2/rollout/shard-00001.attempt-3.jsonl");
     let json: serde_json::Value = serde_json::from_str(&payloads.json(TaskId::new(1, Phase::Train, 0), 1)).unwrap();
     assert_eq!(json["value_dir"], "runs/demo/iter-1/value");
+}
+
+/// Completes the leased rollout shard with an output at its layout key (the object is not written).
+async fn complete_at_layout_key(handle: &Handle, worker: &WorkerId, layout: &iro_common::layout::RunLayout) {
+    let Lease::Task { task_id, attempt, .. } = lease(handle, worker).await else { panic!("expected a shard") };
+    let key = layout.shard(task_id.iteration, iro_common::layout::ShardedPhase::Rollout, task_id.shard, attempt);
+    let output = crate::state::Output { key, sha256: "0".repeat(64), records: 1, tokens: 2 };
+    let reply = handle
+        .apply(Command::CompleteTask { worker_id: worker.clone(), task_id, attempt, output, now_ms: 0 })
+        .await
+        .unwrap()
+        .reply;
+    assert!(matches!(reply, Reply::Accepted { .. }), "{reply:?}");
+}
+
+#[tokio::test]
+async fn the_next_stage_is_not_leased_before_the_manifest_it_reads_is_written() {
+    use iro_common::layout::{RunLayout, ShardedPhase};
+    let (log, clock) = (MemoryLog::new(), ManualClock::new(T0));
+    let store = iro_common::store::Store::in_memory();
+    let layout = RunLayout::new("gate").unwrap();
+    let publisher = super::manifests::Publisher::start(store.clone(), "gate").unwrap();
+    let options = DriverOptions { restart_grace_ms: Some(0) };
+    let (handle, _) =
+        actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options, Some(publisher)).await.unwrap();
+    let worker = register(&handle, "w-a").await;
+    for _ in 0..3 {
+        complete_at_layout_key(&handle, &worker, &layout).await;
+    }
+    // The shard objects are not in the store yet, so the manifest cannot be written: the train task waits.
+    for _ in 0..3 {
+        match lease(&handle, &worker).await {
+            Lease::RetryAfter { reason: crate::state::WaitReason::PhaseBarrier, .. } => {}
+            other => panic!("expected to be held back, got {other:?}"),
+        }
+    }
+    let train = TaskId::new(1, Phase::Train, 0);
+    assert_eq!(task_state(&handle, train).await, TaskState::Pending, "nothing was leased while held back");
+    assert!(!store.exists(&layout.manifest(1, ShardedPhase::Rollout)).await.unwrap());
+
+    for shard in 0..3 {
+        store.put(&layout.shard(1, ShardedPhase::Rollout, shard, 1), vec![b'x'; shard as usize + 1]).await.unwrap();
+    }
+    let mut leased = None;
+    for _ in 0..100 {
+        match lease(&handle, &worker).await {
+            Lease::RetryAfter { .. } => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => {
+                leased = Some(other);
+                break;
+            }
+        }
+    }
+    assert!(matches!(leased, Some(Lease::GangRank { .. })), "the train task once the manifest is written: {leased:?}");
+    let manifest = iro_common::records::read_manifest(&store, &layout, 1, ShardedPhase::Rollout).await.unwrap();
+    assert!(manifest.is_complete());
+    assert_eq!(manifest.shards.iter().map(|e| e.bytes).collect::<Vec<_>>(), [1, 2, 3], "sizes come from the store");
+    handle.stop().await;
+
+    // A restart writes the manifests of finished stages again (here: after someone deleted it).
+    store.delete(&layout.manifest(1, ShardedPhase::Rollout)).await.unwrap();
+    let publisher = super::manifests::Publisher::start(store.clone(), "gate").unwrap();
+    let options = DriverOptions { restart_grace_ms: Some(0) };
+    let (restarted, _) =
+        actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options, Some(publisher)).await.unwrap();
+    for _ in 0..100 {
+        if store.exists(&layout.manifest(1, ShardedPhase::Rollout)).await.unwrap() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let again = iro_common::records::read_manifest(&store, &layout, 1, ShardedPhase::Rollout).await.unwrap();
+    assert_eq!(again, manifest, "the same manifest, rewritten");
+    restarted.stop().await;
 }

@@ -106,4 +106,14 @@ impl TaskControl {
 /// Does the work of one task. Implementations keep loaded models across calls.
 pub trait TaskRunner: Send {
     fn run(&mut self, task: &TaskRef, control: &TaskControl) -> Result<TaskOutput>;
+
+    /// The seam for collectives: what this rank publishes to its train gang through the coordinator
+    /// (its TCP ring listen address; rank 0 also its NCCL unique id). The task loop calls it once per
+    /// gang attempt, before JoinGang, and `run` then receives every rank's answer in
+    /// `TaskRef::endpoints` (`endpoints[r]` from rank r). A runner that binds a listener here keeps it
+    /// for the `run` call that follows. The default publishes a placeholder, which is all a gang of
+    /// one rank needs.
+    fn gang_endpoint(&mut self, task: &TaskRef) -> Result<String> {
+        Ok(format!("rank-{}-of-{}", task.rank, task.world))
+    }
 }
