@@ -5,8 +5,12 @@ use std::path::PathBuf;
 
 use clap::Args;
 use iro_common::RunConfig;
+use iro_common::layout::RunLayout;
+use iro_common::store::Store;
 use iro_coordinator::driver::{ClusterToken, CoordinatorConfig, TOKEN_ENV, serve};
+use iro_coordinator::state::RunStatus;
 use iro_coordinator::status::client::{fetch_status, render_table};
+use iro_worker::pipeline::report;
 
 #[derive(Debug, Args)]
 pub struct CoordinatorArgs {
@@ -35,6 +39,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     if let Some(store) = args.store {
         run.run.store = store;
     }
+    let (store_url, run_id, iterations) = (run.run.store.clone(), run.run.id.clone(), run.run.iterations);
     let mut config = CoordinatorConfig::new(run)?;
     config.listen = args.listen;
     config.status_listen = args.status_listen;
@@ -44,11 +49,25 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     rt.block_on(async move {
         let server = serve(config).await?;
         tracing::info!(grpc = %server.grpc_url(), status = %server.status_url(), "coordinator serving");
-        tokio::select! {
-            status = server.run_over() => tracing::info!(?status, "run over"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
-        }
+        let finished = tokio::select! {
+            status = server.run_over() => {
+                tracing::info!(?status, "run over");
+                status == RunStatus::Finished
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted; shutting down");
+                false
+            }
+        };
         server.shutdown().await;
+        if finished {
+            // The results table of a finished run, from the accepted eval shards (the manifests are written).
+            let store = Store::open(&store_url)?;
+            let layout = RunLayout::new(&run_id)?;
+            let summary = report::write_report(&store, &layout, &run_id, iterations).await?;
+            println!("{}", report::markdown(&summary));
+            tracing::info!(report = %store.describe(&layout.report_dir()), "report written");
+        }
         anyhow::Ok(())
     })
 }

@@ -9,6 +9,8 @@ use iro_common::RunConfig;
 use iro_common::layout::RunLayout;
 use iro_common::store::Store;
 use iro_worker::pipeline::{Pipeline, local, report};
+use iro_worker::runtime::{self, CancellationToken, SharedRunnerFactory};
+use std::sync::Arc;
 
 use super::progress::Bar;
 
@@ -22,11 +24,20 @@ pub struct RunArgs {
     /// Local scratch space (value checkpoints of a remote store while training).
     #[arg(long, default_value = ".iro-work")]
     pub work_dir: PathBuf,
+    /// 0: run the tasks in this process, one after another, with a progress bar per phase. N ≥ 1: start a
+    /// coordinator and N workers in this process, talking gRPC over loopback as a cluster does (its status
+    /// page URL is logged); the coordinator's log in the work dir resumes the run. Resume a run in the mode
+    /// it was started in.
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = RunConfig::load(&args.config)?;
     pin_config(&config, &args.config)?;
+    if args.workers > 0 {
+        return run_embedded(config, args);
+    }
     let mut pipeline = Pipeline::open(config, args.device.as_deref(), &args.work_dir)?;
     let mut bar: Option<(String, Bar)> = None;
     let summary = local::run_local(&mut pipeline, &mut |label, done, total| {
@@ -72,5 +83,33 @@ fn pin_config(config: &RunConfig, path: &std::path::Path) -> anyhow::Result<()> 
             tracing::info!(run = %config.run.id, "resuming run");
         }
     }
+    Ok(())
+}
+
+/// The cluster's code path in one process: coordinator + N workers over loopback gRPC.
+fn run_embedded(config: RunConfig, args: RunArgs) -> anyhow::Result<()> {
+    let device = args.device.clone().unwrap_or_else(|| config.run.device.clone());
+    let state_dir = args.work_dir.join("coordinator").join(&config.run.id);
+    let work_dir = args.work_dir.clone();
+    let factory: SharedRunnerFactory = Arc::new(move |c: &RunConfig| {
+        super::worker::make_runner(c, &device, &work_dir).map_err(|e| iro_worker::Error::Runner(format!("{e:#}")))
+    });
+    let rt = tokio::runtime::Runtime::new()?;
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    rt.spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::info!("interrupted: giving leases back; run again to resume");
+            stop.cancel();
+        }
+    });
+    let (store, layout) = (Store::open(&config.run.store)?, RunLayout::new(&config.run.id)?);
+    let (id, iterations) = (config.run.id.clone(), config.run.iterations);
+    let summary = rt.block_on(async {
+        runtime::run_embedded(config, args.workers, &state_dir, factory, shutdown).await?;
+        report::write_report(&store, &layout, &id, iterations).await
+    })?;
+    println!("{}", report::markdown(&summary));
+    println!("report: {}", store.describe(&layout.report_dir()));
     Ok(())
 }

@@ -1,12 +1,13 @@
 //! `iro worker`: one worker process of a cluster. It learns the run from the coordinator, keeps its
 //! models loaded across tasks, and on SIGTERM or ctrl-c gives its lease back before exiting.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
 use iro_common::RunConfig;
 use iro_coordinator::driver::{ClusterToken, TOKEN_ENV};
+use iro_worker::pipeline::Pipeline;
 use iro_worker::runtime::{CancellationToken, TaskRunner, WorkerExit, WorkerOptions, run_worker};
 
 /// How long the process waits, after the loop ended, for a task thread that does not stop.
@@ -30,13 +31,15 @@ pub struct WorkerArgs {
     /// lease at once instead of leaving it to expire; default: the coordinator picks one.
     #[arg(long, env = "IRO_WORKER_ID")]
     pub worker_id: Option<String>,
+    /// Local scratch space (value checkpoints while training against a remote store, downloaded values).
+    #[arg(long, default_value = ".iro-work")]
+    pub work_dir: PathBuf,
 }
 
-/// The task runner this binary runs tasks with, built once per process from the run config the
-/// coordinator sends.
-fn make_runner(config: &RunConfig, device: &str) -> anyhow::Result<Box<dyn TaskRunner>> {
-    let _ = (config, device);
-    anyhow::bail!("pipeline not built yet: this build of `iro worker` has no task runner")
+/// The task runner this binary runs tasks with: the IRO pipeline, built once per process from the run
+/// config the coordinator sends (models stay loaded across tasks).
+pub fn make_runner(config: &RunConfig, device: &str, work_dir: &Path) -> anyhow::Result<Box<dyn TaskRunner>> {
+    Ok(Box::new(Pipeline::open(config.clone(), Some(device), work_dir)?))
 }
 
 pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
@@ -54,8 +57,10 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     let shutdown = CancellationToken::new();
     rt.spawn(stop_on_signal(shutdown.clone()));
-    let factory =
-        move |config: &RunConfig| make_runner(config, &device).map_err(|e| iro_worker::Error::Runner(format!("{e:#}")));
+    let work_dir = args.work_dir;
+    let factory = move |config: &RunConfig| {
+        make_runner(config, &device, &work_dir).map_err(|e| iro_worker::Error::Runner(format!("{e:#}")))
+    };
     let exit = rt.block_on(run_worker(options, factory, shutdown));
     // A task thread that ignores cancellation must not keep the process alive: its lease is back already.
     rt.shutdown_timeout(EXIT_GRACE);
