@@ -15,5 +15,7 @@ for crate in iro-common iro-coordinator; do
 done
 echo "test: building the workspace"
 cargo build --workspace --all-targets --locked
+echo "test: the Kubernetes manifests (flags against the built binary, names, run configs)"
+.deps/venv/bin/python scripts/check_k8s.py   # PyYAML comes with moto into .deps/venv
 echo "test: running every test"
 cargo test --workspace --locked "$@"

@@ -32,6 +32,11 @@ pub struct CoordinatorArgs {
     /// File holding the cluster token (else the IRO_CLUSTER_TOKEN variable; without either, loopback only).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// After the run is over (and the report written), keep serving until SIGTERM/ctrl-c: workers still
+    /// learn that the run finished, operators still see the final status, and a Kubernetes StatefulSet does
+    /// not restart the process in a loop.
+    #[arg(long)]
+    pub linger: bool,
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
@@ -40,6 +45,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         run.run.store = store;
     }
     let (store_url, run_id, iterations) = (run.run.store.clone(), run.run.id.clone(), run.run.iterations);
+    let linger = args.linger;
     let mut config = CoordinatorConfig::new(run)?;
     config.listen = args.listen;
     config.status_listen = args.status_listen;
@@ -54,12 +60,11 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
                 tracing::info!(?status, "run over");
                 status == RunStatus::Finished
             }
-            _ = tokio::signal::ctrl_c() => {
-                tracing::info!("interrupted; shutting down");
+            () = stop_signal() => {
+                tracing::info!("stopped by a signal; shutting down (restart on the same state dir resumes)");
                 false
             }
         };
-        server.shutdown().await;
         if finished {
             // The results table of a finished run, from the accepted eval shards (the manifests are written).
             let store = Store::open(&store_url)?;
@@ -67,9 +72,27 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             let summary = report::write_report(&store, &layout, &run_id, iterations).await?;
             println!("{}", report::markdown(&summary));
             tracing::info!(report = %store.describe(&layout.report_dir()), "report written");
+            if linger {
+                tracing::info!("run over; serving its final status until SIGTERM/ctrl-c (--linger)");
+                stop_signal().await;
+            }
         }
+        server.shutdown().await;
         anyhow::Ok(())
     })
+}
+
+/// SIGTERM (Kubernetes stopping the pod) or ctrl-c.
+async fn stop_signal() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,7 @@
 //! The iro engine: everything that touches tensors. Frozen-model architectures on libtorch, generation,
 //! guided search, reward scoring, value training, collectives, and the task loop that talks to the coordinator.
 
+pub mod collective;
 pub mod device;
 pub mod error;
 pub mod generate;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use iro_common::config::{ValueKind, ValueSection};
 use iro_common::data::{SplitMix64, shuffled_order};
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 pub use batch::{ValueBatch, ValueExample, build_batch};
 pub use checkpoint::TrainState;
@@ -22,6 +22,7 @@ pub use loss::{mc_value_loss, squared_error_sum};
 pub use optim::{AdamW, AdamWConfig, cosine_lr};
 pub use value::{MlpHead, TrainableValue};
 
+use crate::collective::{Collective, DEFAULT_BUCKET_BYTES, SingleRank, all_reduce_bucketed};
 use crate::error::{Error, Result};
 use crate::model::Backbone;
 
@@ -119,18 +120,49 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     shuffled_order(n, epoch_seed)
 }
 
+/// The gang a data-parallel training runs in: this rank's collective and the gradient bucket size.
+pub struct DataParallel<'a> {
+    pub collective: &'a mut dyn Collective,
+    /// Bytes per gradient all-reduce bucket (`[cluster] bucket_bytes`).
+    pub bucket_bytes: usize,
+}
+
 /// Trains a value function on `examples` and writes checkpoints under `out_dir`. With `resume`, continues
 /// from the newest checkpoint there (weights, AdamW moments, step, data position) when one exists.
 /// `progress` is called after every step (and after that step's checkpoint, if any); `Break` stops training
-/// there, as a kill would.
+/// there, as a kill would. One process: [`train_value_ranked`] with a gang of one.
 pub fn train_value(
     config: &ValueTrainConfig,
     examples: &[ValueExample],
     init: &ValueInit,
     out_dir: &Path,
     resume: bool,
+    progress: impl FnMut(&Progress) -> ControlFlow<()>,
+) -> Result<TrainReport> {
+    let mut single = SingleRank;
+    let gang = DataParallel { collective: &mut single, bucket_bytes: DEFAULT_BUCKET_BYTES };
+    train_value_ranked(config, examples, init, out_dir, resume, gang, progress)
+}
+
+/// Data-parallel [`train_value`]: one rank of a gang of `world`. Every rank gets the same `examples`, config
+/// and `out_dir` (a path all ranks share) and walks the same shuffled effective batches; rank r computes
+/// micro-batches r, r+world, ... of each, the gradients are summed over the gang (bucketed) before the AdamW
+/// step, so every replica applies the same update. Since each micro-batch's squared-error sum is divided by
+/// the whole effective batch's target count (which every rank computes from the same batch), the summed
+/// gradient is exactly the one-process gradient, up to float summation order. The reported loss is the
+/// gang's. Only rank 0 writes checkpoints; a gang restarted with `resume` reads rank 0's newest one on every
+/// rank. A rank that fails or stops (`Break`) makes the others' next collective call fail, naming it.
+pub fn train_value_ranked(
+    config: &ValueTrainConfig,
+    examples: &[ValueExample],
+    init: &ValueInit,
+    out_dir: &Path,
+    resume: bool,
+    gang: DataParallel<'_>,
     mut progress: impl FnMut(&Progress) -> ControlFlow<()>,
 ) -> Result<TrainReport> {
+    let DataParallel { collective, bucket_bytes } = gang;
+    let (rank, world) = (collective.rank(), collective.world());
     if examples.is_empty() || config.batch_size == 0 || config.micro_batch_size == 0 || config.epochs == 0 {
         return Err(Error::InvalidRequest(format!(
             "value training needs examples ({}), epochs ({}), batch_size ({}) and micro_batch_size ({}) above 0",
@@ -184,6 +216,15 @@ pub fn train_value(
     };
     let mut last_checkpoint = resume_from.unwrap_or_default();
     let device = value.device();
+    if world > 1 {
+        let targets: usize = examples.iter().map(|e| e.targets()).sum();
+        agree_on_start(
+            collective,
+            [("resume step", state.step), ("examples", n), ("targets", targets)],
+            &params,
+            out_dir,
+        )?;
+    }
     let mut order = (usize::MAX, Vec::new());
 
     while state.step < total_steps {
@@ -197,12 +238,29 @@ pub fn train_value(
 
         optim::zero_grads(&params);
         let mut loss = 0.0;
-        for micro in picked.chunks(config.micro_batch_size) {
+        let micros: Vec<&[&ValueExample]> = picked.chunks(config.micro_batch_size).collect();
+        let mine: Vec<&[&ValueExample]> = micros.iter().copied().skip(rank).step_by(world).collect();
+        for micro in &mine {
             let b = build_batch(micro, config.pad_id, device)?;
             let values = value.values(&b.ids, &b.valid, &b.positions);
             let sum = squared_error_sum(&values, &b.target_mask, &b.rewards);
             loss += sum.double_value(&[]) * scale;
             optim::accumulate(&sum, scale);
+        }
+        if world > 1 {
+            if mine.is_empty() && params.iter().any(|p| !p.grad().defined()) {
+                // This rank has no micro-batch in this (short, last-of-epoch) batch and has never backpropagated:
+                // a zero-weighted pass over the first micro-batch defines its gradients exactly where the other
+                // ranks' are defined, so the buckets line up, and adds nothing to the sum.
+                let b = build_batch(micros[0], config.pad_id, device)?;
+                let values = value.values(&b.ids, &b.valid, &b.positions);
+                optim::accumulate(&squared_error_sum(&values, &b.target_mask, &b.rewards), 0.0);
+            }
+            let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
+            all_reduce_bucketed(collective, &grads, bucket_bytes)?;
+            let mut total = Tensor::from_slice(&[loss]);
+            collective.all_reduce_sum(&mut total)?;
+            loss = total.double_value(&[0]);
         }
         let lr = cosine_lr(config.lr, state.step, total_steps);
         opt.step(&params, lr);
@@ -213,7 +271,16 @@ pub fn train_value(
         state.losses.push(loss);
         let every = config.checkpoint_every;
         if state.step == total_steps || (every > 0 && state.step % every == 0) {
-            last_checkpoint = checkpoint::save(out_dir, &value, &opt, &state)?;
+            last_checkpoint = if rank == 0 {
+                checkpoint::save(out_dir, &value, &opt, &state)?
+            } else {
+                checkpoint::checkpoint_dir(out_dir, state.step)
+            };
+            if world > 1 {
+                // No rank runs ahead of a checkpoint that is not on disk yet: once any rank reports step N
+                // checkpointed, a restarted gang finds it (and a rank 0 that failed to save stops the others here).
+                collective.barrier()?;
+            }
         }
         let p = Progress { step: state.step, total_steps, epoch, loss, lr };
         if progress(&p).is_break() {
@@ -226,5 +293,44 @@ pub fn train_value(
         final_loss: state.losses.last().copied().unwrap_or(f64::NAN),
         losses: state.losses,
         checkpoint: last_checkpoint,
+    })
+}
+
+/// Every rank of a gang must start from the same place: the same resume step (each read the newest checkpoint
+/// under the shared `out_dir` on its own), the same data (counted by examples and targets), and the same
+/// weights, which are broadcast from rank 0 as DDP does, so an initialisation that differed by rank could not
+/// silently split the replicas.
+fn agree_on_start<const N: usize>(
+    collective: &mut dyn Collective,
+    facts: [(&str, usize); N],
+    params: &[Tensor],
+    out_dir: &Path,
+) -> Result<()> {
+    // Values are all equal iff world · Σv² = (Σv)²; one all-reduce lets every rank see a disagreement.
+    let mut sums: Vec<i64> = Vec::with_capacity(2 * N);
+    for (_, v) in facts {
+        sums.extend([v as i64, (v as i64) * (v as i64)]);
+    }
+    let mut sums = Tensor::from_slice(&sums);
+    collective.all_reduce_sum(&mut sums)?;
+    let world = collective.world() as i64;
+    for (i, (what, mine)) in facts.iter().enumerate() {
+        let (sum, sum_sq) = (sums.int64_value(&[2 * i as i64]), sums.int64_value(&[2 * i as i64 + 1]));
+        if world * sum_sq != sum * sum {
+            return Err(Error::Collective(format!(
+                "rank {} has {what} {mine} but the gang's differ (mean {:.2}): every rank must get the same examples \
+                 and see the same checkpoints under {}",
+                collective.rank(),
+                sum as f64 / world as f64,
+                out_dir.display()
+            )));
+        }
+    }
+    tch::no_grad(|| -> Result<()> {
+        for p in params {
+            let mut shared = p.detach();
+            collective.broadcast(&mut shared, 0)?;
+        }
+        Ok(())
     })
 }

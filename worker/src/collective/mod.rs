@@ -1,0 +1,66 @@
+//! Collectives for data-parallel value training: every rank of a gang holds the same value function, computes
+//! gradients on its share of each effective batch, and sums them with the others' before the optimizer step.
+//!
+//! Backends: [`SingleRank`] (one process, every call a no-op), [`TcpRing`] (ring all-reduce over TCP for CPU
+//! workers, as gloo is for torch.distributed) and [`Nccl`] (NCCL through cudarc on GPUs, in place on the
+//! tensors' device memory). The trainer never knows which one it has.
+//!
+//! No call can hang forever: every backend bounds each call by a deadline and fails with
+//! [`Error::Collective`](crate::Error::Collective), naming the ranks that did not answer. A failed collective
+//! stays failed: the gang is aborted and restarted from its last checkpoint, never patched up in place.
+
+pub mod bucket;
+pub mod nccl;
+pub mod single;
+pub mod tcp_ring;
+
+use std::time::Duration;
+
+use tch::Tensor;
+
+pub use bucket::{DEFAULT_BUCKET_BYTES, all_reduce_bucketed};
+pub use nccl::{Nccl, NcclUniqueId};
+pub use single::SingleRank;
+pub use tcp_ring::{RingOptions, TcpRing};
+
+use crate::error::Result;
+
+/// How long one collective call may take when the config says nothing (`[cluster] collective_deadline_s`).
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(300);
+
+/// One rank's handle on a gang of `world` ranks. Every rank must make the same calls in the same order with
+/// tensors of the same shape and dtype; a rank that does not (or dies, or stalls) makes the others' calls fail
+/// at their deadline with an error that names it.
+pub trait Collective: Send {
+    /// This rank, `0..world`.
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// Replaces `t` on every rank by the element-wise sum of all ranks' `t`. Every rank ends with the same
+    /// bits (the summation order does not depend on the rank), so replicas that apply the same update stay equal.
+    fn all_reduce_sum(&mut self, t: &mut Tensor) -> Result<()>;
+    /// Copies rank `root`'s `t` into every other rank's `t`.
+    fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()>;
+    /// Returns once every rank has entered the barrier.
+    fn barrier(&mut self) -> Result<()>;
+}
+
+/// `rank 3` or `ranks 1, 3`: how every collective error names the ranks it blames.
+pub fn name_ranks(ranks: &[usize]) -> String {
+    match ranks {
+        [one] => format!("rank {one}"),
+        many => {
+            let list: Vec<String> = many.iter().map(|r| r.to_string()).collect();
+            format!("ranks {}", list.join(", "))
+        }
+    }
+}
+
+/// Checks `rank < world` and `world >= 1`, the precondition of every backend's constructor.
+fn check_rank(backend: &str, rank: usize, world: usize) -> Result<()> {
+    if world == 0 || rank >= world {
+        return Err(crate::Error::Collective(format!(
+            "{backend}: rank {rank} is not in a gang of {world} (ranks are 0..world and world >= 1)"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,36 @@
+//! The gang of one: what `train_value` uses, so the single-process path and the data-parallel one are the
+//! same code.
+
+use tch::Tensor;
+
+use super::Collective;
+use crate::error::{Error, Result};
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SingleRank;
+
+impl Collective for SingleRank {
+    fn rank(&self) -> usize {
+        0
+    }
+
+    fn world(&self) -> usize {
+        1
+    }
+
+    /// The sum over one rank is the tensor itself.
+    fn all_reduce_sum(&mut self, _t: &mut Tensor) -> Result<()> {
+        Ok(())
+    }
+
+    fn broadcast(&mut self, _t: &mut Tensor, root: usize) -> Result<()> {
+        if root != 0 {
+            return Err(Error::Collective(format!("broadcast from rank {root} in a gang of 1 (only rank 0 exists)")));
+        }
+        Ok(())
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
