@@ -197,3 +197,51 @@ fn a_config_whose_data_is_too_small_names_the_field() {
     let err = Pipeline::open(c, None, dir.path()).err().expect("12 posts cannot hold 40 test prompts");
     assert!(err.to_string().contains("data.test_prompts"), "{err}");
 }
+
+#[test]
+fn a_two_rank_gang_through_the_embedded_cluster_trains_the_single_rank_value_function() {
+    use std::sync::Arc;
+
+    use iro_worker::runtime::{CancellationToken, SharedRunnerFactory, TaskRunner, run_embedded};
+
+    let dir = tempfile::tempdir().unwrap();
+    let single = config(&dir.path().join("single"), ValueKind::Head, 1, vec![Baseline::Base]);
+    run(&single, &dir.path().join("work-single"));
+
+    // The same run on a coordinator with 2 workers whose train task is a gang of 2 ranks over the TCP ring.
+    let mut gang = config(&dir.path().join("gang"), ValueKind::Head, 1, vec![Baseline::Base]);
+    gang.cluster.train_ranks = 2;
+    gang.validate(Path::new("test")).unwrap();
+    let work = dir.path().join("work-gang");
+    let factory: SharedRunnerFactory = Arc::new(move |c: &RunConfig| {
+        let runner: Box<dyn TaskRunner> = Box::new(Pipeline::open(c.clone(), None, &work)?);
+        Ok(runner)
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let state = dir.path().join("state");
+    rt.block_on(run_embedded(gang.clone(), 2, &state, factory, CancellationToken::new())).unwrap();
+
+    let weights = |root: &Path| {
+        let file = root.join("runs/tiny/iter-1/value/model/model.safetensors");
+        let mut t = tch::Tensor::read_safetensors(&file).unwrap();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t
+    };
+    let (a, b) = (weights(&dir.path().join("single")), weights(&dir.path().join("gang")));
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        let diff = (ta - tb).abs().max().double_value(&[]);
+        assert!(diff <= 1e-5, "{na}: 2-rank and 1-rank weights differ by {diff}");
+    }
+    // Same rollouts and evaluation too: the runs differ only in how training was spread.
+    let (ea, eb) =
+        (evals(&Store::open(&single.run.store).unwrap(), 1), evals(&Store::open(&gang.run.store).unwrap(), 1));
+    let outputs = |e: &[EvalRecord]| {
+        let mut v: Vec<(String, String, String)> =
+            e.iter().map(|r| (r.method.clone(), r.prompt_id.clone(), r.output.clone())).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(outputs(&ea), outputs(&eb));
+}

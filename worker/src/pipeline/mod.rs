@@ -6,6 +6,7 @@
 
 pub mod data;
 mod eval;
+mod gang;
 pub mod local;
 pub mod report;
 mod rollout;
@@ -57,6 +58,8 @@ pub struct Pipeline {
     w2s: Option<(CausalLm, CausalLm)>,
     /// Local scratch space (value checkpoints of a remote store live here while training).
     work_dir: PathBuf,
+    /// This rank's ring listener between publishing its gang endpoint and the gang forming.
+    gang_listener: Option<std::net::TcpListener>,
 }
 
 impl Pipeline {
@@ -107,6 +110,7 @@ impl Pipeline {
             values: Vec::new(),
             w2s: None,
             work_dir: work_dir.to_owned(),
+            gang_listener: None,
             config,
         })
     }
@@ -158,9 +162,15 @@ impl TaskRunner for Pipeline {
         let _enter = span.enter();
         match task.phase {
             TaskPhase::Rollout => self.rollout(t, task.shard, task.attempt, control),
-            TaskPhase::Train => self.train(t, control),
+            TaskPhase::Train => self.train(t, task, control),
             TaskPhase::Eval => self.eval(t, task.shard, task.attempt, control),
         }
+    }
+
+    fn gang_endpoint(&mut self, task: &TaskRef) -> Result<String> {
+        let e = gang::endpoint(task.rank, self.device)?;
+        self.gang_listener = Some(e.listener);
+        Ok(e.published)
     }
 }
 

@@ -3,7 +3,7 @@
 //! retried task resumes from the newest checkpoint, so a killed training ends with the same weights.
 
 use std::ops::ControlFlow;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use iro_common::config::ValueKind;
 use iro_common::layout::ShardedPhase;
@@ -11,15 +11,16 @@ use iro_common::records::{RolloutRecord, read_accepted, read_manifest};
 use iro_common::store::sha256_hex;
 use tch::Kind;
 
-use super::Pipeline;
 use super::values::MODEL_FILES;
+use super::{Pipeline, gang};
+use crate::collective::{Collective, SingleRank};
 use crate::error::{Error, Result};
-use crate::runtime::{TaskControl, TaskOutput};
+use crate::runtime::{TaskControl, TaskOutput, TaskRef};
 use crate::text::prompt;
-use crate::train::{ValueExample, ValueInit, ValueTrainConfig, train_value};
+use crate::train::{DataParallel, ValueExample, ValueInit, ValueTrainConfig, train_value_ranked};
 
 impl Pipeline {
-    pub(super) fn train(&mut self, t: u32, control: &TaskControl) -> Result<TaskOutput> {
+    pub(super) fn train(&mut self, t: u32, task: &TaskRef, control: &TaskControl) -> Result<TaskOutput> {
         let start = Instant::now();
         let manifest = self.block_on(read_manifest(&self.store, &self.layout, t, ShardedPhase::Rollout))?;
         let records: Vec<RolloutRecord> = self.block_on(read_accepted(&self.store, &manifest))?;
@@ -46,7 +47,22 @@ impl Pipeline {
         // Each V_t gets its own head initialisation stream.
         let cfg = ValueTrainConfig::new(v, self.config.run.seed ^ u64::from(t), self.pad);
         let out_dir = self.value_train_dir(t);
-        let report = train_value(&cfg, &examples, &init, &out_dir, true, |p| {
+        // One rank trains alone; a gang sums its gradients through the collective its ranks agreed on. Every
+        // rank reads the same accepted rollouts and takes its own micro-batches of each effective batch.
+        let mut collective: Box<dyn Collective> = if task.world > 1 {
+            let listener = self.gang_listener.take().ok_or_else(|| {
+                Error::Collective(format!(
+                    "rank {} of {}: no endpoint was published before the gang",
+                    task.rank, task.world
+                ))
+            })?;
+            let deadline = Duration::from_secs(self.config.cluster.collective_deadline_s);
+            gang::collective(task.rank, &task.endpoints, listener, self.device, deadline)?
+        } else {
+            Box::new(SingleRank)
+        };
+        let gang = DataParallel { collective: collective.as_mut(), bucket_bytes: self.config.cluster.bucket_bytes };
+        let report = train_value_ranked(&cfg, &examples, &init, &out_dir, true, gang, |p| {
             control.set_progress(p.step as u64, p.total_steps as u64);
             if p.step % 10 == 0 || p.step == p.total_steps {
                 tracing::info!(step = p.step, total = p.total_steps, loss = p.loss, lr = p.lr, "value training");
@@ -55,6 +71,20 @@ impl Pipeline {
         })?;
         if report.steps < report.total_steps {
             return Err(Error::Cancelled(format!("value training stopped at step {}", report.steps)));
+        }
+        if task.rank != 0 {
+            // Rank 0 publishes V_t; the others only report that their share is done.
+            let key = format!("{}/model.safetensors", self.value_model_key(t));
+            let what = format!(
+                "rank {} of {}: {} steps, final loss {}",
+                task.rank, task.world, report.steps, report.final_loss
+            );
+            return Ok(TaskOutput {
+                key,
+                sha256: sha256_hex(what.as_bytes()),
+                records: report.steps as u64,
+                tokens: 0,
+            });
         }
         // The tokenizer travels with a `model` value so it can be loaded on its own (and compared with the policy's).
         let tokenizer_from = match v.kind {
