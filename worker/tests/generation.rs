@@ -58,7 +58,7 @@ fn incremental_decoding_with_the_cache_equals_recomputation_and_reorder_too() {
             let ids = Tensor::from_slice(tokens).unsqueeze(1);
             let valid = Tensor::from_slice(&[true, true, true]).unsqueeze(1);
             last = lm.forward(&ids, &valid, &next_pos.unsqueeze(1), Some(&mut cache)).select(1, 0);
-            next_pos = next_pos + 1;
+            next_pos += 1;
         }
         assert!(max_abs(&last, &full_last_logits(&lm, &seqs)) < 1e-4, "{name}: after the last step");
     }

@@ -165,6 +165,9 @@ impl Checkpoint {
     }
 
     pub fn backbone(&self) -> Result<Arc<Backbone>> {
+        // An `Arc` only to share one copy of the weights between heads on the same thread (policy, head-kind
+        // values); `Pipeline` documents why moving all of them together to another thread is sound.
+        #[allow(clippy::arc_with_non_send_sync)]
         Ok(Arc::new(Backbone::load(&self.config, &self.weights, &self.prefix)?))
     }
 }

@@ -13,8 +13,8 @@ use crate::generate::sampler::row_seed;
 use crate::text::{Tokenizer, prompt};
 
 /// Salts that give rollouts and evaluation independent seed streams.
-const SPLIT_SALT: u64 = 0x7E57_5E7_0000_0001;
-const ROLLOUT_SALT: u64 = 0x7011_0u64 << 32;
+const SPLIT_SALT: u64 = 0x07E5_75E7_0000_0001;
+const ROLLOUT_SALT: u64 = 0x0007_0110_u64 << 32;
 const EVAL_SALT: u64 = 0xE7A1_u64 << 40;
 
 /// The training and test prompts of a run.

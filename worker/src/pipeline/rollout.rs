@@ -15,6 +15,9 @@ use crate::reward::RewardInput;
 use crate::runtime::{TaskControl, TaskOutput};
 use crate::search::{CbsParams, chunk_beam_search};
 
+/// A prompt's candidates, each with its guiding score (None for plain samples).
+type Candidates = Vec<(Generation, Option<f64>)>;
+
 /// Keeps the resampling draws independent of the sampling streams of the same prompt.
 const SELECT_SALT: u64 = 0x5E1E_C7ED;
 
@@ -58,7 +61,7 @@ impl Pipeline {
     }
 
     /// Each prompt's candidates with the guiding score (None for plain samples).
-    fn sample_candidates(&self, t: u32, batch: &[PromptItem]) -> Result<Vec<Vec<(Generation, Option<f64>)>>> {
+    fn sample_candidates(&self, t: u32, batch: &[PromptItem]) -> Result<Vec<Candidates>> {
         let prompts: Vec<Vec<i64>> = batch.iter().map(|p| p.ids.clone()).collect();
         let seeds: Vec<u64> = batch.iter().map(|p| p.seed).collect();
         if t == 1 {
@@ -93,7 +96,7 @@ impl Pipeline {
         &self,
         t: u32,
         batch: &[PromptItem],
-        candidates: Vec<Vec<(Generation, Option<f64>)>>,
+        candidates: Vec<Candidates>,
     ) -> Result<Vec<RolloutRecord>> {
         let texts: Vec<Vec<String>> = candidates
             .iter()

@@ -90,7 +90,9 @@ pub fn summarize(records: &[EvalRecord]) -> Vec<SummaryRow> {
         .filter(|r| r.method == "base")
         .filter_map(|r| r.reward.map(|x| (r.prompt_id.as_str(), x)))
         .collect();
-    let mut groups: Vec<((usize, u32, String), Vec<&EvalRecord>)> = Vec::new();
+    // (method order, iteration, method) → its rows, in first-seen order until sorted.
+    type Key = (usize, u32, String);
+    let mut groups: Vec<(Key, Vec<&EvalRecord>)> = Vec::new();
     for r in records.iter().filter(|r| r.reward.is_some()) {
         let order = METHOD_ORDER.iter().position(|m| *m == r.method).unwrap_or(METHOD_ORDER.len());
         let key = (order, r.iteration, r.method.clone());
