@@ -4,6 +4,7 @@
 //! (`local`) and the cluster's task loop (`runtime`) only decide which task runs where. Everything a task needs
 //! is derived from the run config, its iteration and shard, and what earlier phases wrote to the store.
 
+mod checkpoints;
 pub mod data;
 mod eval;
 mod gang;

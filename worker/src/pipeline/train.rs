@@ -17,6 +17,7 @@ use crate::collective::{Collective, SingleRank};
 use crate::error::{Error, Result};
 use crate::runtime::{TaskControl, TaskOutput, TaskRef};
 use crate::text::prompt;
+use crate::train::checkpoint;
 use crate::train::{DataParallel, ValueExample, ValueInit, ValueTrainConfig, train_value_ranked};
 
 impl Pipeline {
@@ -47,6 +48,8 @@ impl Pipeline {
         // Each V_t gets its own head initialisation stream.
         let cfg = ValueTrainConfig::new(v, self.config.run.seed ^ u64::from(t), self.pad);
         let out_dir = self.value_train_dir(t);
+        self.download_latest_checkpoint(t, &out_dir)?;
+        let mut uploaded = checkpoint::latest(&out_dir);
         // One rank trains alone; a gang sums its gradients through the collective its ranks agreed on. Every
         // rank reads the same accepted rollouts and takes its own micro-batches of each effective batch.
         let mut collective: Box<dyn Collective> = if task.world > 1 {
@@ -64,6 +67,14 @@ impl Pipeline {
         let gang = DataParallel { collective: collective.as_mut(), bucket_bytes: self.config.cluster.bucket_bytes };
         let report = train_value_ranked(&cfg, &examples, &init, &out_dir, true, gang, |p| {
             control.set_progress(p.step as u64, p.total_steps as u64);
+            // Rank 0 copies each new checkpoint to a remote store, for a gang restarted elsewhere.
+            let newest = checkpoint::latest(&out_dir);
+            if task.rank == 0 && newest.is_some() && newest != uploaded {
+                if let Err(e) = self.upload_checkpoint(t, newest.as_deref().unwrap_or(&out_dir)) {
+                    tracing::warn!(error = %e, "checkpoint upload failed; training goes on");
+                }
+                uploaded = newest;
+            }
             if p.step % 10 == 0 || p.step == p.total_steps {
                 tracing::info!(step = p.step, total = p.total_steps, loss = p.loss, lr = p.lr, "value training");
             }

@@ -1,0 +1,95 @@
+//! The pipeline on a real S3-compatible store (moto_server, see common/tests/support/moto.rs): shards,
+//! manifests, the published value function and its training checkpoints all land in the bucket; a worker with
+//! an empty work dir resumes V_1's training from the checkpoints there and publishes the same weights.
+//!
+//! One test in this binary on purpose: it sets the AWS_* environment variables.
+
+#[path = "../../common/tests/support/moto.rs"]
+mod moto;
+
+use std::path::Path;
+
+use iro_common::RunConfig;
+use iro_common::config::{Baseline, DataFormat, PromptFormat, RewardKind, ValueKind};
+use iro_common::store::Store;
+use iro_worker::pipeline::{Pipeline, local};
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn config(store: &str) -> RunConfig {
+    let mut c = RunConfig::default();
+    c.run.id = "s3run".into();
+    c.run.seed = 3;
+    c.run.iterations = 1;
+    c.run.store = store.into();
+    c.run.device = "cpu".into();
+    c.policy.model = fixture("llama_gqa_tied");
+    c.policy.prompt_format = PromptFormat::Tldr;
+    c.policy.max_prompt_tokens = 160;
+    c.data.format = DataFormat::Tldr;
+    c.data.train = Path::new(env!("CARGO_MANIFEST_DIR")).join("../common/tests/fixtures/tldr_sample.jsonl");
+    c.data.test = c.data.train.clone();
+    c.data.prompts_per_iteration = 4;
+    c.data.test_prompts = 2;
+    c.sampling.max_new_tokens = 5;
+    c.reward.kind = RewardKind::Model;
+    c.reward.model = fixture("llama_seqcls");
+    c.value.kind = ValueKind::Head;
+    c.value.lr = 1e-3;
+    c.value.epochs = 2;
+    c.value.batch_size = 2;
+    c.value.micro_batch_size = 1;
+    c.value.head_width = 8;
+    c.value.checkpoint_every = 1;
+    c.search.beams = 2;
+    c.search.successors = 2;
+    c.search.chunk_length = 2;
+    c.baselines.methods = vec![Baseline::Base];
+    c.cluster.shard_size = 2;
+    c.validate(Path::new("test")).unwrap();
+    c
+}
+
+#[test]
+fn a_run_on_s3_keeps_everything_in_the_bucket_and_resumes_training_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = moto::MotoServer::start(dir.path());
+    server.create_bucket("iro-pipeline");
+    // SAFETY: this binary runs this one test; no other thread reads the environment meanwhile.
+    unsafe { server.export_env() };
+
+    let c = config("s3://iro-pipeline/exp");
+    let mut p = Pipeline::open(c.clone(), None, &dir.path().join("work-a")).unwrap();
+    let summary = local::run_local(&mut p, &mut |_, _, _| {}).unwrap();
+    assert_eq!(summary.rows.len(), 2, "base and iro iter 1");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let store = Store::open("s3://iro-pipeline/exp").unwrap();
+    let keys = rt.block_on(store.list("runs/s3run")).unwrap();
+    for want in [
+        "runs/s3run/iter-1/rollout/manifest.json",
+        "runs/s3run/iter-1/eval/manifest.json",
+        "runs/s3run/iter-1/value/model/model.safetensors",
+        "runs/s3run/report/summary.json",
+        "runs/s3run/report/reward.png",
+    ] {
+        assert!(keys.iter().any(|k| k == want), "{want} missing from {keys:?}");
+    }
+    // 4 examples, batch 2, 2 epochs: 4 steps, a checkpoint after each, the newest complete in the bucket.
+    let marker = "runs/s3run/iter-1/value/train/checkpoint-00000004/train_state.json";
+    assert!(keys.iter().any(|k| k == marker), "{keys:?}");
+    let published = rt.block_on(store.get("runs/s3run/iter-1/value/model/model.safetensors")).unwrap();
+
+    // The published value function is lost; a worker on another machine (empty work dir) fetches the newest
+    // checkpoint from the bucket, finds training complete, and publishes the same weights again.
+    rt.block_on(store.delete("runs/s3run/iter-1/value/model/model.safetensors")).unwrap();
+    let work_b = dir.path().join("work-b");
+    let mut q = Pipeline::open(c, None, &work_b).unwrap();
+    local::run_local(&mut q, &mut |_, _, _| {}).unwrap();
+    assert!(work_b.join("runs/s3run/iter-1/value/train/checkpoint-00000004/train_state.json").exists());
+    let again = rt.block_on(store.get("runs/s3run/iter-1/value/model/model.safetensors")).unwrap();
+    assert_eq!(published, again);
+    drop(server);
+}
