@@ -46,6 +46,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     }
     let (store_url, run_id, iterations) = (run.run.store.clone(), run.run.id.clone(), run.run.iterations);
     let linger = args.linger;
+    let exit_grace = std::time::Duration::from_secs(2 * run.cluster.heartbeat_interval_s.max(1));
     let mut config = CoordinatorConfig::new(run)?;
     config.listen = args.listen;
     config.status_listen = args.status_listen;
@@ -75,6 +76,13 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
             if linger {
                 tracing::info!("run over; serving its final status until SIGTERM/ctrl-c (--linger)");
                 stop_signal().await;
+            } else {
+                // Idle workers poll about once a heartbeat: keep answering for two, so each hears "run finished"
+                // and exits cleanly instead of retrying a vanished coordinator.
+                tokio::select! {
+                    () = tokio::time::sleep(exit_grace) => {}
+                    () = stop_signal() => {}
+                }
             }
         }
         server.shutdown().await;

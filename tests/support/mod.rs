@@ -1,0 +1,495 @@
+//! A cluster of real `iro` processes on loopback for the process-level tests: a run config on the tiny
+//! fixtures, a coordinator and workers as child processes (their logs in files), a minimal `/status`
+//! client, and readers of the object store. Every child is killed when the `Cluster` is dropped, on every
+//! path; a failing test prints the tail of each child's log.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use iro_common::RunConfig;
+use iro_common::config::{Baseline, DataFormat, PromptFormat, RewardKind, ValueKind};
+use iro_common::layout::{RunLayout, ShardedPhase};
+use iro_common::records::{EvalRecord, Manifest, RolloutRecord, read_accepted, read_manifest};
+use iro_common::store::Store;
+use iro_coordinator::status::StatusReport;
+
+pub const RUN_ID: &str = "cluster";
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    root().join("worker/tests/fixtures").join(name)
+}
+
+/// The tiny fixtures end to end (worker/tests/pipeline.rs), every baseline, slowed down enough (longer
+/// responses, a wider search) that a shard task of a debug build runs for seconds, so a worker can be
+/// killed while it holds the lease. 12 TL;DR posts: 4 held out, 4 per iteration; 2 prompts per shard.
+pub fn run_config(store: &Path, iterations: u32) -> RunConfig {
+    let posts = root().join("common/tests/fixtures/tldr_sample.jsonl");
+    let mut c = RunConfig::default();
+    c.run.id = RUN_ID.into();
+    c.run.seed = 7;
+    c.run.iterations = iterations;
+    c.run.store = store.display().to_string();
+    c.run.device = "cpu".into();
+    c.policy.model = fixture("llama_gqa_tied");
+    c.policy.prompt_format = PromptFormat::Tldr;
+    c.policy.max_prompt_tokens = 160;
+    c.data.format = DataFormat::Tldr;
+    c.data.train = posts.clone();
+    c.data.test = posts;
+    c.data.prompts_per_iteration = 4;
+    c.data.test_prompts = 4;
+    c.sampling.max_new_tokens = 48;
+    c.sampling.batch_size = 8;
+    c.reward.kind = RewardKind::Model;
+    c.reward.model = fixture("llama_seqcls");
+    c.value.kind = ValueKind::Head;
+    c.value.lr = 1e-3;
+    c.value.epochs = 2;
+    c.value.batch_size = 4;
+    c.value.micro_batch_size = 2;
+    c.value.head_width = 16;
+    c.value.checkpoint_every = 1;
+    c.search.beams = 3;
+    c.search.successors = 3;
+    c.search.chunk_length = 4;
+    c.baselines.methods = vec![Baseline::Base, Baseline::BestOfN, Baseline::Args, Baseline::WeakToStrong];
+    c.baselines.best_of_n = 4;
+    c.baselines.args_k = 3;
+    c.baselines.w2s_tuned = fixture("llama_gqa_tied");
+    c.baselines.w2s_untuned = fixture("llama_untied_scaled");
+    c.cluster.shard_size = 2;
+    c.cluster.heartbeat_interval_s = 1;
+    c.cluster.lease_timeout_s = 5;
+    c.cluster.max_attempts = 3;
+    c.validate(Path::new("cluster test config")).unwrap();
+    c
+}
+
+/// A port nobody listens on right now (bound and released; the window for a clash is tiny).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    /// Set once reaped.
+    exit: Option<ExitStatus>,
+}
+
+/// One run's folder (config, token, store, coordinator state, worker scratch, logs) and its processes.
+pub struct Cluster {
+    pub tag: &'static str,
+    pub dir: tempfile::TempDir,
+    pub config: RunConfig,
+    pub config_path: PathBuf,
+    pub store_path: PathBuf,
+    pub state_dir: PathBuf,
+    pub token_path: PathBuf,
+    pub grpc: SocketAddr,
+    pub status: SocketAddr,
+    pub started: Instant,
+    procs: Vec<Proc>,
+    /// Incarnation counter per name, so a restarted process gets a fresh log file.
+    starts: BTreeMap<String, u32>,
+}
+
+impl Cluster {
+    /// `tag` prefixes this cluster's progress lines (tests run in parallel).
+    pub fn new(tag: &'static str, iterations: u32) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store_path = dir.path().join("store");
+        let config = run_config(&store_path, iterations);
+        let config_path = dir.path().join("run.toml");
+        std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+        let token_path = dir.path().join("token");
+        std::fs::write(&token_path, "cluster-test-token-0123456789abcdef\n").unwrap();
+        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let status = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self {
+            tag,
+            state_dir: dir.path().join("state"),
+            dir,
+            config,
+            config_path,
+            store_path,
+            token_path,
+            grpc,
+            status,
+            started: Instant::now(),
+            procs: Vec::new(),
+            starts: BTreeMap::new(),
+        }
+    }
+
+    /// Seconds since the cluster was set up, for the timing lines.
+    pub fn t(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// `[tag   12.3s]`, the prefix of a progress line.
+    pub fn stamp(&self) -> String {
+        format!("[{} {:6.1}s]", self.tag, self.t())
+    }
+
+    fn spawn(&mut self, name: &str, args: &[&str]) {
+        let n = self.starts.entry(name.to_owned()).or_insert(0);
+        *n += 1;
+        let log = self.dir.path().join(format!("{name}.{n}.log"));
+        let out = File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_iro"))
+            .args(args)
+            // 2 shared cores and several processes: one libtorch thread each keeps them from thrashing.
+            .env("OMP_NUM_THREADS", "1")
+            .env("RUST_LOG", "info")
+            .env_remove("IRO_CLUSTER_TOKEN")
+            .env_remove("IRO_WORKER_ID")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        eprintln!("{} started {name} (pid {})", self.stamp(), child.id());
+        self.procs.push(Proc { name: name.to_owned(), child, log, exit: None });
+    }
+
+    /// `iro coordinator --linger`, as Kubernetes runs it: after the run is over and the report written it
+    /// keeps answering (workers learn the run finished) until SIGTERM.
+    pub fn start_coordinator(&mut self) {
+        let (config, state, token) = (self.config_path.clone(), self.state_dir.clone(), self.token_path.clone());
+        let (grpc, status) = (self.grpc.to_string(), self.status.to_string());
+        self.spawn(
+            "coordinator",
+            &[
+                "coordinator",
+                "--linger",
+                "--config",
+                config.to_str().unwrap(),
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--listen",
+                &grpc,
+                "--status-listen",
+                &status,
+                "--token-file",
+                token.to_str().unwrap(),
+            ],
+        );
+    }
+
+    pub fn start_worker(&mut self, name: &str) {
+        let url = format!("http://{}", self.grpc);
+        let work = self.dir.path().join(format!("work-{name}"));
+        let token = self.token_path.clone();
+        self.spawn(
+            name,
+            &[
+                "worker",
+                "--coordinator",
+                &url,
+                "--device",
+                "cpu",
+                "--name",
+                name,
+                "--work-dir",
+                work.to_str().unwrap(),
+                "--token-file",
+                token.to_str().unwrap(),
+            ],
+        );
+    }
+
+    /// The live (not yet reaped) process named `name`.
+    fn live(&mut self, name: &str) -> &mut Proc {
+        self.procs.iter_mut().rfind(|p| p.name == name && p.exit.is_none()).unwrap_or_else(|| panic!("no live {name}"))
+    }
+
+    /// SIGKILL (`Child::kill` on unix) and reap.
+    pub fn kill(&mut self, name: &str) {
+        let t = self.stamp();
+        let p = self.live(name);
+        p.child.kill().unwrap();
+        p.exit = Some(p.child.wait().unwrap());
+        eprintln!("{t} SIGKILLed {name}");
+    }
+
+    /// SIGTERM (what Kubernetes sends to stop a pod), through kill(1): std has no other signal than SIGKILL.
+    pub fn terminate(&mut self, name: &str) {
+        let t = self.stamp();
+        let pid = self.live(name).child.id();
+        let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+        assert!(status.success(), "kill -TERM {pid}: {status}");
+        eprintln!("{t} SIGTERM to {name}");
+    }
+
+    /// Waits up to `timeout` for `name` to exit on its own; None if it is still running.
+    pub fn wait_exit(&mut self, name: &str, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let p = self.live(name);
+        loop {
+            if let Some(status) = p.child.try_wait().unwrap() {
+                p.exit = Some(status);
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether `name` has exited (reaping it if so).
+    pub fn exited(&mut self, name: &str) -> Option<ExitStatus> {
+        if let Some(p) = self.procs.iter_mut().rfind(|p| p.name == name) {
+            if p.exit.is_none() {
+                p.exit = p.child.try_wait().unwrap();
+            }
+            return p.exit;
+        }
+        None
+    }
+
+    /// The last lines of every child's log, oldest process first.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for p in &self.procs {
+            let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let tail = &all[all.len().saturating_sub(lines)..];
+            out.push_str(&format!("----- {} ({}) exit {:?} -----\n", p.name, p.log.display(), p.exit));
+            for line in tail {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// The full logs of every process named `name` (a restarted one has several), oldest first.
+    pub fn log(&self, name: &str) -> String {
+        self.procs
+            .iter()
+            .filter(|p| p.name == name)
+            .map(|p| std::fs::read_to_string(&p.log).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// GET /status; None while the coordinator is not answering.
+    pub fn status(&self) -> Option<StatusReport> {
+        let body = http_get(self.status, "/status").ok()?;
+        Some(serde_json::from_str(&body).unwrap_or_else(|e| panic!("/status is not a StatusReport: {e}\n{body}")))
+    }
+
+    pub fn store(&self) -> Store {
+        Store::open(self.store_path.to_str().unwrap()).unwrap()
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.store_path.join("runs").join(RUN_ID)
+    }
+
+    /// Every shard object of the run (`iter-{t}/{phase}/shard-*.attempt-*.jsonl`), as parsed keys.
+    pub fn shard_objects(&self) -> Vec<ShardObject> {
+        let mut out = Vec::new();
+        for t in 1..=self.config.run.iterations {
+            for phase in ["rollout", "eval"] {
+                let dir = self.run_dir().join(format!("iter-{t}/{phase}"));
+                let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+                for e in entries {
+                    let name = e.unwrap().file_name().into_string().unwrap();
+                    if let Some(o) = ShardObject::parse(t, phase, &name) {
+                        out.push(o);
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            if p.exit.is_none() {
+                let _ = p.child.kill();
+                p.exit = p.child.wait().ok();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("===== {}: logs of the cluster's processes (last lines) =====\n{}", self.tag, self.log_tails(40));
+        }
+    }
+}
+
+/// One shard object in the store, from its file name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ShardObject {
+    pub iteration: u32,
+    pub phase: String,
+    pub shard: u32,
+    pub attempt: u32,
+    pub key: String,
+}
+
+impl ShardObject {
+    fn parse(iteration: u32, phase: &str, file: &str) -> Option<Self> {
+        let rest = file.strip_prefix("shard-")?.strip_suffix(".jsonl")?;
+        let (shard, attempt) = rest.split_once(".attempt-")?;
+        Some(Self {
+            iteration,
+            phase: phase.to_owned(),
+            shard: shard.parse().ok()?,
+            attempt: attempt.parse().ok()?,
+            key: format!("runs/{RUN_ID}/iter-{iteration}/{phase}/{file}"),
+        })
+    }
+
+    /// The task id the coordinator shows for this shard.
+    pub fn task(&self) -> String {
+        format!("iter-{}/{}/{}", self.iteration, self.phase, self.shard)
+    }
+}
+
+/// A minimal HTTP/1.0 GET (the server closes the connection after the response); the body on 200.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes)?;
+    let text = String::from_utf8_lossy(&bytes);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no end of headers in {} bytes", bytes.len())))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(std::io::Error::other(format!("GET {path}: {}", head.lines().next().unwrap_or_default())));
+    }
+    Ok(body.to_owned())
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+}
+
+pub fn manifest(store: &Store, t: u32, phase: ShardedPhase) -> Manifest {
+    let layout = RunLayout::new(RUN_ID).unwrap();
+    block_on(read_manifest(store, &layout, t, phase)).unwrap_or_else(|e| panic!("iteration {t} {phase} manifest: {e}"))
+}
+
+pub fn rollouts(store: &Store, m: &Manifest) -> Vec<RolloutRecord> {
+    block_on(read_accepted(store, m)).unwrap()
+}
+
+pub fn evals(store: &Store, m: &Manifest) -> Vec<EvalRecord> {
+    block_on(read_accepted(store, m)).unwrap()
+}
+
+/// What every finished run must satisfy, read only through the manifests: each is complete; each
+/// iteration's accepted rollouts hold every prompt of its slice (4 distinct, disjoint across
+/// iterations, candidates 0..n of each prompt once); each iteration's accepted eval rows hold every
+/// test prompt exactly once per method; the report exists. Returns the manifests by (t, phase).
+pub fn check_finished_run(cluster: &Cluster) -> BTreeMap<(u32, &'static str), Manifest> {
+    let store = cluster.store();
+    let config = &cluster.config;
+    let mut manifests = BTreeMap::new();
+    let mut seen_rollout_ids = std::collections::BTreeSet::new();
+    let mut test_ids: Option<Vec<String>> = None;
+    for t in 1..=config.run.iterations {
+        // Rollouts.
+        let m = manifest(&store, t, ShardedPhase::Rollout);
+        assert!(m.is_complete(), "iteration {t} rollout manifest incomplete: missing {:?}", m.missing());
+        assert_eq!(m.shard_count, 2, "4 prompts in shards of 2");
+        let rows = rollouts(&store, &m);
+        let mut by_prompt: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        for r in &rows {
+            assert_eq!(r.iteration, t);
+            by_prompt.entry(r.prompt_id.clone()).or_default().push(r.candidate);
+        }
+        assert_eq!(by_prompt.len(), config.data.prompts_per_iteration, "iteration {t} rollout prompts: {by_prompt:?}");
+        let per_prompt = if t == 1 { 1 } else { (config.search.beams * config.search.successors) as u32 };
+        for (id, cands) in &mut by_prompt {
+            cands.sort_unstable();
+            assert_eq!(*cands, (0..per_prompt).collect::<Vec<_>>(), "iteration {t} prompt {id}: candidates");
+            assert!(seen_rollout_ids.insert(id.clone()), "prompt {id} rolled out in two iterations");
+        }
+        manifests.insert((t, "rollout"), m);
+
+        // Evaluation.
+        let m = manifest(&store, t, ShardedPhase::Eval);
+        assert!(m.is_complete(), "iteration {t} eval manifest incomplete: missing {:?}", m.missing());
+        assert_eq!(m.shard_count, 2, "4 test prompts in shards of 2");
+        let rows = evals(&store, &m);
+        let methods: Vec<&str> =
+            if t == 1 { vec!["iro", "base", "best_of_n", "args", "weak_to_strong"] } else { vec!["iro"] };
+        let mut ids: Vec<String> = rows.iter().map(|e| e.prompt_id.clone()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), config.data.test_prompts, "iteration {t} eval prompts");
+        let test_ids = test_ids.get_or_insert_with(|| ids.clone());
+        assert_eq!(&ids, test_ids, "the same held-out prompts every iteration");
+        for method in &methods {
+            let mut got: Vec<&str> =
+                rows.iter().filter(|e| e.method == *method).map(|e| e.prompt_id.as_str()).collect();
+            got.sort_unstable();
+            assert_eq!(got, test_ids.iter().map(String::as_str).collect::<Vec<_>>(), "iteration {t} method {method}");
+        }
+        assert_eq!(rows.len(), methods.len() * test_ids.len(), "iteration {t}: no eval row twice or extra");
+        assert!(rows.iter().all(|e| e.iteration == t && e.reward.is_some()));
+        manifests.insert((t, "eval"), m);
+    }
+    let test_ids = test_ids.unwrap();
+    assert!(test_ids.iter().all(|id| !seen_rollout_ids.contains(id)), "a held-out prompt was rolled out");
+    let summary = cluster.run_dir().join("report/summary.json");
+    let text = std::fs::read_to_string(&summary).unwrap_or_else(|e| panic!("{}: {e}", summary.display()));
+    serde_json::from_str::<serde_json::Value>(&text).unwrap();
+    assert!(cluster.run_dir().join("report/summary.md").exists());
+    manifests
+}
+
+/// The manifest entry (attempt, key) of each accepted shard, by task id.
+pub fn accepted(manifests: &BTreeMap<(u32, &'static str), Manifest>) -> BTreeMap<String, (u32, String)> {
+    let mut out = BTreeMap::new();
+    for ((t, phase), m) in manifests {
+        for e in &m.shards {
+            out.insert(format!("iter-{t}/{phase}/{}", e.shard), (e.attempt, e.key.clone()));
+        }
+    }
+    out
+}
+
+/// The one-line view of a status report for the progress lines.
+pub fn brief(s: &StatusReport) -> String {
+    let workers: Vec<String> = s
+        .workers
+        .iter()
+        .map(|w| {
+            let task = w.current_task.as_deref().unwrap_or("-");
+            let attempt = w.attempt.map(|a| format!("#{a}")).unwrap_or_default();
+            format!("{}{}:{task}{attempt}", w.name, if w.alive { "" } else { "(dead)" })
+        })
+        .collect();
+    format!(
+        "{} iter {:?} {:?} done {}/{} [{}]",
+        s.status,
+        s.iteration,
+        s.phase,
+        s.overall_tasks.done,
+        s.overall_tasks.total(),
+        workers.join(" ")
+    )
+}
