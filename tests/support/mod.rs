@@ -14,60 +14,25 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use iro_common::RunConfig;
-use iro_common::config::{Baseline, DataFormat, PromptFormat, RewardKind, ValueKind};
 use iro_common::layout::{RunLayout, ShardedPhase};
 use iro_common::records::{EvalRecord, Manifest, RolloutRecord, read_accepted, read_manifest};
 use iro_common::store::Store;
 use iro_coordinator::status::StatusReport;
 
+#[path = "../../worker/tests/support/tiny_run.rs"]
+mod tiny_run;
+
 pub const RUN_ID: &str = "cluster";
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn fixture(name: &str) -> PathBuf {
-    root().join("worker/tests/fixtures").join(name)
-}
-
-/// The tiny fixtures end to end (worker/tests/pipeline.rs), every baseline, slowed down enough (longer
+/// The tiny fixtures end to end (worker/tests/support/tiny_run.rs), every baseline, slowed down enough (longer
 /// responses, a wider search) that a shard task of a debug build runs for seconds, so a worker can be
 /// killed while it holds the lease. 12 TL;DR posts: 4 held out, 4 per iteration; 2 prompts per shard.
 pub fn run_config(store: &Path, iterations: u32) -> RunConfig {
-    let posts = root().join("common/tests/fixtures/tldr_sample.jsonl");
-    let mut c = RunConfig::default();
-    c.run.id = RUN_ID.into();
-    c.run.seed = 7;
-    c.run.iterations = iterations;
-    c.run.store = store.display().to_string();
-    c.run.device = "cpu".into();
-    c.policy.model = fixture("llama_gqa_tied");
-    c.policy.prompt_format = PromptFormat::Tldr;
-    c.policy.max_prompt_tokens = 160;
-    c.data.format = DataFormat::Tldr;
-    c.data.train = posts.clone();
-    c.data.test = posts;
-    c.data.prompts_per_iteration = 4;
-    c.data.test_prompts = 4;
+    let mut c = tiny_run::tiny_run(RUN_ID, &store.display().to_string(), iterations);
     c.sampling.max_new_tokens = 48;
-    c.sampling.batch_size = 8;
-    c.reward.kind = RewardKind::Model;
-    c.reward.model = fixture("llama_seqcls");
-    c.value.kind = ValueKind::Head;
-    c.value.lr = 1e-3;
-    c.value.epochs = 2;
-    c.value.batch_size = 4;
-    c.value.micro_batch_size = 2;
-    c.value.head_width = 16;
-    c.value.checkpoint_every = 1;
     c.search.beams = 3;
     c.search.successors = 3;
     c.search.chunk_length = 4;
-    c.baselines.methods = vec![Baseline::Base, Baseline::BestOfN, Baseline::Args, Baseline::WeakToStrong];
-    c.baselines.best_of_n = 4;
-    c.baselines.args_k = 3;
-    c.baselines.w2s_tuned = fixture("llama_gqa_tied");
-    c.baselines.w2s_untuned = fixture("llama_untied_scaled");
     c.cluster.shard_size = 2;
     c.cluster.heartbeat_interval_s = 1;
     c.cluster.lease_timeout_s = 5;

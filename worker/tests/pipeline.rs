@@ -4,10 +4,13 @@
 //! and method, the selected candidate is the reward argmax, a resumed run redoes nothing, and a lost phase
 //! output is recomputed identically under a new attempt.
 
-use std::path::{Path, PathBuf};
+#[path = "support/tiny_run.rs"]
+mod tiny_run;
+
+use std::path::Path;
 
 use iro_common::RunConfig;
-use iro_common::config::{Baseline, DataFormat, PromptFormat, RewardKind, ValueKind};
+use iro_common::config::{Baseline, ValueKind};
 use iro_common::layout::{RunLayout, ShardedPhase};
 use iro_common::records::{EvalRecord, RolloutRecord, read_accepted, read_manifest};
 use iro_common::store::Store;
@@ -15,51 +18,13 @@ use iro_worker::model::ScalarModel;
 use iro_worker::pipeline::report::Summary;
 use iro_worker::pipeline::{Pipeline, local};
 use tch::{Device, Kind};
+use tiny_run::tiny_run;
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-fn tldr_posts() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../common/tests/fixtures/tldr_sample.jsonl")
-}
-
-/// 12 posts: 4 held out for testing, 4 fresh ones per iteration.
+/// The shared tiny run (support/tiny_run.rs) with the value kind, iterations and baselines under test.
 fn config(store: &Path, kind: ValueKind, iterations: u32, baselines: Vec<Baseline>) -> RunConfig {
-    let mut c = RunConfig::default();
-    c.run.id = "tiny".into();
-    c.run.seed = 7;
-    c.run.iterations = iterations;
-    c.run.store = store.display().to_string();
-    c.run.device = "cpu".into();
-    c.policy.model = fixture("llama_gqa_tied");
-    c.policy.prompt_format = PromptFormat::Tldr;
-    c.policy.max_prompt_tokens = 160;
-    c.data.format = DataFormat::Tldr;
-    c.data.train = tldr_posts();
-    c.data.test = tldr_posts();
-    c.data.prompts_per_iteration = 4;
-    c.data.test_prompts = 4;
-    c.sampling.max_new_tokens = 6;
-    c.sampling.batch_size = 8;
-    c.reward.kind = RewardKind::Model;
-    c.reward.model = fixture("llama_seqcls");
+    let mut c = tiny_run("tiny", &store.display().to_string(), iterations);
     c.value.kind = kind;
-    c.value.lr = 1e-3;
-    c.value.epochs = 2;
-    c.value.batch_size = 4;
-    c.value.micro_batch_size = 2;
-    c.value.head_width = 16;
-    c.value.checkpoint_every = 1;
-    c.search.beams = 2;
-    c.search.successors = 2;
-    c.search.chunk_length = 3;
     c.baselines.methods = baselines;
-    c.baselines.best_of_n = 4;
-    c.baselines.args_k = 3;
-    c.baselines.w2s_tuned = fixture("llama_gqa_tied");
-    c.baselines.w2s_untuned = fixture("llama_untied_scaled");
-    c.cluster.shard_size = 3;
     c.validate(Path::new("test")).unwrap();
     c
 }

@@ -6,45 +6,25 @@
 
 #[path = "../../common/tests/support/moto.rs"]
 mod moto;
+#[path = "support/tiny_run.rs"]
+mod tiny_run;
 
 use std::path::Path;
 
 use iro_common::RunConfig;
-use iro_common::config::{Baseline, DataFormat, PromptFormat, RewardKind, ValueKind};
+use iro_common::config::Baseline;
 use iro_common::store::Store;
 use iro_worker::pipeline::{Pipeline, local};
 
-fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
+/// The shared tiny run on an S3 store, one iteration, smaller still.
 fn config(store: &str) -> RunConfig {
-    let mut c = RunConfig::default();
-    c.run.id = "s3run".into();
+    let mut c = tiny_run::tiny_run("s3run", store, 1);
     c.run.seed = 3;
-    c.run.iterations = 1;
-    c.run.store = store.into();
-    c.run.device = "cpu".into();
-    c.policy.model = fixture("llama_gqa_tied");
-    c.policy.prompt_format = PromptFormat::Tldr;
-    c.policy.max_prompt_tokens = 160;
-    c.data.format = DataFormat::Tldr;
-    c.data.train = Path::new(env!("CARGO_MANIFEST_DIR")).join("../common/tests/fixtures/tldr_sample.jsonl");
-    c.data.test = c.data.train.clone();
-    c.data.prompts_per_iteration = 4;
     c.data.test_prompts = 2;
     c.sampling.max_new_tokens = 5;
-    c.reward.kind = RewardKind::Model;
-    c.reward.model = fixture("llama_seqcls");
-    c.value.kind = ValueKind::Head;
-    c.value.lr = 1e-3;
-    c.value.epochs = 2;
     c.value.batch_size = 2;
     c.value.micro_batch_size = 1;
     c.value.head_width = 8;
-    c.value.checkpoint_every = 1;
-    c.search.beams = 2;
-    c.search.successors = 2;
     c.search.chunk_length = 2;
     c.baselines.methods = vec![Baseline::Base];
     c.cluster.shard_size = 2;
