@@ -106,6 +106,10 @@ impl Backbone {
             }
             None => (attention::causal_mask(valid, 0, new), None),
         };
+        // Additive form, built once per forward for every layer: libtorch's fused CPU kernel takes a float mask
+        // directly, while a bool one is converted inside every attention call (worker/examples/sdpa_probe.rs).
+        let mask = Tensor::zeros(mask.size(), (self.kind(), mask.device()))
+            .masked_fill(&mask.logical_not(), f64::NEG_INFINITY);
         let mut step = Step { positions: positions.shallow_clone(), mask, cache };
         let hidden = match self {
             Backbone::GptNeoX(m) => m.forward(ids, &mut step),
