@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use iro_common::RunConfig;
+use iro_common::layout::RunLayout;
 use iro_common::store::Store;
 use iro_proto::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
@@ -206,7 +207,13 @@ pub async fn serve(config: CoordinatorConfig) -> Result<ServerHandle> {
     let metrics = Arc::new(RpcMetrics::default());
     let (shutdown, _) = watch::channel(false);
 
-    let service = CoordinatorService::new(handle.clone(), &run_id, run_config_json, payloads, metrics.clone());
+    let layout = if config.write_manifests {
+        let layout = RunLayout::new(&run_id).map_err(|e| Error::Config { field: "run.id", message: e.to_string() })?;
+        Some(layout)
+    } else {
+        None
+    };
+    let service = CoordinatorService::new(handle.clone(), &run_id, run_config_json, payloads, metrics.clone(), layout);
     let grpc = CoordinatorServer::with_interceptor(service, auth::interceptor(config.token.clone(), metrics.clone()));
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let mut stop = shutdown.subscribe();

@@ -4,6 +4,8 @@
 
 use std::future::Future;
 use std::sync::Arc;
+
+use iro_common::layout::RunLayout;
 use std::time::Instant;
 
 use iro_proto as pb;
@@ -21,6 +23,9 @@ pub struct CoordinatorService {
     run_config_json: Arc<str>,
     payloads: Arc<Payloads>,
     metrics: Arc<RpcMetrics>,
+    /// Shard outputs must sit at their layout key (when this coordinator writes the manifests, which refuse
+    /// any other key): checked at the door, so a bad report is refused instead of stalling the manifest writer.
+    layout: Option<RunLayout>,
 }
 
 impl CoordinatorService {
@@ -30,6 +35,7 @@ impl CoordinatorService {
         run_config_json: String,
         payloads: Payloads,
         metrics: Arc<RpcMetrics>,
+        layout: Option<RunLayout>,
     ) -> Self {
         Self {
             handle,
@@ -37,6 +43,7 @@ impl CoordinatorService {
             run_config_json: run_config_json.into(),
             payloads: Arc::new(payloads),
             metrics,
+            layout,
         }
     }
 
@@ -98,7 +105,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         self.timed("complete_task", async {
-            let reply = self.apply(wire::complete(request.into_inner())?).await?;
+            let command = wire::complete(request.into_inner())?;
+            if let Some(layout) = &self.layout {
+                wire::check_output_key(&command, layout)?;
+            }
+            let reply = self.apply(command).await?;
             wire::complete_response(reply)
         })
         .await

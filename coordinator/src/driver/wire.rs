@@ -113,6 +113,22 @@ pub fn complete(req: pb::CompleteTaskRequest) -> Result<Command, Status> {
     Ok(Command::CompleteTask { worker_id, task_id, attempt, output, now_ms: 0 })
 }
 
+/// A rollout or eval shard's output must be the attempt-specific key the layout derives for it (the manifest
+/// accepts no other); a train task's output is V_t's folder, which the layout does not fix to one key.
+pub fn check_output_key(command: &Command, layout: &iro_common::layout::RunLayout) -> Result<(), Status> {
+    let Command::CompleteTask { task_id, attempt, output, .. } = command else { return Ok(()) };
+    let phase = match task_id.phase {
+        crate::plan::Phase::Rollout => iro_common::layout::ShardedPhase::Rollout,
+        crate::plan::Phase::Eval => iro_common::layout::ShardedPhase::Eval,
+        crate::plan::Phase::Train => return Ok(()),
+    };
+    let want = layout.shard(task_id.iteration, phase, task_id.shard, *attempt);
+    if output.key != want {
+        return Err(invalid("output_key", &format!("`{}` is not this attempt's shard key `{want}`", output.key)));
+    }
+    Ok(())
+}
+
 pub fn fail(req: pb::FailTaskRequest) -> Result<Command, Status> {
     Ok(Command::FailTask {
         worker_id: worker_id("worker_id", &req.worker_id)?,
@@ -336,5 +352,43 @@ pub fn abort_gang_response(reply: Reply) -> Result<pb::AbortGangResponse, Status
         Reply::Returned { will_retry, .. } => Ok(pb::AbortGangResponse { will_retry, accepted: true, fence: None }),
         Reply::Fenced(f) => Ok(pb::AbortGangResponse { will_retry: false, accepted: false, fence: Some(fence(&f)) }),
         other => Err(unexpected("AbortGang", &other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use iro_common::layout::RunLayout;
+
+    use super::*;
+
+    fn complete_with(task: &str, attempt: u32, key: &str) -> Command {
+        complete(pb::CompleteTaskRequest {
+            worker_id: "w1".into(),
+            task_id: task.into(),
+            attempt,
+            output_key: key.into(),
+            sha256: "a".repeat(64),
+            records: 1,
+            tokens: 1,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn shard_outputs_must_sit_at_their_attempt_key() {
+        let layout = RunLayout::new("r1").unwrap();
+        let good = complete_with("iter-2/rollout/3", 2, "runs/r1/iter-2/rollout/shard-00003.attempt-2.jsonl");
+        assert!(check_output_key(&good, &layout).is_ok());
+        for (task, attempt, key) in [
+            ("iter-2/rollout/3", 2, "runs/r1/iter-2/rollout/shard-00003.attempt-1.jsonl"), // another attempt's key
+            ("iter-2/eval/3", 2, "runs/r1/iter-2/rollout/shard-00003.attempt-2.jsonl"),    // another phase's key
+            ("iter-2/rollout/3", 2, "elsewhere/x.jsonl"),
+        ] {
+            let err = check_output_key(&complete_with(task, attempt, key), &layout).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().contains("output_key") && err.message().contains(key), "{}", err.message());
+        }
+        // The train task publishes V_t's folder: any key.
+        assert!(check_output_key(&complete_with("iter-2/train/0", 1, "runs/r1/iter-2/value/model"), &layout).is_ok());
     }
 }
