@@ -210,3 +210,16 @@ fn a_two_rank_gang_through_the_embedded_cluster_trains_the_single_rank_value_fun
     };
     assert_eq!(outputs(&ea), outputs(&eb));
 }
+
+#[test]
+fn a_missing_model_folder_or_w2s_pair_is_named_by_its_config_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir.path().join("store"), ValueKind::Head, 1, vec![Baseline::WeakToStrong]);
+    c.baselines.w2s_untuned = Default::default();
+    let err = Pipeline::open(c.clone(), None, dir.path()).err().expect("no untuned model");
+    assert!(err.to_string().contains("baselines.w2s_untuned"), "{err}");
+    c.baselines.methods = vec![Baseline::Base];
+    c.reward.model = dir.path().join("no-such-folder");
+    let err = Pipeline::open(c, None, dir.path()).err().expect("missing reward model");
+    assert!(err.to_string().contains("reward.model") && err.to_string().contains("no-such-folder"), "{err}");
+}

@@ -67,6 +67,7 @@ impl Pipeline {
     /// Loads the policy, tokenizer, rewards and data of `config`. `device` overrides `run.device` (a worker's
     /// `--device`); `work_dir` is local scratch space.
     pub fn open(config: RunConfig, device: Option<&str>, work_dir: &Path) -> Result<Self> {
+        check_paths(&config)?;
         let device = crate::device::parse_device(device.unwrap_or(&config.run.device))?;
         let kind = crate::device::parse_dtype(&config.run.dtype, device)?;
         let layout = RunLayout::new(&config.run.id)?;
@@ -173,6 +174,28 @@ impl TaskRunner for Pipeline {
         self.gang_listener = Some(e.listener);
         Ok(e.published)
     }
+}
+
+/// The folders a run needs, named by their config field when missing (before anything slow is loaded).
+fn check_paths(config: &RunConfig) -> Result<()> {
+    let b = &config.baselines;
+    let w2s = b.methods.contains(&iro_common::config::Baseline::WeakToStrong);
+    let required = [
+        ("policy.model", &config.policy.model, true),
+        ("data.train", &config.data.train, true),
+        ("reward.model", &config.reward.model, true),
+        ("baselines.w2s_tuned", &b.w2s_tuned, w2s),
+        ("baselines.w2s_untuned", &b.w2s_untuned, w2s),
+    ];
+    for (field, path, needed) in required {
+        if needed && path.as_os_str().is_empty() {
+            return Err(Error::InvalidRequest(format!("run config: `{field}` is empty; this run needs it")));
+        }
+        if needed && !path.exists() {
+            return Err(Error::InvalidRequest(format!("run config: `{field}` = {} does not exist", path.display())));
+        }
+    }
+    Ok(())
 }
 
 fn load_reward(kind: RewardKind, dir: &Path, dtype: Kind, device: Device, add_special: bool) -> Result<BoxedReward> {
