@@ -15,15 +15,18 @@
 //! own.
 //!
 //!     cargo run --release -p iro-worker --example nccl_check
+#[path = "../tests/support/value_examples.rs"]
+mod value_examples;
+
+use value_examples::examples;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use iro_common::data::SplitMix64;
 use iro_worker::collective::{Collective, Nccl, NcclUniqueId, SingleRank, all_reduce_bucketed};
-use iro_worker::train::{DataParallel, ValueExample, ValueInit, ValueTrainConfig, checkpoint, train_value_ranked};
+use iro_worker::train::{DataParallel, ValueInit, ValueTrainConfig, checkpoint, train_value_ranked};
 use tch::{Device, Kind, Tensor};
 
 const WORLD: usize = 2;
@@ -207,18 +210,6 @@ fn rank_main(rank: usize, args: &[String]) -> Result<(), String> {
             Ok(())
         }
     }
-}
-
-/// As the worker tests: random prompts, responses of varying length, a reward fixed by the index.
-fn examples(n: usize, seed: u64) -> Vec<ValueExample> {
-    let mut rng = SplitMix64::new(seed);
-    (0..n)
-        .map(|i| {
-            let prompt: Vec<i64> = (0..3 + i % 3).map(|_| 4 + rng.below(500) as i64).collect();
-            let response: Vec<i64> = (0..1 + (i * 7) % 5).map(|_| 4 + rng.below(500) as i64).collect();
-            ValueExample { prompt, response, reward: [1.0, -1.0, 2.0, 0.5][i % 4] }
-        })
-        .collect()
 }
 
 fn max_abs_diff(a: &Path, b: &Path) -> f64 {

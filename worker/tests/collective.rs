@@ -2,13 +2,16 @@
 //! broadcast and barrier are exact for 2 to 4 ranks and awkward lengths; a rank that never joins, dies or
 //! stalls makes the others fail within their deadline with an error naming it (never a hang); and value
 //! training on 2 ranks matches 1 rank, also across a rank killed mid-training and a resumed gang.
+#[path = "support/value_examples.rs"]
+mod value_examples;
+
+use value_examples::examples;
 
 use std::net::TcpListener;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use iro_common::data::SplitMix64;
 use iro_worker::collective::{Collective, RingOptions, SingleRank, TcpRing, all_reduce_bucketed};
 use iro_worker::train::{
     DataParallel, TrainReport, ValueExample, ValueInit, ValueTrainConfig, checkpoint, train_value, train_value_ranked,
@@ -314,19 +317,6 @@ fn ranks_that_disagree_on_the_call_fail_instead_of_mixing_buffers() {
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-/// As in value_training.rs: random prompts, responses of varying length, a reward fixed by the index.
-fn examples(n: usize, seed: u64) -> Vec<ValueExample> {
-    let mut rng = SplitMix64::new(seed);
-    (0..n)
-        .map(|i| {
-            let prompt: Vec<i64> = (0..3 + i % 3).map(|_| 4 + rng.below(500) as i64).collect();
-            let response: Vec<i64> = (0..1 + (i * 7) % 5).map(|_| 4 + rng.below(500) as i64).collect();
-            let reward = [1.0, -1.0, 2.0, 0.5][i % 4];
-            ValueExample { prompt, response, reward }
-        })
-        .collect()
 }
 
 /// 10 examples in batches of 4 (micro-batches of 2): 3 steps per epoch, the last batch short (2 examples, one

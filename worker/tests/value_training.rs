@@ -2,11 +2,15 @@
 //! a saved `model`-kind checkpoint is an HF seqcls folder `ScalarModel` reads back to the same values, and a
 //! training killed after a checkpoint and resumed ends with exactly the weights of an uninterrupted one.
 
+#[path = "support/value_examples.rs"]
+mod value_examples;
+
+use value_examples::examples;
+
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use iro_common::data::SplitMix64;
 use iro_worker::model::{Checkpoint, ScalarModel};
 use iro_worker::train::{
     TrainReport, TrainableValue, ValueExample, ValueInit, ValueTrainConfig, build_batch, checkpoint, train_value,
@@ -15,19 +19,6 @@ use tch::{Device, Kind, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
-}
-
-/// Prompts of random tokens and responses of varying length; the reward is a fixed function of the prompt.
-fn examples(n: usize, seed: u64) -> Vec<ValueExample> {
-    let mut rng = SplitMix64::new(seed);
-    (0..n)
-        .map(|i| {
-            let prompt: Vec<i64> = (0..3 + i % 3).map(|_| 4 + rng.below(500) as i64).collect();
-            let response: Vec<i64> = (0..1 + (i * 7) % 5).map(|_| 4 + rng.below(500) as i64).collect();
-            let reward = [1.0, -1.0, 2.0, 0.5][i % 4];
-            ValueExample { prompt, response, reward }
-        })
-        .collect()
 }
 
 fn config(lr: f64, epochs: usize) -> ValueTrainConfig {
