@@ -124,7 +124,7 @@ pub fn check_output_key(command: &Command, layout: &iro_common::layout::RunLayou
     };
     let want = layout.shard(task_id.iteration, phase, task_id.shard, *attempt);
     if output.key != want {
-        return Err(invalid("output_key", &format!("`{}` is not this attempt's shard key `{want}`", output.key)));
+        return Err(invalid("output_key", format!("`{}` is not this attempt's shard key `{want}`", output.key)));
     }
     Ok(())
 }

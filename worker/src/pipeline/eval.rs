@@ -16,8 +16,7 @@ use crate::generate::{GenerateOptions, generate};
 use crate::model::CausalLm;
 use crate::reward::RewardInput;
 use crate::runtime::{TaskControl, TaskOutput};
-use crate::search::cbs::argmax;
-use crate::search::{ArgsParams, ImplicitReward, args_decode, best_of_n, chunk_beam_search};
+use crate::search::{self, ArgsParams, ImplicitReward, args_decode, best_of_n, chunk_beam_search, pick_final};
 
 /// A decoding method under evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,23 +216,16 @@ impl Pipeline {
         pick: FinalPick,
     ) -> Result<Vec<Answer>> {
         let (w, k, l) = (self.config.search.beams, self.config.search.successors, self.config.search.chunk_length);
+        let prompts: Vec<Vec<i64>> = batch.iter().map(|p| p.ids.clone()).collect();
+        let mut reward = TextRewardScorer::new(self.reward.as_ref(), &self.tokenizer, batch);
+        let search_pick = match pick {
+            FinalPick::RewardArgmax => search::FinalPick::RewardArgmax,
+            FinalPick::ValueArgmax => search::FinalPick::ValueArgmax,
+            FinalPick::First => search::FinalPick::First,
+        };
+        let chosen = pick_final(&prompts, &found, search_pick, Some(&mut reward))?;
         let mut out = Vec::with_capacity(found.len());
-        for (item, cands) in batch.iter().zip(found) {
-            let chosen = match pick {
-                FinalPick::First => 0,
-                FinalPick::ValueArgmax => argmax(&cands.iter().map(|c| c.score).collect::<Vec<_>>()),
-                FinalPick::RewardArgmax => {
-                    let texts: Vec<String> = cands
-                        .iter()
-                        .map(|c| self.tokenizer.decode(&c.generation.tokens, true))
-                        .collect::<Result<_>>()?;
-                    let inputs: Vec<RewardInput<'_>> = texts
-                        .iter()
-                        .map(|r| RewardInput { prompt: &item.text, response: r, reference: item.reference.as_deref() })
-                        .collect();
-                    argmax(&self.reward.score(&inputs)?)
-                }
-            };
+        for (cands, chosen) in found.into_iter().zip(chosen) {
             let tokens = cands[chosen].generation.tokens.clone();
             // Each selection keeps W of W·K rows (at most a log K tilt per kept row), the final pick one of W·K.
             let rounds = tokens.len().div_ceil(l).saturating_sub(1) as f64;

@@ -4,7 +4,6 @@
 use std::path::PathBuf;
 
 use iro_common::config::ValueKind;
-use iro_common::store::sha256_hex;
 
 use super::Pipeline;
 use super::scoring::Retokenized;
@@ -118,5 +117,5 @@ impl Pipeline {
 }
 
 fn same_tokenizer(bytes: &[u8], policy_dir: &std::path::Path) -> bool {
-    std::fs::read(policy_dir.join("tokenizer.json")).is_ok_and(|p| sha256_hex(&p) == sha256_hex(bytes))
+    std::fs::read(policy_dir.join("tokenizer.json")).is_ok_and(|p| p == bytes)
 }
