@@ -1,7 +1,8 @@
 //! The distributed runtime as an operator runs it: `iro coordinator` and `iro worker` as separate processes
 //! on loopback, with a cluster token, on the tiny fixtures. A worker SIGKILLed while it holds a lease loses
 //! it and the run still completes with every prompt exactly once; a coordinator SIGKILLed mid-run and
-//! restarted on the same state folder resumes without redoing the shards it had accepted.
+//! restarted on the same state folder resumes without redoing the shards it had accepted; a worker stopped by
+//! SIGTERM gives its lease back at once and exits non-zero, so a Job replaces it.
 
 mod support;
 
@@ -254,4 +255,38 @@ fn a_restarted_coordinator_resumes_without_redoing_accepted_shards() {
         }
     }
     eprintln!("{} total", cluster.stamp());
+}
+
+#[test]
+fn a_worker_stopped_by_sigterm_gives_its_lease_back_and_exits_to_be_replaced() {
+    let mut cluster = Cluster::new("term", 1);
+    cluster.start_coordinator();
+    cluster.start_worker("w1");
+    let (task, attempt) = poll_until(&mut cluster, Duration::from_secs(120), "a leased task", |s| {
+        s.workers.iter().find_map(|w| Some((w.current_task.clone()?, w.attempt?)))
+    });
+    cluster.terminate("w1");
+    let stopped = Instant::now();
+    let exit = cluster.wait_exit("w1", Duration::from_secs(30)).expect("w1 ignored SIGTERM");
+    // Not a success: a Kubernetes Job would count the index as complete and never replace the worker.
+    assert_eq!(exit.code(), Some(75), "w1 exited with {exit}");
+    // The lease came back with the worker's word (at once; an expiry would take heartbeats and leave a
+    // `lease_expired` / `worker_dead` error behind; a release is not an error).
+    let tag = cluster.tag;
+    poll_until(&mut cluster, Duration::from_secs(10), "the lease given back", |s| {
+        s.stages.iter().all(|st| st.tasks.leased == 0).then_some(())
+    });
+    let back = stopped.elapsed();
+    eprintln!("[{tag}] {task} attempt {attempt} back {:.1}s after SIGTERM", back.as_secs_f64());
+    assert!(back < Duration::from_secs(5), "{task} took {back:?} to come back");
+    assert!(cluster.log("w1").contains("released the lease"), "w1 did not release its lease");
+    // Once the coordinator has given w1 up for dead, a lease it still held would show up as lost.
+    let errors = poll_until(&mut cluster, Duration::from_secs(60), "w1 shown dead", |s| {
+        s.workers.iter().any(|w| w.name == "w1" && !w.alive).then(|| s.recent_errors.clone())
+    });
+    assert!(errors.iter().all(|e| e.task != task), "{task} was lost, not released: {errors:?}");
+    // A replacement worker finishes the run.
+    cluster.start_worker("w2");
+    wait_for_the_end(&mut cluster, &["w2"]);
+    check_finished_run(&cluster);
 }

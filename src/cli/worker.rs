@@ -65,10 +65,22 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     // A task thread that ignores cancellation must not keep the process alive: its lease is back already.
     rt.shutdown_timeout(EXIT_GRACE);
     match exit? {
-        WorkerExit::RunFinished | WorkerExit::Shutdown => Ok(()),
+        WorkerExit::RunFinished => Ok(()),
+        WorkerExit::Shutdown => {
+            // Stopped before the run was over (a drain, an eviction, ctrl-c): a success here would mark a
+            // Kubernetes Job index complete and the worker would never be replaced.
+            tracing::info!(
+                code = EXIT_STOPPED,
+                "stopped before the run finished; exiting so a Job replaces this worker"
+            );
+            std::process::exit(EXIT_STOPPED)
+        }
         WorkerExit::RunFailed { reason } => anyhow::bail!("the run failed: {reason}"),
     }
 }
+
+/// Exit status of a worker stopped by a signal while the run goes on: EX_TEMPFAIL (sysexits.h), "try again".
+pub const EXIT_STOPPED: i32 = 75;
 
 /// Cancels `shutdown` on SIGTERM (Kubernetes stopping the pod) or ctrl-c.
 async fn stop_on_signal(shutdown: CancellationToken) {

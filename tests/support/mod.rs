@@ -41,9 +41,21 @@ pub fn run_config(store: &Path, iterations: u32) -> RunConfig {
     c
 }
 
-/// A port nobody listens on right now (bound and released; the window for a clash is tiny).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// Two ports nobody listens on right now, distinct from each other and from every pair handed out before in
+/// this test process (clusters start in parallel threads). Bound together, then released: another program
+/// can still take one in between, which `start_coordinator` detects and answers with a fresh pair.
+pub fn free_ports() -> (u16, u16) {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let a = TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (pa, pb) = (a.local_addr().unwrap().port(), b.local_addr().unwrap().port());
+        if !given.contains(&pa) && !given.contains(&pb) {
+            given.extend([pa, pb]);
+            return (pa, pb);
+        }
+    }
 }
 
 struct Proc {
@@ -81,8 +93,8 @@ impl Cluster {
         std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
         let token_path = dir.path().join("token");
         std::fs::write(&token_path, "cluster-test-token-0123456789abcdef\n").unwrap();
-        let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let status = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let (grpc, status) = free_ports();
+        let (grpc, status) = (SocketAddr::from(([127, 0, 0, 1], grpc)), SocketAddr::from(([127, 0, 0, 1], status)));
         Self {
             tag,
             state_dir: dir.path().join("state"),
@@ -119,6 +131,9 @@ impl Cluster {
             // 2 shared cores and several processes: one libtorch thread each keeps them from thrashing.
             .env("OMP_NUM_THREADS", "1")
             .env("RUST_LOG", "info")
+            // An error's message, not a captured backtrace, should end the log that a failing test prints.
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LIB_BACKTRACE", "0")
             .env_remove("IRO_CLUSTER_TOKEN")
             .env_remove("IRO_WORKER_ID")
             .stdin(Stdio::null())
@@ -132,7 +147,42 @@ impl Cluster {
 
     /// `iro coordinator --linger`, as Kubernetes runs it: after the run is over and the report written it
     /// keeps answering (workers learn the run finished) until SIGTERM.
+    /// Waits until it answers on its status port. Before any worker has started, a coordinator that exits
+    /// because a port was taken meanwhile (by a program outside this test) is started again on fresh ports.
     pub fn start_coordinator(&mut self) {
+        for _ in 0..3 {
+            self.spawn_coordinator();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if TcpStream::connect(self.status).is_ok() {
+                    return;
+                }
+                if let Some(exit) = self.exited("coordinator") {
+                    let log = std::fs::read_to_string(&self.procs.last().unwrap().log).unwrap_or_default();
+                    // Workers know the old address: only a cluster without them yet can move.
+                    let no_workers = self.procs.iter().all(|p| p.name == "coordinator");
+                    if log.contains("in use") && no_workers {
+                        let (grpc, status) = free_ports();
+                        eprintln!(
+                            "{} coordinator ({exit}): a port was taken; again on {grpc} and {status}",
+                            self.stamp()
+                        );
+                        self.grpc.set_port(grpc);
+                        self.status.set_port(status);
+                        break;
+                    }
+                    panic!("the coordinator exited at start ({exit}):\n{log}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if TcpStream::connect(self.status).is_ok() {
+                return;
+            }
+        }
+        panic!("the coordinator did not start serving on {} / {}", self.grpc, self.status);
+    }
+
+    fn spawn_coordinator(&mut self) {
         let (config, state, token) = (self.config_path.clone(), self.state_dir.clone(), self.token_path.clone());
         let (grpc, status) = (self.grpc.to_string(), self.status.to_string());
         self.spawn(
