@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 
 use iro_worker::Result;
 use iro_worker::generate::sampler::SamplingParams;
-use iro_worker::generate::{GenerateOptions, generate};
+use iro_worker::generate::{Decoder, GenerateOptions, generate, left_pad};
+use iro_worker::model::heads::{Head, MlpHead};
 use iro_worker::model::{CausalLm, ScalarModel, positions_from_valid};
 use iro_worker::search::{
-    ArgsParams, CachedValueEnsemble, CbsParams, FinalPick, PrefixScorer, ValueEnsemble, args_decode, best_of_n,
-    chunk_beam_search, pick_final,
+    ArgsParams, CachedValueEnsemble, CbsParams, FinalPick, PolicyHeadEnsemble, PrefixScorer, ValueEnsemble,
+    args_decode, best_of_n, chunk_beam_search, pick_final,
 };
 use tch::{Device, Kind};
 
@@ -215,4 +216,110 @@ fn args_with_a_dominant_reward_picks_the_best_rewarded_of_the_top_k() {
         let top: Vec<i64> = Vec::try_from(logits.topk(5, -1, true, true).1.reshape([-1])).unwrap();
         assert_eq!(g.tokens, vec![*top.iter().min().unwrap()]);
     }
+}
+
+/// Head-kind values through a search: delegates to `PolicyHeadEnsemble` and fails the test if the search ever
+/// asks it to run a forward pass of its own.
+struct HiddenOnly<'m>(PolicyHeadEnsemble<'m>, usize);
+
+impl PrefixScorer for HiddenOnly<'_> {
+    fn score(&mut self, _: &[Vec<i64>], _: &[Vec<i64>], _: &[bool]) -> Result<Vec<f64>> {
+        panic!("a search called `score` on heads that can read the policy's hidden states");
+    }
+
+    fn reads_policy_hidden(&self) -> bool {
+        true
+    }
+
+    fn score_policy_hidden(&mut self, hidden: &tch::Tensor) -> Result<Vec<f64>> {
+        self.1 += 1;
+        self.0.score_policy_hidden(hidden)
+    }
+}
+
+fn policy_heads(lm: &CausalLm) -> (ScalarModel, ScalarModel) {
+    let h = lm.config.hidden_size();
+    let head = |seed| ScalarModel {
+        config: lm.config.clone(),
+        backbone: lm.backbone.clone(),
+        head: Head::Mlp(MlpHead::new(h, 16, seed, Device::Cpu)),
+    };
+    (head(1), head(2))
+}
+
+#[test]
+fn decoder_scoring_hidden_equals_a_full_forward_of_the_scored_sequences() {
+    let lm = policy();
+    let _g = tch::no_grad_guard();
+    // 6 tokens: some rows stop at one of EOS, others are cut off (last token unfed, EOS appended).
+    let mut dec = Decoder::new(&lm, &prompts(), &[41, 42], 6, 3).unwrap();
+    let (index, forks): (Vec<i64>, Vec<u64>) = (0..8).map(|r| ((r / 4) as i64, (r % 4) as u64)).unzip();
+    dec.reorder(&index, Some(&forks));
+    let mut checked_mid_search = false;
+    while !dec.all_finished() {
+        dec.step(&SAMPLING, &EOS, 6);
+        if !checked_mid_search && (0..8).any(|r| dec.is_finished(r)) && !dec.all_finished() {
+            check_scoring_hidden(&lm, &mut dec);
+            checked_mid_search = true;
+        }
+    }
+    let finished = check_scoring_hidden(&lm, &mut dec);
+    assert!(finished.contains(&true) && finished.contains(&false), "want EOS-stopped and cut-off rows: {finished:?}");
+    // Rewound: asking again gives the same states.
+    let again = dec.scoring_hidden(&EOS);
+    assert!(f64::try_from((again - dec.scoring_hidden(&EOS)).abs().max()).unwrap() == 0.0);
+}
+
+/// Compares the decoder's states with a fresh forward; returns which rows stopped at an EOS.
+fn check_scoring_hidden(lm: &CausalLm, dec: &mut Decoder) -> Vec<bool> {
+    let got = dec.scoring_hidden(&EOS);
+    let rows = dec.batch();
+    let mut seqs = Vec::new();
+    let mut at_eos = Vec::new();
+    for r in 0..rows {
+        let mut s = prompts()[r / 4].clone();
+        s.extend_from_slice(dec.tokens(r));
+        let ends_at_eos = dec.tokens(r).last().is_some_and(|t| EOS.contains(t));
+        if dec.is_finished(r) && !ends_at_eos {
+            s.push(EOS[0]);
+        }
+        at_eos.push(ends_at_eos);
+        seqs.push(s);
+    }
+    let width = seqs.iter().map(Vec::len).max().unwrap();
+    let (ids, valid) = left_pad(&seqs, width, 3, Device::Cpu);
+    let want = lm.backbone.forward(&ids, &valid, &positions_from_valid(&valid), None).select(1, -1);
+    let err = f64::try_from((got - want).abs().max()).unwrap();
+    assert!(err <= 1e-4, "scoring_hidden differs from a full forward by {err}");
+    at_eos
+}
+
+#[test]
+fn policy_heads_guide_cbs_from_the_decoders_states_as_re_encoding_would() {
+    let lm = policy();
+    let (v1, v2) = policy_heads(&lm);
+    let members = || vec![(&v1, 1.0), (&v2, 2.5)];
+    let params = cbs_params(2, 3, 3, 10);
+    let mut from_hidden = HiddenOnly(PolicyHeadEnsemble::new(&lm, members(), EOS.to_vec()).unwrap(), 0);
+    let fast = chunk_beam_search(&lm, &prompts(), &[51, 52], &params, &mut from_hidden).unwrap();
+    assert!(from_hidden.1 >= 3, "only {} chunks", from_hidden.1);
+    let mut cached = CachedValueEnsemble::new(members(), EOS.to_vec(), 11).unwrap();
+    let slow = chunk_beam_search(&lm, &prompts(), &[51, 52], &params, &mut cached).unwrap();
+    for (f, s) in fast.iter().flatten().zip(slow.iter().flatten()) {
+        assert_eq!(f.generation, s.generation, "the two scorers steered the search apart");
+        assert!((f.score - s.score).abs() <= 1e-4, "scores {} vs {}", f.score, s.score);
+    }
+    let rows: Vec<_> = fast.iter().flatten().map(|c| c.generation.stopped_at_eos).collect();
+    assert!(rows.contains(&true) && rows.contains(&false), "want both EOS-stopped and cut-off rows");
+    // Outside a search the same ensemble runs the backbone once and agrees with re-encoding.
+    let (p, r): (Vec<_>, Vec<_>) = fast[0].iter().map(|c| (prompts()[0].clone(), c.generation.tokens.clone())).unzip();
+    let done = vec![true; r.len()];
+    let mut heads = PolicyHeadEnsemble::new(&lm, members(), EOS.to_vec()).unwrap();
+    let a = heads.score(&p, &r, &done).unwrap();
+    let b = ValueEnsemble::new(members(), EOS.to_vec()).unwrap().score(&p, &r, &done).unwrap();
+    assert!(a.iter().zip(&b).all(|(a, b)| (a - b).abs() <= 1e-4), "{a:?} vs {b:?}");
+    // A value model with a backbone of its own cannot read the policy's states.
+    let own = scalar("llama_seqcls");
+    let err = PolicyHeadEnsemble::new(&lm, vec![(&v1, 1.0), (&own, 1.0)], EOS.to_vec()).err().unwrap();
+    assert!(err.to_string().contains("value model 1"), "{err}");
 }

@@ -74,6 +74,12 @@ impl KvCache {
         self.len += new;
     }
 
+    /// Forgets every slot from `len` on (they are overwritten by the next forward): undoes a look-ahead.
+    pub fn rewind(&mut self, len: i64) {
+        assert!(len <= self.len, "rewinding the KV cache forward: {len} > {}", self.len);
+        self.len = len;
+    }
+
     /// Keeps row `index[i]` as new row `i` (rows may repeat or be dropped): one gather per layer.
     pub fn reorder(&mut self, index: &Tensor) {
         let index = index.to_device(self.valid.device());

@@ -40,8 +40,13 @@ pub struct Decoder<'m> {
     next_logits: Tensor,
     /// [B] rotary position of the next token.
     next_pos: Tensor,
+    /// [B, H] the final hidden state at each row's last token fed through the model (what a value head on the
+    /// policy's own backbone reads, so guided search needs no second forward pass for it).
+    last_hidden: Tensor,
     rows: Vec<RowState>,
     pad: i64,
+    /// The generation length the cache was sized for.
+    max_new_tokens: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +55,8 @@ struct RowState {
     logprobs: Vec<f32>,
     finished: bool,
     stopped_at_eos: bool,
+    /// The last sampled token has not been fed yet (the step that sampled it finished every row).
+    unfed: bool,
     rng: RowRng,
 }
 
@@ -73,10 +80,12 @@ impl<'m> Decoder<'m> {
         let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let (ids, valid) = left_pad(prompts, width, pad, device);
         let positions = positions_from_valid(&valid);
-        let mut cache = model.backbone.new_cache(prompts.len() as i64, (width + max_new_tokens) as i64);
+        // Two slots beyond the generation: `scoring_hidden` may feed a cut-off row's last token and an EOS.
+        let mut cache = model.backbone.new_cache(prompts.len() as i64, (width + max_new_tokens + 2) as i64);
         let hidden = model.backbone.forward(&ids, &valid, &positions, Some(&mut cache));
+        let last_hidden = hidden.select(1, -1);
         // Only the last position's logits are needed: skip the [B, T, V] projection of the whole prompt.
-        let next_logits = model.logits(&hidden.select(1, -1));
+        let next_logits = model.logits(&last_hidden);
         let next_pos = positions.select(1, -1) + 1;
         let rows = seeds
             .iter()
@@ -85,10 +94,11 @@ impl<'m> Decoder<'m> {
                 logprobs: Vec::new(),
                 finished: false,
                 stopped_at_eos: false,
+                unfed: false,
                 rng: RowRng::new(s),
             })
             .collect();
-        Ok(Self { model, cache, next_logits, next_pos, rows, pad })
+        Ok(Self { model, cache, next_logits, next_pos, last_hidden, rows, pad, max_new_tokens })
     }
 
     pub fn batch(&self) -> usize {
@@ -129,12 +139,17 @@ impl<'m> Decoder<'m> {
             live.push(true);
         }
         if self.all_finished() {
+            for (row, &fresh) in self.rows.iter_mut().zip(&live) {
+                row.unfed |= fresh;
+            }
             return;
         }
-        if self.cache.len() >= self.cache.capacity() {
-            // Cannot happen when max_new_tokens matches the capacity given to `new`; stop rather than overflow.
-            for r in &mut self.rows {
-                r.finished = true;
+        if self.cache.len() >= self.cache.capacity() - 2 {
+            // Cannot happen when max_new_tokens matches the one given to `new`; stop rather than overflow,
+            // keeping the two slots `scoring_hidden` may need.
+            for (row, &fresh) in self.rows.iter_mut().zip(&live) {
+                row.finished = true;
+                row.unfed |= fresh;
             }
             return;
         }
@@ -142,9 +157,68 @@ impl<'m> Decoder<'m> {
         let ids = Tensor::from_slice(&fed).to_device(device).unsqueeze(1);
         let valid = Tensor::from_slice(&live).to_device(device).unsqueeze(1);
         let positions = self.next_pos.unsqueeze(1);
-        let hidden = self.model.backbone.forward(&ids, &valid, &positions, Some(&mut self.cache));
-        self.next_logits = self.model.logits(&hidden.select(1, 0));
+        let hidden = self.model.backbone.forward(&ids, &valid, &positions, Some(&mut self.cache)).select(1, 0);
+        self.next_logits = self.model.logits(&hidden);
+        // A finished row was fed padding: it keeps the hidden state of its own last token.
+        self.last_hidden = hidden.where_self(&valid, &self.last_hidden);
         self.next_pos = &self.next_pos + 1;
+    }
+
+    /// [B, H] final hidden states at the last token of what a value function scores for each row: prompt ⊕
+    /// response, with `eos[0]` appended to a finished row that does not end in an EOS (as `PrefixScorer`s
+    /// score it). Usually that is `last_hidden` as it stands; a row whose last token was never fed, or that
+    /// needs the EOS, gets one extra forward of at most two tokens through the decoder's own cache, which is
+    /// then rewound, so decoding is unaffected.
+    pub fn scoring_hidden(&mut self, eos: &[i64]) -> Tensor {
+        let pending: Vec<Vec<i64>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                let mut feed = Vec::new();
+                if r.unfed {
+                    feed.push(*r.tokens.last().expect("an unfed row has sampled a token"));
+                }
+                if r.finished && !r.tokens.last().is_some_and(|t| eos.contains(t)) {
+                    feed.push(eos[0]);
+                }
+                feed
+            })
+            .collect();
+        let block = pending.iter().map(Vec::len).max().unwrap_or(0);
+        if block == 0 {
+            return self.last_hidden.shallow_clone();
+        }
+        assert!(
+            self.cache.len() + block as i64 <= self.cache.capacity(),
+            "scoring_hidden: {} + {block} slots exceed the cache ({}); max_new_tokens was {}",
+            self.cache.len(),
+            self.cache.capacity(),
+            self.max_new_tokens
+        );
+        // Each row's tokens left-aligned in the block, the rest invalid; positions continue the row's own.
+        let rows = self.rows.len();
+        let mut ids = vec![self.pad; rows * block];
+        let mut valid = vec![false; rows * block];
+        let mut last = vec![0i64; rows];
+        for (r, feed) in pending.iter().enumerate() {
+            ids[r * block..r * block + feed.len()].copy_from_slice(feed);
+            valid[r * block..r * block + feed.len()].fill(true);
+            last[r] = feed.len().saturating_sub(1) as i64;
+        }
+        let device = self.next_logits.device();
+        let shape = [rows as i64, block as i64];
+        let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
+        let valid = Tensor::from_slice(&valid).view(shape).to_device(device);
+        let positions = self.next_pos.unsqueeze(1) + Tensor::arange(block as i64, (Kind::Int64, device)).unsqueeze(0);
+        let len = self.cache.len();
+        let hidden = self.model.backbone.forward(&ids, &valid, &positions, Some(&mut self.cache));
+        self.cache.rewind(len);
+        let h = hidden.size()[2];
+        let index =
+            Tensor::from_slice(&last).to_device(device).view([rows as i64, 1, 1]).expand([rows as i64, 1, h], true);
+        let fed = hidden.gather(1, &index, false).squeeze_dim(1);
+        let any = valid.any_dim(1, true);
+        fed.where_self(&any, &self.last_hidden)
     }
 
     /// New row i is old row `index[i]`; `forks[i]` (when given) re-seeds it so replicas sample differently.
@@ -153,6 +227,7 @@ impl<'m> Decoder<'m> {
         self.cache.reorder(&t);
         self.next_logits = self.next_logits.index_select(0, &t);
         self.next_pos = self.next_pos.index_select(0, &t);
+        self.last_hidden = self.last_hidden.index_select(0, &t);
         self.rows = index
             .iter()
             .enumerate()

@@ -10,7 +10,7 @@ use super::scoring::Retokenized;
 use crate::error::{Error, Result};
 use crate::model::ScalarModel;
 use crate::model::heads::{Head, MlpHead};
-use crate::search::{CachedValueEnsemble, PrefixScorer};
+use crate::search::{CachedValueEnsemble, PolicyHeadEnsemble, PrefixScorer};
 use crate::text::Tokenizer;
 
 /// Files of a published value function.
@@ -91,12 +91,17 @@ impl Pipeline {
         Ok(())
     }
 
-    /// `Σ_{i ≤ upto} V_i / beta_i`, caching each value model's KV state across CBS chunks. Value models on another
+    /// `Σ_{i ≤ upto} V_i / beta_i`: `head`-kind values read the policy's own hidden states; `model`-kind ones
+    /// keep each value model's KV state across CBS chunks. Value models on another
     /// tokenizer than the policy's are fed re-tokenised text (they must then all share that tokenizer).
     pub(super) fn value_scorer(&self, upto: u32) -> Result<Box<dyn PrefixScorer + '_>> {
         let values = &self.values[..upto as usize];
         let headroom = self.config.sampling.max_new_tokens + 1;
         let members = super::members(values, &self.config, upto as usize);
+        if self.config.value.kind == ValueKind::Head {
+            // Heads on the policy's own backbone: a search hands them the decoder's hidden states.
+            return Ok(Box::new(PolicyHeadEnsemble::new(&self.policy, members, self.eos.clone())?));
+        }
         match values.iter().find_map(|v| v.tokenizer.as_ref()) {
             None => Ok(Box::new(CachedValueEnsemble::new(members, self.eos.clone(), headroom)?)),
             Some(target) => {

@@ -99,7 +99,13 @@ pub fn chunk_beam_search(
         }
         let responses: Vec<Vec<i64>> = (0..dec.batch()).map(|r| dec.tokens(r).to_vec()).collect();
         let finished: Vec<bool> = (0..dec.batch()).map(|r| dec.is_finished(r)).collect();
-        let scores = scorer.score(&row_prompts, &responses, &finished)?;
+        let scores = if scorer.reads_policy_hidden() {
+            // A head on the policy's backbone reads the states the decoder already has: no forward pass of its own.
+            let hidden = dec.scoring_hidden(&params.eos_token_ids);
+            scorer.score_policy_hidden(&hidden)?
+        } else {
+            scorer.score(&row_prompts, &responses, &finished)?
+        };
         if dec.all_finished() || generated >= params.max_new_tokens {
             break scores;
         }

@@ -12,13 +12,25 @@ use tch::{Device, Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::generate::kv_cache::KvCache;
 use crate::generate::left_pad;
-use crate::model::heads::gather_last;
-use crate::model::{ScalarModel, positions_from_valid};
+use crate::model::heads::{Head, gather_last};
+use crate::model::{Backbone, CausalLm, ScalarModel, positions_from_valid};
 
 /// One score per row for `prompts[i] ⊕ responses[i]`.
 pub trait PrefixScorer {
     /// `finished[i]`: row i is complete (scored with EOS appended).
     fn score(&mut self, prompts: &[Vec<i64>], responses: &[Vec<i64>], finished: &[bool]) -> Result<Vec<f64>>;
+
+    /// True when the scorer is a head on the policy's own backbone: a search then hands it the hidden states
+    /// its decoder already computed (`score_policy_hidden`) instead of calling `score`.
+    fn reads_policy_hidden(&self) -> bool {
+        false
+    }
+
+    /// Scores from `hidden` [B, H], the policy's final hidden state at the last token of each row's scored
+    /// sequence (`Decoder::scoring_hidden`). Called only when `reads_policy_hidden` is true.
+    fn score_policy_hidden(&mut self, _hidden: &Tensor) -> Result<Vec<f64>> {
+        Err(Error::InvalidRequest("this scorer runs its own model; it does not read the policy's hidden states".into()))
+    }
 
     /// The caller's rows were reordered: new row i is old row `index[i]`. Stateful scorers move their
     /// per-row state along; stateless ones ignore it.
@@ -200,6 +212,63 @@ impl PrefixScorer for CachedValueEnsemble<'_> {
 
     fn reset(&mut self) {
         self.state = None;
+    }
+}
+
+/// `Σ_i V_i / beta_i` for `head`-kind value functions: small heads on the frozen policy's own backbone. Inside
+/// a search they read the hidden states the policy's decoder has just computed, so guidance costs no forward
+/// pass of its own (`Decoder::scoring_hidden`); `score`, outside a search, runs the backbone once for all heads.
+pub struct PolicyHeadEnsemble<'m> {
+    backbone: &'m Backbone,
+    heads: Vec<(&'m Head, f64)>,
+    eos: Vec<i64>,
+}
+
+impl<'m> PolicyHeadEnsemble<'m> {
+    /// Every member must sit on `policy`'s backbone (the same loaded weights, not merely equal ones): the hidden
+    /// states a search hands over are that backbone's.
+    pub fn new(policy: &'m CausalLm, members: Vec<(&'m ScalarModel, f64)>, eos_token_ids: Vec<i64>) -> Result<Self> {
+        check_members(&members, &eos_token_ids)?;
+        if let Some(i) = members.iter().position(|(m, _)| !std::sync::Arc::ptr_eq(&m.backbone, &policy.backbone)) {
+            return Err(Error::InvalidRequest(format!(
+                "value model {i} has a backbone of its own: only heads on the policy's backbone read its hidden states"
+            )));
+        }
+        let heads = members.into_iter().map(|(m, beta)| (&m.head, beta)).collect();
+        Ok(Self { backbone: &policy.backbone, heads, eos: eos_token_ids })
+    }
+
+    /// `Σ_i head_i(h) / beta_i` for `hidden` [B, H].
+    fn combine(&self, hidden: &Tensor) -> Vec<f64> {
+        let hidden = hidden.unsqueeze(1);
+        let mut total = vec![0.0; hidden.size()[0] as usize];
+        for &(head, beta) in &self.heads {
+            for (t, v) in total.iter_mut().zip(to_f64(&head.forward(&hidden).squeeze_dim(1))) {
+                *t += v / beta;
+            }
+        }
+        total
+    }
+}
+
+impl PrefixScorer for PolicyHeadEnsemble<'_> {
+    fn score(&mut self, prompts: &[Vec<i64>], responses: &[Vec<i64>], finished: &[bool]) -> Result<Vec<f64>> {
+        let seqs = full_sequences(prompts, responses, finished, &self.eos)?;
+        let _g = tch::no_grad_guard();
+        let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let (ids, valid) = left_pad(&seqs, width, 0, self.backbone.device());
+        let hidden = self.backbone.forward(&ids, &valid, &positions_from_valid(&valid), None);
+        // Left padding: every row's last token sits in the last column.
+        Ok(self.combine(&hidden.select(1, -1)))
+    }
+
+    fn reads_policy_hidden(&self) -> bool {
+        true
+    }
+
+    fn score_policy_hidden(&mut self, hidden: &Tensor) -> Result<Vec<f64>> {
+        let _g = tch::no_grad_guard();
+        Ok(self.combine(hidden))
     }
 }
 
