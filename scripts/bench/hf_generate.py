@@ -23,6 +23,7 @@ def main():
     model.eval()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     results = []
+    warmed = False
     for batch in req["batch_sizes"]:
         rows = req["prompts"][:batch]
         width = max(len(r) for r in rows)
@@ -43,6 +44,10 @@ def main():
         )
         best = None
         with torch.inference_mode():
+            if not warmed:
+                # This process is fresh each round: one short untimed call takes the first-call costs.
+                model.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=2, do_sample=False, pad_token_id=pad)
+                warmed = True
             for _ in range(int(req["repeats"])):
                 start = time.perf_counter()
                 out = model.generate(ids, **kwargs)

@@ -56,7 +56,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     };
     let rows = bench::run(&cfg)?;
     println!(
-        "batched sampling, {} new tokens/row, {} threads, top-k 50, T 0.7 (best of {})",
+        "batched sampling, {} new tokens/row, {} threads, top-k 50, T 0.7 (best of {} alternating rounds)",
         cfg.new_tokens, cfg.threads, cfg.repeats
     );
     println!("{:>6} {:>14} {:>18} {:>8}", "batch", "iro tok/s", "transformers tok/s", "ratio");

@@ -43,8 +43,21 @@ fn main() {
             let _ = o.view([b, h, 1, d]);
         }
         let e = t.elapsed().as_secs_f64() / n as f64 * 1e6;
+        // Plain math for one query per row: scores = scale·q·kᵀ + mask in one baddbmm, softmax, one bmm.
+        let g = h / hkv;
+        let fmask3 = fmask.expand([b, hkv, 1, s], false).reshape([b * hkv, 1, s]);
+        let t = Instant::now();
+        for _ in 0..n {
+            let qg = q.reshape([b * hkv, g, d]);
+            let k3 = k.reshape([b * hkv, s, d]);
+            let v3 = v.reshape([b * hkv, s, d]);
+            let scores = fmask3.baddbmm(&qg, &k3.transpose(1, 2), 1.0, 1.0 / (d as f64).sqrt());
+            let o = scores.softmax(-1, Kind::Float).bmm(&v3);
+            let _ = o.view([b, h, 1, d]);
+        }
+        let m = t.elapsed().as_secs_f64() / n as f64 * 1e6;
         println!(
-            "round {round}: gqa-flag {a:.0} us, repeat_interleave {bb:.0} us, grouped-queries bool {c:.0} us, grouped float {e:.0} us"
+            "round {round}: gqa-flag {a:.0} us, repeat_interleave {bb:.0} us, grouped-queries bool {c:.0} us, grouped float {e:.0} us, math {m:.0} us"
         );
     }
 }

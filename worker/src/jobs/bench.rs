@@ -1,6 +1,8 @@
 //! `iro bench generate`: tokens/second of batched sampling against transformers' `generate` on the same
 //! weights, prompts, batch sizes and token counts, in one run, with the ratio printed. Both sides run
-//! libtorch on the same threads; the difference is per-token overhead and cache handling.
+//! libtorch on the same threads; the difference is per-token overhead and cache handling. The sides take
+//! turns, one round each per repeat, and each keeps its best round: a slow spell of a shared machine then
+//! hits both alike instead of whichever side happened to run during it.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -65,25 +67,27 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         eos_token_ids: vec![],
         pad_token_id: lm.config.pad_token_id.unwrap_or(0),
     };
-    let mut ours = Vec::new();
-    for &b in &cfg.batch_sizes {
-        let seeds: Vec<u64> = (0..b as u64).map(|i| row_seed(0, i)).collect();
-        let mut best = f64::INFINITY;
-        for _ in 0..cfg.repeats.max(1) {
+    let seeds: Vec<Vec<u64>> =
+        cfg.batch_sizes.iter().map(|&b| (0..b as u64).map(|i| row_seed(0, i)).collect()).collect();
+    let mut ours = vec![0.0f64; cfg.batch_sizes.len()];
+    let mut baseline = cfg.python.as_ref().map(|_| vec![0.0f64; cfg.batch_sizes.len()]);
+    for round in 0..cfg.repeats.max(1) {
+        for (i, &b) in cfg.batch_sizes.iter().enumerate() {
             let start = Instant::now();
-            let out = generate(&lm, &prompts[..b], &seeds, &opts)?;
-            best = best.min(start.elapsed().as_secs_f64());
+            let out = generate(&lm, &prompts[..b], &seeds[i], &opts)?;
+            let tps = (b * cfg.new_tokens) as f64 / start.elapsed().as_secs_f64();
             debug_assert!(out.iter().all(|g| g.tokens.len() == cfg.new_tokens));
+            tracing::info!(round, batch = b, tokens_per_second = format!("{tps:.1}"), "iro");
+            ours[i] = ours[i].max(tps);
         }
-        let tps = (b * cfg.new_tokens) as f64 / best;
-        tracing::info!(batch = b, tokens_per_second = format!("{tps:.1}"), "iro");
-        ours.push(tps);
+        if let (Some(py), Some(best)) = (&cfg.python, baseline.as_mut()) {
+            let tps = run_baseline(py, &cfg.baseline_script, cfg, &prompts)?;
+            tracing::info!(round, tokens_per_second = ?tps, "transformers");
+            for (b, t) in best.iter_mut().zip(tps) {
+                *b = b.max(t);
+            }
+        }
     }
-    drop(lm);
-    let baseline = match &cfg.python {
-        Some(py) => Some(run_baseline(py, &cfg.baseline_script, cfg, &prompts)?),
-        None => None,
-    };
     Ok(cfg
         .batch_sizes
         .iter()
@@ -96,11 +100,12 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         .collect())
 }
 
+/// One round of the baseline: a fresh process (the model load is not timed), each batch size once.
 fn run_baseline(python: &Path, script: &Path, cfg: &BenchConfig, prompts: &[Vec<i64>]) -> Result<Vec<f64>> {
     let request = json!({
         "model": cfg.model, "prompts": prompts, "batch_sizes": cfg.batch_sizes, "new_tokens": cfg.new_tokens,
         "threads": cfg.threads, "temperature": cfg.sampling.temperature, "top_k": cfg.sampling.top_k,
-        "top_p": cfg.sampling.top_p, "repeats": cfg.repeats.max(1),
+        "top_p": cfg.sampling.top_p, "repeats": 1,
     });
     let mut child = Command::new(python)
         .arg(script)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{ArchConfig, Backbone, Checkpoint, ModelConfig};
+use super::{ArchConfig, Backbone, Checkpoint, Linear, ModelConfig, WeightLayout};
 use crate::error::{Error, Result};
 use crate::generate::kv_cache::KvCache;
 
@@ -14,7 +14,7 @@ use crate::generate::kv_cache::KvCache;
 pub struct CausalLm {
     pub config: ModelConfig,
     pub backbone: Arc<Backbone>,
-    lm_head: Tensor,
+    lm_head: Linear,
 }
 
 impl CausalLm {
@@ -30,10 +30,13 @@ impl CausalLm {
             ArchConfig::Llama(_) => "lm_head.weight",
         };
         let lm_head = match ck.weights.get_opt(head_name, &shape)? {
-            Some(w) => w,
-            None if ck.config.tie_word_embeddings() => backbone.embeddings().shallow_clone(),
+            Some(w) => Linear::new(w, None, ck.weights.layout()),
+            // Tied: the embedding matrix itself (a transposed copy would cost its size again).
+            None if ck.config.tie_word_embeddings() => {
+                Linear::new(backbone.embeddings().shallow_clone(), None, WeightLayout::Checkpoint)
+            }
             // Untied but absent: let `get` produce the error that names the tensor and the files.
-            None => ck.weights.get(head_name, &shape)?,
+            None => Linear::new(ck.weights.get(head_name, &shape)?, None, ck.weights.layout()),
         };
         Ok(Self { config: ck.config.clone(), backbone, lm_head })
     }
@@ -44,7 +47,7 @@ impl CausalLm {
     }
 
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        hidden.linear::<Tensor>(&self.lm_head, None)
+        self.lm_head.forward(hidden)
     }
 }
 

@@ -17,26 +17,49 @@ use tch::{Device, Kind, Tensor};
 
 pub use config::{ArchConfig, ModelConfig};
 pub use heads::{CausalLm, ScalarModel};
-pub use weights::Weights;
+pub use weights::{WeightLayout, Weights};
 
 use crate::error::Result;
 use crate::generate::kv_cache::{CacheShape, KvCache};
 
-/// A dense layer with HF's [out, in] weight layout.
+/// A dense layer, `x·Wᵀ + b` for HF's [out, in] weight `W`, kept as the weights' `layout` says.
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    layout: WeightLayout,
 }
 
 impl Linear {
     pub fn load(w: &Weights, name: &str, input: i64, output: i64, bias: bool) -> Result<Self> {
         let weight = w.get(&format!("{name}.weight"), &[output, input])?;
         let bias = if bias { Some(w.get(&format!("{name}.bias"), &[output])?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self::new(weight, bias, w.layout()))
+    }
+
+    /// From an [out, in] weight.
+    pub fn new(weight: Tensor, bias: Option<Tensor>, layout: WeightLayout) -> Self {
+        let weight = match layout {
+            WeightLayout::Checkpoint => weight,
+            WeightLayout::Transposed => weight.tr().contiguous(),
+        };
+        Self { weight, bias, layout }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        match self.layout {
+            WeightLayout::Checkpoint => x.linear(&self.weight, self.bias.as_ref()),
+            WeightLayout::Transposed => {
+                let mut shape = x.size();
+                let input = shape.pop().expect("a Linear input has a feature dimension");
+                let x2 = x.reshape([-1, input]);
+                let y = match &self.bias {
+                    Some(b) => b.addmm(&x2, &self.weight),
+                    None => x2.mm(&self.weight),
+                };
+                shape.push(self.weight.size()[1]);
+                y.view(shape.as_slice())
+            }
+        }
     }
 }
 
@@ -161,9 +184,18 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// For inference: dense layers may keep their own copy of a matrix in a faster layout (`WeightLayout`).
     pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        Self::with_weights(dir, Weights::load(dir, kind, device)?)
+    }
+
+    /// For training: every layer uses the checkpoint's own tensors (the ones `weights` lists).
+    pub fn load_trainable(dir: &Path, kind: Kind, device: Device) -> Result<Self> {
+        Self::with_weights(dir, Weights::load(dir, kind, device)?.trainable())
+    }
+
+    fn with_weights(dir: &Path, weights: Weights) -> Result<Self> {
         let config = ModelConfig::load(dir)?;
-        let weights = Weights::load(dir, kind, device)?;
         let prefix = backbone_prefix(&config, &weights);
         Ok(Self { config, weights, prefix })
     }

@@ -55,7 +55,7 @@ impl TrainableValue {
     /// (or one saved by this trainer) keeps its head; a policy folder gets a fresh small-random `score.weight`
     /// drawn from `seed`. `kind` should be f32 for training.
     pub fn model_from_dir(dir: &Path, kind: Kind, device: Device, seed: u64) -> Result<Self> {
-        let ck = Checkpoint::load(dir, kind, device)?;
+        let ck = Checkpoint::load_trainable(dir, kind, device)?;
         let h = ck.config.hidden_size();
         let has_head = ck.weights.contains("score.weight") || ck.weights.contains("scalar_head.weight");
         let model = if has_head {
