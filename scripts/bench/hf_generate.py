@@ -2,7 +2,7 @@
 
 Reads a JSON request on stdin: {"model": DIR, "prompts": [[ids...], ...] (already tokenised, one list per row of
 the largest batch), "batch_sizes": [..], "new_tokens": N, "threads": T, "temperature", "top_k", "top_p",
-"repeats": R}. Writes one JSON object on stdout: {"results": [{"batch": B, "tokens_per_second": x, "seconds": s}],
+"repeats": R, "dtype": "float32" | "bfloat16" | "float16"}. Writes one JSON object on stdout: {"results": [{"batch": B, "tokens_per_second": x, "seconds": s}],
 "versions": {...}}. Every row generates exactly N tokens (min_new_tokens = max_new_tokens), as on the Rust side.
 Run by `iro bench generate` with the interpreter of `.deps/pycheck` (scripts/assets/check_smollm2.sh makes it).
 """
@@ -19,7 +19,7 @@ def main():
     req = json.load(sys.stdin)
     torch.set_num_threads(int(req["threads"]))
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(req["model"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(req["model"], dtype=getattr(torch, req.get("dtype", "float32")))
     model.eval()
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     results = []

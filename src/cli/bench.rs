@@ -20,6 +20,9 @@ pub struct BenchGenerateArgs {
     pub batch_sizes: Vec<usize>,
     #[arg(long, default_value_t = 64)]
     pub new_tokens: usize,
+    /// Weights and activations on both sides: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// libtorch intra-op threads, the same for both sides.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
@@ -48,6 +51,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         model: a.model,
         batch_sizes: a.batch_sizes,
         new_tokens: a.new_tokens,
+        kind: iro_worker::device::parse_dtype(&a.dtype, tch::Device::Cpu)?,
         threads: a.threads,
         repeats: a.repeats,
         sampling: SamplingParams { temperature: 0.7, top_k: 50, top_p: 1.0 },
@@ -56,8 +60,8 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     };
     let rows = bench::run(&cfg)?;
     println!(
-        "batched sampling, {} new tokens/row, {} threads, top-k 50, T 0.7 (best of {} alternating rounds)",
-        cfg.new_tokens, cfg.threads, cfg.repeats
+        "batched sampling, {} new tokens/row, {:?}, {} threads, top-k 50, T 0.7 (best of {} alternating rounds)",
+        cfg.new_tokens, cfg.kind, cfg.threads, cfg.repeats
     );
     println!("{:>6} {:>14} {:>18} {:>8}", "batch", "iro tok/s", "transformers tok/s", "ratio");
     for r in rows {

@@ -22,6 +22,8 @@ pub struct BenchConfig {
     pub model: PathBuf,
     pub batch_sizes: Vec<usize>,
     pub new_tokens: usize,
+    /// The dtype of both sides (the baseline loads the folder in the same one).
+    pub kind: tch::Kind,
     pub threads: usize,
     pub repeats: usize,
     pub sampling: SamplingParams,
@@ -59,7 +61,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
             tokenizer.encode(&text, false)
         })
         .collect::<Result<_>>()?;
-    let lm = CausalLm::load(&cfg.model, tch::Kind::Float, tch::Device::Cpu)?;
+    let lm = CausalLm::load(&cfg.model, cfg.kind, tch::Device::Cpu)?;
     // No EOS: every row generates exactly `new_tokens`, as the baseline's min_new_tokens forces.
     let opts = GenerateOptions {
         max_new_tokens: cfg.new_tokens,
@@ -100,12 +102,22 @@ pub fn run(cfg: &BenchConfig) -> Result<Vec<BenchRow>> {
         .collect())
 }
 
+/// The baseline's name for `kind`.
+fn torch_dtype(kind: tch::Kind) -> Result<&'static str> {
+    match kind {
+        tch::Kind::Float => Ok("float32"),
+        tch::Kind::BFloat16 => Ok("bfloat16"),
+        tch::Kind::Half => Ok("float16"),
+        other => Err(Error::InvalidRequest(format!("no transformers dtype for {other:?}"))),
+    }
+}
+
 /// One round of the baseline: a fresh process (the model load is not timed), each batch size once.
 fn run_baseline(python: &Path, script: &Path, cfg: &BenchConfig, prompts: &[Vec<i64>]) -> Result<Vec<f64>> {
     let request = json!({
         "model": cfg.model, "prompts": prompts, "batch_sizes": cfg.batch_sizes, "new_tokens": cfg.new_tokens,
         "threads": cfg.threads, "temperature": cfg.sampling.temperature, "top_k": cfg.sampling.top_k,
-        "top_p": cfg.sampling.top_p, "repeats": 1,
+        "top_p": cfg.sampling.top_p, "repeats": 1, "dtype": torch_dtype(cfg.kind)?,
     });
     let mut child = Command::new(python)
         .arg(script)
