@@ -20,7 +20,6 @@ fn a_proto_message_round_trips() {
         sha256: "ab".repeat(32),
         records: 64,
         tokens: 4096,
-        ..Default::default()
     };
     let bytes = msg.encode_to_vec();
     assert_eq!(iro_proto::CompleteTaskRequest::decode(bytes.as_slice()).unwrap(), msg);

@@ -33,7 +33,7 @@ impl Bar {
                 b.set_position(done as u64);
             }
             None => {
-                let decile = if total == 0 { 10 } else { done * 10 / total };
+                let decile = (done * 10).checked_div(total).unwrap_or(10);
                 if decile > self.last_logged_decile || done == 0 {
                     self.last_logged_decile = decile;
                     tracing::info!(phase = %self.phase, done, total, "progress");

@@ -43,6 +43,8 @@ pub struct View<'a> {
     pub now_ms: u64,
     /// Commands in the durable log (recovered plus appended).
     pub log_index: u64,
+    /// Why LeaseTask is answered "retry later" for now (manifests still being written); None when it is not.
+    pub held_back: Option<String>,
 }
 
 type ReadFn = Box<dyn FnOnce(View<'_>) + Send>;
@@ -386,8 +388,15 @@ impl Actor {
             }
         }
         let now = self.clock.now_ms();
+        let held_back = self.publisher.as_ref().and_then(|p| p.held_back(&self.state));
         for read in batch.reads {
-            read(View { state: &self.state, telemetry: &self.telemetry, now_ms: now, log_index: self.log_index });
+            read(View {
+                state: &self.state,
+                telemetry: &self.telemetry,
+                now_ms: now,
+                log_index: self.log_index,
+                held_back: held_back.clone(),
+            });
         }
         self.run.send_if_modified(|status| {
             let changed = status != self.state.status();

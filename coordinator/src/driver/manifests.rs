@@ -45,6 +45,8 @@ struct Publish {
 pub struct Publisher {
     jobs: mpsc::UnboundedSender<Job>,
     published: watch::Receiver<usize>,
+    /// The write being retried and why it failed; None while writes succeed.
+    trouble: watch::Receiver<Option<String>>,
     /// Stages before this index have been queued.
     queued: usize,
     writer: JoinHandle<()>,
@@ -56,8 +58,9 @@ impl Publisher {
         let layout = RunLayout::new(run_id).map_err(|e| Error::Config { field: "run.id", message: e.to_string() })?;
         let (jobs, rx) = mpsc::unbounded_channel();
         let (published_tx, published) = watch::channel(0);
-        let writer = Writer { store, layout, run_id: run_id.to_owned(), published: published_tx };
-        Ok(Self { jobs, published, queued: 0, writer: tokio::spawn(writer.run(rx)) })
+        let (trouble_tx, trouble) = watch::channel(None);
+        let writer = Writer { store, layout, run_id: run_id.to_owned(), published: published_tx, trouble: trouble_tx };
+        Ok(Self { jobs, published, trouble, queued: 0, writer: tokio::spawn(writer.run(rx)) })
     }
 
     /// Queues every stage `state` has moved past and that is not queued yet. Call only once the
@@ -100,6 +103,17 @@ impl Publisher {
         matches!(state.status(), RunStatus::Failed { .. }) || *self.published.borrow() >= active_stage(state)
     }
 
+    /// Why leases are being held back, for the status page; None while the gate is open.
+    pub fn held_back(&self, state: &RunState) -> Option<String> {
+        if self.gate_open(state) {
+            return None;
+        }
+        Some(match self.trouble.borrow().as_ref() {
+            Some(trouble) => format!("waiting for a manifest: {trouble} (retrying)"),
+            None => "waiting for the manifests of finished stages to be written".to_owned(),
+        })
+    }
+
     /// A receiver of the watermark (stages published, counted from the first).
     pub fn watermark(&self) -> watch::Receiver<usize> {
         self.published.clone()
@@ -124,6 +138,7 @@ struct Writer {
     layout: RunLayout,
     run_id: String,
     published: watch::Sender<usize>,
+    trouble: watch::Sender<Option<String>>,
 }
 
 impl Writer {
@@ -145,6 +160,7 @@ impl Writer {
             match self.write(publish).await {
                 Ok(shards) => {
                     tracing::info!(iteration, phase = %phase, shards, key, "manifest written");
+                    self.trouble.send_replace(None);
                     return;
                 }
                 Err(e) => {
@@ -156,6 +172,7 @@ impl Writer {
                         error = %e,
                         "cannot write the manifest; leases of the next stage wait for it (retrying in {backoff:?})"
                     );
+                    self.trouble.send_replace(Some(format!("{key} cannot be written (attempt {attempt}): {e}")));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }

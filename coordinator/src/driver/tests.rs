@@ -290,6 +290,18 @@ async fn the_next_stage_is_not_leased_before_the_manifest_it_reads_is_written() 
     let train = TaskId::new(1, Phase::Train, 0);
     assert_eq!(task_state(&handle, train).await, TaskState::Pending, "nothing was leased while held back");
     assert!(!store.exists(&layout.manifest(1, ShardedPhase::Rollout)).await.unwrap());
+    // The status page says why, naming the manifest and the missing shard object.
+    let manifest_key = layout.manifest(1, ShardedPhase::Rollout);
+    let mut why = None;
+    for _ in 0..100 {
+        why = handle.read(|v| crate::status::report("gate", v).leases_held_back).await.unwrap();
+        if why.as_deref().is_some_and(|w| w.contains(&manifest_key)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let why = why.expect("the status report names no reason while leases are held back");
+    assert!(why.contains(&manifest_key) && why.contains("shard-00000"), "{why}");
 
     for shard in 0..3 {
         store.put(&layout.shard(1, ShardedPhase::Rollout, shard, 1), vec![b'x'; shard as usize + 1]).await.unwrap();
@@ -305,6 +317,8 @@ async fn the_next_stage_is_not_leased_before_the_manifest_it_reads_is_written() 
         }
     }
     assert!(matches!(leased, Some(Lease::GangRank { .. })), "the train task once the manifest is written: {leased:?}");
+    let why = handle.read(|v| crate::status::report("gate", v).leases_held_back).await.unwrap();
+    assert_eq!(why, None, "leases flow again, the status page must say nothing is held back");
     let manifest = iro_common::records::read_manifest(&store, &layout, 1, ShardedPhase::Rollout).await.unwrap();
     assert!(manifest.is_complete());
     assert_eq!(manifest.shards.iter().map(|e| e.bytes).collect::<Vec<_>>(), [1, 2, 3], "sizes come from the store");

@@ -120,6 +120,9 @@ pub fn render_table(report: &StatusReport) -> String {
     if let Some(reason) = &report.failure {
         let _ = writeln!(out, "failure: {reason}");
     }
+    if let Some(why) = &report.leases_held_back {
+        let _ = writeln!(out, "leases held back: {why}");
+    }
     let _ = writeln!(
         out,
         "throughput {:.1} tasks/min, {:.1} records/s   ETA {}   log {} commands",

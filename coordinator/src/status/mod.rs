@@ -50,6 +50,10 @@ pub struct StatusReport {
     pub phase: Option<String>,
     /// Tasks of the active stage by state.
     pub phase_tasks: Counts,
+    /// Why no task of the active stage is leased right now: the manifests it reads are still being written
+    /// (and, when a write keeps failing, which object and why). None when leases flow.
+    #[serde(default)]
+    pub leases_held_back: Option<String>,
     pub overall_tasks: Counts,
     pub stages: Vec<StageReport>,
     pub workers_alive: u64,
@@ -141,7 +145,7 @@ pub struct Counters {
 }
 
 pub fn report(run_id: &str, view: View<'_>) -> StatusReport {
-    let View { state, telemetry, now_ms, log_index } = view;
+    let View { state, telemetry, now_ms, log_index, held_back } = view;
     let snapshot = state.snapshot();
     let (status, failure) = match &snapshot.run {
         RunStatus::Running => ("running", None),
@@ -179,6 +183,7 @@ pub fn report(run_id: &str, view: View<'_>) -> StatusReport {
         iteration: snapshot.iteration,
         phase: snapshot.phase.map(|p| phase_name(p).to_owned()),
         phase_tasks: snapshot.phase_counts,
+        leases_held_back: held_back,
         overall_tasks: snapshot.overall,
         stages: snapshot
             .stages

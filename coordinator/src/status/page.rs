@@ -78,6 +78,9 @@ pub fn render(report: &StatusReport) -> String {
     if let Some(error) = &report.log.error {
         let _ = writeln!(html, "<p class=\"failed\">command log: {}</p>", escape(error));
     }
+    if let Some(why) = &report.leases_held_back {
+        let _ = writeln!(html, "<p>leases held back: {}</p>", escape(why));
+    }
     html.push_str("<h2>Progress</h2>\n<table>\n");
     html.push_str(&bar("overall", &report.overall_tasks));
     for stage in &report.stages {
