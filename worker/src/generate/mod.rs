@@ -166,9 +166,9 @@ impl<'m> Decoder<'m> {
 
     /// [B, H] final hidden states at the last token of what a value function scores for each row: prompt ⊕
     /// response, with `eos[0]` appended to a finished row that does not end in an EOS (as `PrefixScorer`s
-    /// score it). Usually that is `last_hidden` as it stands; a row whose last token was never fed, or that
-    /// needs the EOS, gets one extra forward of at most two tokens through the decoder's own cache, which is
-    /// then rewound, so decoding is unaffected.
+    /// score it; with no EOS given, nothing is appended). Usually that is `last_hidden` as it stands; a row
+    /// whose last token was never fed, or that needs the EOS, gets one extra forward of at most two tokens
+    /// through the decoder's own cache, which is then rewound, so decoding is unaffected.
     pub fn scoring_hidden(&mut self, eos: &[i64]) -> Tensor {
         let pending: Vec<Vec<i64>> = self
             .rows
@@ -178,8 +178,11 @@ impl<'m> Decoder<'m> {
                 if r.unfed {
                     feed.push(*r.tokens.last().expect("an unfed row has sampled a token"));
                 }
-                if r.finished && !r.tokens.last().is_some_and(|t| eos.contains(t)) {
-                    feed.push(eos[0]);
+                if let Some(&first) = eos.first()
+                    && r.finished
+                    && !r.tokens.last().is_some_and(|t| eos.contains(t))
+                {
+                    feed.push(first);
                 }
                 feed
             })
