@@ -48,3 +48,37 @@ impl Bar {
         }
     }
 }
+
+/// The bar of a cluster run's active stage (its tasks done out of its tasks), drawn from the coordinator's
+/// status reports; when the run moves on, the finished stage's bar is completed and a new one starts.
+#[derive(Default)]
+pub struct StageBars {
+    current: Option<((u32, String), Bar)>,
+}
+
+impl StageBars {
+    pub fn show(&mut self, report: &iro_coordinator::status::StatusReport) {
+        let active = report.iteration.zip(report.phase.clone());
+        if self.current.as_ref().map(|(key, _)| key) != active.as_ref() {
+            if let Some(((t, phase), mut bar)) = self.current.take() {
+                // The stage it drew is over: its last counts, as the report still lists them.
+                if let Some(s) = report.stages.iter().find(|s| s.iteration == t && s.phase == phase) {
+                    bar.update(s.tasks.done as usize, s.tasks.total() as usize);
+                }
+                bar.finish();
+            }
+            self.current = active.map(|(t, phase)| ((t, phase.clone()), Bar::new(format!("iter {t} {phase}"))));
+        }
+        if let Some((_, bar)) = &mut self.current {
+            bar.update(report.phase_tasks.done as usize, report.phase_tasks.total() as usize);
+        }
+    }
+}
+
+impl Drop for StageBars {
+    fn drop(&mut self) {
+        if let Some((_, bar)) = &self.current {
+            bar.finish();
+        }
+    }
+}

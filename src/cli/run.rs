@@ -12,7 +12,7 @@ use iro_worker::pipeline::{Pipeline, local, report};
 use iro_worker::runtime::{self, CancellationToken, SharedRunnerFactory};
 use std::sync::Arc;
 
-use super::progress::Bar;
+use super::progress::{Bar, StageBars};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -106,7 +106,10 @@ fn run_embedded(config: RunConfig, args: RunArgs) -> anyhow::Result<()> {
     let (store, layout) = (Store::open(&config.run.store)?, RunLayout::new(&config.run.id)?);
     let (id, iterations) = (config.run.id.clone(), config.run.iterations);
     let summary = rt.block_on(async {
-        runtime::run_embedded(config, args.workers, &state_dir, factory, shutdown).await?;
+        let mut bars = StageBars::default();
+        let progress: runtime::ProgressFn = Box::new(move |status| bars.show(status));
+        runtime::run_embedded_with_progress(config, args.workers, &state_dir, factory, shutdown, Some(progress))
+            .await?;
         report::write_report(&store, &layout, &id, iterations).await
     })?;
     println!("{}", report::markdown(&summary));

@@ -370,8 +370,27 @@ async fn the_embedded_mode_runs_to_the_end_and_a_second_start_resumes_the_finish
         let violations = violations.clone();
         Arc::new(move |config: &RunConfig| Double::factory(None, violations.clone())(config))
     };
-    let run = run_embedded(config.clone(), 2, state_dir.path(), factory.clone(), CancellationToken::new());
+    // The CLI draws its bars from these reports: they come while the run goes on, stages in plan order.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let progress: iro_worker::runtime::ProgressFn = {
+        let seen = seen.clone();
+        Box::new(move |r| seen.lock().unwrap().push((r.iteration, r.phase.clone(), r.phase_tasks)))
+    };
+    let run = iro_worker::runtime::run_embedded_with_progress(
+        config.clone(),
+        2,
+        state_dir.path(),
+        factory.clone(),
+        CancellationToken::new(),
+        Some(progress),
+    );
     tokio::time::timeout(Duration::from_secs(30), run).await.expect("the embedded run did not finish").unwrap();
+    let seen = seen.lock().unwrap().clone();
+    assert!(!seen.is_empty(), "no status report reached the progress callback");
+    let order = |phase: &Option<String>| ["rollout", "train", "eval"].iter().position(|p| phase.as_deref() == Some(*p));
+    let stages: Vec<_> = seen.iter().filter_map(|(t, phase, _)| Some((t.as_ref()?, order(phase)?))).collect();
+    assert!(stages.windows(2).all(|w| w[0] <= w[1]), "stages went backwards: {seen:?}");
+    assert!(seen.iter().all(|(_, _, c)| c.done <= c.total()), "{seen:?}");
     let store = Store::open(&store_dir.path().display().to_string()).unwrap();
     check_outputs(&store, &RunLayout::new(RUN_ID).unwrap(), 1).await;
     assert_eq!(*violations.lock().unwrap(), Vec::<String>::new());

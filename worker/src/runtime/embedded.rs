@@ -9,6 +9,7 @@ use std::time::Duration;
 use iro_common::RunConfig;
 use iro_coordinator::driver::{CoordinatorConfig, serve};
 use iro_coordinator::state::RunStatus;
+use iro_coordinator::status::{StatusReport, report};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -18,6 +19,9 @@ use crate::error::{Error, Result};
 
 /// Builds one worker's runner; called once per worker, each on its own blocking thread.
 pub type SharedRunnerFactory = Arc<dyn Fn(&RunConfig) -> Result<Box<dyn TaskRunner>> + Send + Sync>;
+
+/// Shown the coordinator's status about once a second while the run goes on (the CLI draws bars from it).
+pub type ProgressFn = Box<dyn FnMut(&StatusReport) + Send>;
 
 /// After the run is over, how long workers get to notice (their next LeaseTask says so) before they are
 /// told to stop.
@@ -33,6 +37,18 @@ pub async fn run_embedded(
     state_dir: &Path,
     runner_factory: SharedRunnerFactory,
     shutdown: CancellationToken,
+) -> Result<()> {
+    run_embedded_with_progress(config, workers, state_dir, runner_factory, shutdown, None).await
+}
+
+/// `run_embedded`, calling `progress` with the coordinator's status report about once a second.
+pub async fn run_embedded_with_progress(
+    config: RunConfig,
+    workers: usize,
+    state_dir: &Path,
+    runner_factory: SharedRunnerFactory,
+    shutdown: CancellationToken,
+    mut progress: Option<ProgressFn>,
 ) -> Result<()> {
     if workers == 0 {
         return Err(Error::InvalidRequest("the embedded mode needs at least one worker".into()));
@@ -62,9 +78,17 @@ pub async fn run_embedded(
     }
 
     let mut first_error: Option<Error> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     let outcome = loop {
         tokio::select! {
             status = server.run_over() => break Some(status),
+            _ = tick.tick(), if progress.is_some() => {
+                let id = run_id.clone();
+                // A read fails only when the driver stopped, which `run_over` reports next.
+                if let (Ok(status), Some(show)) = (server.handle().read(move |v| report(&id, v)).await, progress.as_mut()) {
+                    show(&status);
+                }
+            }
             () = shutdown.cancelled() => break None,
             joined = loops.join_next() => match joined {
                 Some(Ok(Ok(exit))) => tracing::info!(?exit, "an embedded worker stopped"),

@@ -14,7 +14,7 @@ pub mod task;
 pub mod task_loop;
 
 pub use client::Timeouts;
-pub use embedded::{SharedRunnerFactory, run_embedded};
+pub use embedded::{ProgressFn, SharedRunnerFactory, run_embedded, run_embedded_with_progress};
 pub use task::{TaskControl, TaskOutput, TaskPhase, TaskRef, TaskRunner};
 pub use task_loop::{WorkerExit, WorkerOptions, run_worker};
 pub use tokio_util::sync::CancellationToken;
