@@ -7,7 +7,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub struct Bar {
     phase: String,
     bar: Option<ProgressBar>,
-    last_logged_decile: usize,
+    /// The tenth of the way last logged (none yet: the first update logs, whatever it says).
+    last_logged_decile: Option<usize>,
 }
 
 impl Bar {
@@ -23,7 +24,7 @@ impl Bar {
             b.set_prefix(phase.clone());
             b
         });
-        Self { phase, bar, last_logged_decile: 0 }
+        Self { phase, bar, last_logged_decile: None }
     }
 
     pub fn update(&mut self, done: usize, total: usize) {
@@ -34,8 +35,9 @@ impl Bar {
             }
             None => {
                 let decile = (done * 10).checked_div(total).unwrap_or(10);
-                if decile > self.last_logged_decile || done == 0 {
-                    self.last_logged_decile = decile;
+                // Updates come once a second in a cluster run: log only when the tenth moves.
+                if self.last_logged_decile.is_none_or(|last| decile > last) {
+                    self.last_logged_decile = Some(decile);
                     tracing::info!(phase = %self.phase, done, total, "progress");
                 }
             }
