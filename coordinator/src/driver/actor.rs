@@ -388,7 +388,9 @@ impl Actor {
             }
         }
         let now = self.clock.now_ms();
-        let held_back = self.publisher.as_ref().and_then(|p| p.held_back(&self.state));
+        // Only reads need it (the status page): not worth a gate check on every committed batch.
+        let held_back =
+            if batch.reads.is_empty() { None } else { self.publisher.as_ref().and_then(|p| p.held_back(&self.state)) };
         for read in batch.reads {
             read(View {
                 state: &self.state,

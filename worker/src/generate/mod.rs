@@ -45,8 +45,6 @@ pub struct Decoder<'m> {
     last_hidden: Tensor,
     rows: Vec<RowState>,
     pad: i64,
-    /// The generation length the cache was sized for.
-    max_new_tokens: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -98,7 +96,7 @@ impl<'m> Decoder<'m> {
                 rng: RowRng::new(s),
             })
             .collect();
-        Ok(Self { model, cache, next_logits, next_pos, last_hidden, rows, pad, max_new_tokens })
+        Ok(Self { model, cache, next_logits, next_pos, last_hidden, rows, pad })
     }
 
     pub fn batch(&self) -> usize {
@@ -193,32 +191,19 @@ impl<'m> Decoder<'m> {
         }
         assert!(
             self.cache.len() + block as i64 <= self.cache.capacity(),
-            "scoring_hidden: {} + {block} slots exceed the cache ({}); max_new_tokens was {}",
+            "scoring_hidden: {} + {block} slots exceed the cache ({}); step was given a longer max_new_tokens than new",
             self.cache.len(),
             self.cache.capacity(),
-            self.max_new_tokens
         );
-        // Each row's tokens left-aligned in the block, the rest invalid; positions continue the row's own.
-        let rows = self.rows.len();
-        let mut ids = vec![self.pad; rows * block];
-        let mut valid = vec![false; rows * block];
-        let mut last = vec![0i64; rows];
-        for (r, feed) in pending.iter().enumerate() {
-            ids[r * block..r * block + feed.len()].copy_from_slice(feed);
-            valid[r * block..r * block + feed.len()].fill(true);
-            last[r] = feed.len().saturating_sub(1) as i64;
-        }
-        let device = self.next_logits.device();
-        let shape = [rows as i64, block as i64];
-        let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
-        let valid = Tensor::from_slice(&valid).view(shape).to_device(device);
+        let (rows, device) = (self.rows.len() as i64, self.next_logits.device());
+        let (ids, valid) = right_pad(&pending, block, self.pad, device);
+        let last: Vec<i64> = pending.iter().map(|feed| feed.len().saturating_sub(1) as i64).collect();
         let positions = self.next_pos.unsqueeze(1) + Tensor::arange(block as i64, (Kind::Int64, device)).unsqueeze(0);
         let len = self.cache.len();
         let hidden = self.model.backbone.forward(&ids, &valid, &positions, Some(&mut self.cache));
         self.cache.rewind(len);
         let h = hidden.size()[2];
-        let index =
-            Tensor::from_slice(&last).to_device(device).view([rows as i64, 1, 1]).expand([rows as i64, 1, h], true);
+        let index = Tensor::from_slice(&last).to_device(device).view([rows, 1, 1]).expand([rows, 1, h], true);
         let fed = hidden.gather(1, &index, false).squeeze_dim(1);
         let any = valid.any_dim(1, true);
         fed.where_self(&any, &self.last_hidden)
@@ -267,12 +252,23 @@ pub fn generate(
     Ok(dec.finish())
 }
 
-/// [B, width] ids and validity, each row right-aligned (left padding).
-pub fn left_pad(rows: &[Vec<i64>], width: usize, pad: i64, device: Device) -> (Tensor, Tensor) {
+/// [B, width] ids and validity, each row right-aligned (left padding): prompts, whole sequences.
+pub fn left_pad<R: AsRef<[i64]>>(rows: &[R], width: usize, pad: i64, device: Device) -> (Tensor, Tensor) {
+    padded(rows, width, pad, device, true)
+}
+
+/// [B, width] ids and validity, each row left-aligned (right padding): a block of new tokens fed after what a
+/// cache already holds, each row's positions continuing its own.
+pub fn right_pad<R: AsRef<[i64]>>(rows: &[R], width: usize, pad: i64, device: Device) -> (Tensor, Tensor) {
+    padded(rows, width, pad, device, false)
+}
+
+fn padded<R: AsRef<[i64]>>(rows: &[R], width: usize, pad: i64, device: Device, left: bool) -> (Tensor, Tensor) {
     let mut ids = vec![pad; rows.len() * width];
     let mut valid = vec![false; rows.len() * width];
     for (r, row) in rows.iter().enumerate() {
-        let start = r * width + width - row.len();
+        let row = row.as_ref();
+        let start = if left { r * width + width - row.len() } else { r * width };
         ids[start..start + row.len()].copy_from_slice(row);
         valid[start..start + row.len()].fill(true);
     }

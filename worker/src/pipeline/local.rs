@@ -45,11 +45,11 @@ fn sharded_phase(pipeline: &mut Pipeline, t: u32, phase: ShardedPhase, on_progre
     };
     let shards = prompts.div_ceil(c.cluster.shard_size) as u32;
     let key = pipeline.layout.manifest(t, phase);
-    let mut manifest = match pipeline.block_on(pipeline.store.get_if_exists(&key))? {
-        Some(_) => {
-            pipeline.block_on(iro_common::records::read_manifest(&pipeline.store, &pipeline.layout, t, phase))?
-        }
-        None => Manifest::new(&c.run.id, t, phase, shards),
+    // A probe, then the validating read (not the bytes twice).
+    let mut manifest = if pipeline.block_on(pipeline.store.exists(&key))? {
+        pipeline.block_on(iro_common::records::read_manifest(&pipeline.store, &pipeline.layout, t, phase))?
+    } else {
+        Manifest::new(&c.run.id, t, phase, shards)
     };
     if manifest.shard_count != shards {
         return Err(Error::InvalidRequest(format!(

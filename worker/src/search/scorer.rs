@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::generate::kv_cache::KvCache;
-use crate::generate::left_pad;
+use crate::generate::{left_pad, right_pad};
 use crate::model::heads::{Head, gather_last};
 use crate::model::{Backbone, CausalLm, ScalarModel, positions_from_valid};
 
@@ -70,16 +70,12 @@ impl PrefixScorer for ValueEnsemble<'_> {
     fn score(&mut self, prompts: &[Vec<i64>], responses: &[Vec<i64>], finished: &[bool]) -> Result<Vec<f64>> {
         let seqs = full_sequences(prompts, responses, finished, &self.eos)?;
         let _g = tch::no_grad_guard();
-        let mut total = vec![0.0; seqs.len()];
-        for &(model, beta) in &self.members {
-            let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let members = self.members.iter().map(|&(model, beta)| {
             let (ids, valid) = left_pad(&seqs, width, 0, model.backbone.device());
-            let v = to_f64(&model.score(&ids, &valid));
-            for (t, v) in total.iter_mut().zip(v) {
-                *t += v / beta;
-            }
-        }
-        Ok(total)
+            (to_f64(&model.score(&ids, &valid)), beta)
+        });
+        Ok(weighted_sum(seqs.len(), members))
     }
 }
 
@@ -136,13 +132,7 @@ impl<'m> CachedValueEnsemble<'m> {
 
     fn total(&self) -> Vec<f64> {
         let state = self.state.as_ref().expect("scored before any prefill");
-        let mut total = vec![0.0; state.fed.len()];
-        for (&(_, beta), values) in self.members.iter().zip(&state.values) {
-            for (t, v) in total.iter_mut().zip(values) {
-                *t += v / beta;
-            }
-        }
-        total
+        weighted_sum(state.fed.len(), self.members.iter().zip(&state.values).map(|(&(_, beta), v)| (v, beta)))
     }
 }
 
@@ -166,23 +156,12 @@ impl PrefixScorer for CachedValueEnsemble<'_> {
         if block > 0 {
             // Each row's new tokens, right-padded to the block: the padding slots stay invalid, and rotary
             // positions continue from each row's own count of real tokens.
-            let rows = seqs.len();
-            let mut ids = vec![0i64; rows * block];
-            let mut valid = vec![false; rows * block];
-            let mut pos = vec![0i64; rows * block];
-            for (r, (n, f)) in new.iter().zip(&state.fed).enumerate() {
-                for j in 0..block {
-                    pos[r * block + j] = (f.len() + j) as i64;
-                }
-                ids[r * block..r * block + n.len()].copy_from_slice(n);
-                valid[r * block..r * block + n.len()].fill(true);
-            }
-            let shape = [rows as i64, block as i64];
+            let fed: Vec<i64> = state.fed.iter().map(|f| f.len() as i64).collect();
             for (m, &(model, _)) in self.members.iter().enumerate() {
                 let device = model.backbone.device();
-                let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
-                let valid_t = Tensor::from_slice(&valid).view(shape).to_device(device).to_kind(Kind::Bool);
-                let positions = Tensor::from_slice(&pos).view(shape).to_device(device);
+                let (ids, valid_t) = right_pad(&new, block, 0, device);
+                let positions = Tensor::from_slice(&fed).to_device(device).unsqueeze(1)
+                    + Tensor::arange(block as i64, (Kind::Int64, device)).unsqueeze(0);
                 let v = model.values(&ids, &valid_t, &positions, Some(&mut state.caches[m]));
                 let last = to_f64(&gather_last(&v, &valid_t));
                 for (r, n) in new.iter().enumerate() {
@@ -241,13 +220,8 @@ impl<'m> PolicyHeadEnsemble<'m> {
     /// `Σ_i head_i(h) / beta_i` for `hidden` [B, H].
     fn combine(&self, hidden: &Tensor) -> Vec<f64> {
         let hidden = hidden.unsqueeze(1);
-        let mut total = vec![0.0; hidden.size()[0] as usize];
-        for &(head, beta) in &self.heads {
-            for (t, v) in total.iter_mut().zip(to_f64(&head.forward(&hidden).squeeze_dim(1))) {
-                *t += v / beta;
-            }
-        }
-        total
+        let heads = self.heads.iter().map(|&(head, beta)| (to_f64(&head.forward(&hidden).squeeze_dim(1)), beta));
+        weighted_sum(hidden.size()[0] as usize, heads)
     }
 }
 
@@ -270,6 +244,17 @@ impl PrefixScorer for PolicyHeadEnsemble<'_> {
         let _g = tch::no_grad_guard();
         Ok(self.combine(hidden))
     }
+}
+
+/// `Σ_i values_i / beta_i`, row by row: every ensemble's score.
+fn weighted_sum<V: AsRef<[f64]>>(rows: usize, members: impl IntoIterator<Item = (V, f64)>) -> Vec<f64> {
+    let mut total = vec![0.0; rows];
+    for (values, beta) in members {
+        for (t, v) in total.iter_mut().zip(values.as_ref()) {
+            *t += v / beta;
+        }
+    }
+    total
 }
 
 fn check_members(members: &[(&ScalarModel, f64)], eos: &[i64]) -> Result<()> {
