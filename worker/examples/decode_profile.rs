@@ -1,14 +1,15 @@
 //! Where a decode step's time goes on SmolLM2-135M-Instruct (f32, CPU, 2 threads): the backbone forward of one new
 //! token per row over a cache of ~100 positions, the lm_head projection, and sampling (top-k 50), for the model
-//! loaded for inference (`WeightLayout::Transposed` on CPU) and with the checkpoint's own [out, in] matrices, in
-//! alternating rounds (best of 3 each), so a busy neighbour slows both alike. For issue 3's speed work:
+//! loaded for inference (`WeightLayout::Transposed` on CPU) with and without MKL's packed GEMM (`model::packed`),
+//! and with the checkpoint's own [out, in] matrices, in alternating rounds (best of 3 each), so a busy neighbour
+//! slows all of them alike. For issue 3's speed work:
 //! `cargo run --release -p iro-worker --example decode_profile [MODEL_DIR]`.
 
 use std::time::Instant;
 
 use iro_worker::generate::left_pad;
 use iro_worker::generate::sampler::{RowRng, SamplingParams, sample};
-use iro_worker::model::{CausalLm, Checkpoint, positions_from_valid};
+use iro_worker::model::{CausalLm, Checkpoint, packed, positions_from_valid};
 use tch::{Device, Kind, Tensor};
 
 /// (backbone, lm_head, sampling) milliseconds per step, averaged over 48 steps.
@@ -51,20 +52,22 @@ fn main() {
     let inference = load(Checkpoint::load(dir.as_ref(), Kind::Float, Device::Cpu).expect("load the model"));
     let hf_layout = load(Checkpoint::load_trainable(dir.as_ref(), Kind::Float, Device::Cpu).expect("load the model"));
     let _g = tch::no_grad_guard();
-    for batch in [8usize, 32] {
-        let mut best = [[f64::MAX; 3]; 2];
+    for batch in [1usize, 8, 32] {
+        let mut best = [[f64::MAX; 3]; 3];
         for _ in 0..3 {
-            for (b, lm) in best.iter_mut().zip([&inference, &hf_layout]) {
+            for (b, (lm, pack)) in best.iter_mut().zip([(&inference, true), (&inference, false), (&hf_layout, false)]) {
+                packed::set_enabled(pack);
                 let t = profile(lm, batch);
                 if t.iter().sum::<f64>() < b.iter().sum::<f64>() {
                     *b = t;
                 }
             }
         }
-        for (label, [back, head, samp]) in ["inference layout", "checkpoint layout"].iter().zip(best) {
+        let labels = ["inference, packed", "inference, mm", "checkpoint layout"];
+        for (label, [back, head, samp]) in labels.iter().zip(best) {
             let total = back + head + samp;
             println!(
-                "batch {batch:>2}, {label:17}: {total:.1} ms/step = backbone {back:.1} + lm_head {head:.1} + sampling {samp:.1}  ({:.0} tok/s)",
+                "batch {batch:>2}, {label:18}: {total:.1} ms/step = backbone {back:.1} + lm_head {head:.1} + sampling {samp:.1}  ({:.0} tok/s)",
                 batch as f64 * 1e3 / total
             );
         }

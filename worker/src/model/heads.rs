@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tch::{Device, Kind, Tensor};
 
-use super::{ArchConfig, Backbone, Checkpoint, Linear, ModelConfig, WeightLayout};
+use super::{ArchConfig, Backbone, Checkpoint, Linear, ModelConfig};
 use crate::error::{Error, Result};
 use crate::generate::kv_cache::KvCache;
 
@@ -31,9 +31,8 @@ impl CausalLm {
         };
         let lm_head = match ck.weights.get_opt(head_name, &shape)? {
             Some(w) => Linear::new(w, None, ck.weights.layout()),
-            // Tied: the embedding matrix itself (a transposed copy would cost its size again).
             None if ck.config.tie_word_embeddings() => {
-                Linear::new(backbone.embeddings().shallow_clone(), None, WeightLayout::Checkpoint)
+                Linear::tied(backbone.embeddings().shallow_clone(), ck.weights.layout())
             }
             // Untied but absent: let `get` produce the error that names the tensor and the files.
             None => Linear::new(ck.weights.get(head_name, &shape)?, None, ck.weights.layout()),

@@ -8,6 +8,7 @@ pub mod config;
 pub mod gpt_neox;
 pub mod heads;
 pub mod llama;
+pub mod packed;
 pub mod weights;
 
 use std::path::Path;
@@ -22,11 +23,13 @@ pub use weights::{WeightLayout, Weights};
 use crate::error::Result;
 use crate::generate::kv_cache::{CacheShape, KvCache};
 
-/// A dense layer, `x·Wᵀ + b` for HF's [out, in] weight `W`, kept as the weights' `layout` says.
+/// A dense layer, `x·Wᵀ + b` for HF's [out, in] weight `W`, kept as the weights' `layout` says. For CPU inference
+/// it also multiplies through MKL's packed copies when the row count suits them (`packed`).
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
     layout: WeightLayout,
+    packed: Option<packed::PackedWeight>,
 }
 
 impl Linear {
@@ -38,19 +41,39 @@ impl Linear {
 
     /// From an [out, in] weight.
     pub fn new(weight: Tensor, bias: Option<Tensor>, layout: WeightLayout) -> Self {
-        let weight = match layout {
-            WeightLayout::Checkpoint => weight,
-            WeightLayout::Transposed => weight.tr().contiguous(),
+        let (weight, packed) = match layout {
+            WeightLayout::Checkpoint => (weight, None),
+            WeightLayout::Transposed => {
+                let weight = weight.tr().contiguous();
+                let packed = packed::PackedWeight::new(&weight, true);
+                (weight, packed)
+            }
         };
-        Self { weight, bias, layout }
+        Self { weight, bias, layout, packed }
+    }
+
+    /// A tied output head: the [V, H] embedding matrix itself (a transposed copy would cost its size again),
+    /// packed like the other layers when `layout` is for CPU inference.
+    pub fn tied(embedding: Tensor, layout: WeightLayout) -> Self {
+        let packed = match layout {
+            WeightLayout::Checkpoint => None,
+            WeightLayout::Transposed => packed::PackedWeight::new(&embedding, false),
+        };
+        Self { weight: embedding, bias: None, layout: WeightLayout::Checkpoint, packed }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        let mut shape = x.size();
+        let input = *shape.last().expect("a Linear input has a feature dimension");
+        if let Some(y) = self.packed.as_ref().and_then(|p| p.matmul(&x.reshape([-1, input]), self.bias.as_ref())) {
+            shape.pop();
+            shape.push(y.size()[1]);
+            return y.view(shape.as_slice());
+        }
         match self.layout {
             WeightLayout::Checkpoint => x.linear(&self.weight, self.bias.as_ref()),
             WeightLayout::Transposed => {
-                let mut shape = x.size();
-                let input = shape.pop().expect("a Linear input has a feature dimension");
+                shape.pop();
                 let x2 = x.reshape([-1, input]);
                 let y = match &self.bias {
                     Some(b) => b.addmm(&x2, &self.weight),
