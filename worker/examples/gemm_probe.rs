@@ -1,12 +1,15 @@
 //! The dense layers of one SmolLM2-135M decode step (30 layers × q, k, v, o, gate, up, down on the real weights),
 //! timed with HF's [out, in] matrices (`x·Wᵀ`, what `linear` does) against contiguous [in, out] copies (`x·W`), and
-//! against q/k/v and gate/up fused into one matrix each. The variants alternate, best of 15 rounds each, so a
-//! busy neighbour slows all of them alike. This is the measurement behind `WeightLayout::Transposed`.
+//! against q/k/v and gate/up fused into one matrix each, and against MKL's packed copies of the [in, out] matrices
+//! (`model::packed`; a single row is not packed and runs x·W). The variants alternate, best of 15 rounds each, so a
+//! busy neighbour slows all of them alike. These are the measurements behind `WeightLayout::Transposed` and the
+//! packed GEMM's row range.
 //! `cargo run --release -p iro-worker --example gemm_probe [MODEL_DIR]`
 
 use std::time::Instant;
 
 use iro_worker::model::Checkpoint;
+use iro_worker::model::packed::PackedWeight;
 use tch::{Device, Kind, Tensor};
 
 const NAMES: [&str; 7] = [
@@ -26,6 +29,18 @@ fn pass(layers: &[Vec<Tensor>], x: &Tensor, wide: &Tensor, transposed: bool) -> 
         for (j, w) in layer.iter().enumerate() {
             let input = if j + 1 == layer.len() { wide } else { x };
             let _ = if transposed { input.mm(w) } else { input.linear::<Tensor>(w, None) };
+        }
+    }
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+/// Like `pass` with x·W, through the packed copies (the plain product where a call is not packed).
+fn packed_pass(layers: &[Vec<PackedWeight>], plain: &[Vec<Tensor>], x: &Tensor, wide: &Tensor) -> f64 {
+    let start = Instant::now();
+    for (layer, plain) in layers.iter().zip(plain) {
+        for (j, (p, w)) in layer.iter().zip(plain).enumerate() {
+            let input = if j + 1 == layer.len() { wide } else { x };
+            let _ = p.matmul(input, None).unwrap_or_else(|| input.mm(w));
         }
     }
     start.elapsed().as_secs_f64() * 1e3
@@ -54,25 +69,32 @@ fn main() {
         .map(|l| vec![Tensor::cat(&l[0..3], 0), l[3].shallow_clone(), Tensor::cat(&l[4..6], 0), l[6].shallow_clone()])
         .collect();
     let (layers_t, fused_t) = (transpose(&layers), transpose(&fused));
+    let packed: Vec<Vec<PackedWeight>> = layers_t
+        .iter()
+        .map(|l| l.iter().map(|w| PackedWeight::new(w, true).expect("MKL's packed GEMM in this libtorch")).collect())
+        .collect();
     let (hidden, wide) = (layers[0][0].size()[1], layers[0][6].size()[1]);
     println!("{} layers; ms per decode step's dense layers, best of 15 alternating rounds", layers.len());
-    for batch in [1i64, 8, 32] {
+    for batch in [1i64, 2, 4, 8, 16, 32, 64, 128] {
         let x = Tensor::randn([batch, hidden], (Kind::Float, Device::Cpu));
         let xw = Tensor::randn([batch, wide], (Kind::Float, Device::Cpu));
-        let mut best = [f64::MAX; 4];
+        let mut best = [f64::MAX; 5];
         for _ in 0..15 {
             best[0] = best[0].min(pass(&layers, &x, &xw, false));
             best[1] = best[1].min(pass(&layers_t, &x, &xw, true));
             best[2] = best[2].min(pass(&fused, &x, &xw, false));
             best[3] = best[3].min(pass(&fused_t, &x, &xw, true));
+            best[4] = best[4].min(packed_pass(&packed, &layers_t, &x, &xw));
         }
         println!(
-            "batch {batch:>2}: x·Wᵀ {:.1} | x·W {:.1} ({:.2}×) | fused x·Wᵀ {:.1} | fused x·W {:.1}",
+            "batch {batch:>3}: x·Wᵀ {:.1} | x·W {:.1} ({:.2}×) | fused x·Wᵀ {:.1} | fused x·W {:.1} | packed {:.1} ({:.2}× x·W)",
             best[0],
             best[1],
             best[0] / best[1],
             best[2],
-            best[3]
+            best[3],
+            best[4],
+            best[1] / best[4]
         );
     }
 }

@@ -4,9 +4,10 @@
 //! hands that to MKL's `sgemm`, which copies the weight matrix into its kernel's panel layout on every call: with
 //! 8 rows that copy costs about as much as the multiply itself. MKL can instead pack a matrix once
 //! (`cblas_sgemm_pack`) and multiply many times by the packed copy (`cblas_sgemm_compute`); PyTorch exposes the same
-//! pair as `torch.ops.mkl._mkl_linear`, what Inductor's freezing pass uses for CPU linears. On SmolLM2-135M's 211
-//! matrices of a decode step this is 1.2–1.4× faster than `mm` from 2 to 64 rows and slower for a single row
-//! (`cargo run --release -p iro-worker --example gemm_probe`), so only that range is packed.
+//! pair as `torch.ops.mkl._mkl_linear`, what Inductor's freezing pass uses for CPU linears. On SmolLM2-135M's 210
+//! dense matrices of a decode step this is 1.14–1.34× faster than `mm` from 2 to 64 rows, and no faster for one
+//! row or 128 (`cargo run --release -p iro-worker --example gemm_probe`), so only that range is packed; the tied
+//! 49152 × 576 output head gains most (`--example decode_profile`: 8.0 instead of 18.8 ms at 8 rows).
 //!
 //! MKL's packed layout depends on the row count the matrix was packed for, so a pack serves one row count; a
 //! layer repacks when a new count has come twice in a row (a decode loop's batch is stable; a prefill or a lone
