@@ -163,8 +163,8 @@ impl PackedWeight {
                 state.last_miss = Some(m);
                 return None;
             }
-            state.packed = None; // free the old pack before allocating the new one
-            state.packed = Some((m, self.pack(mkl, m)));
+            let old = state.packed.take().map(|(_, buffer)| buffer);
+            state.packed = Some((m, self.pack(mkl, m, old)));
             state.last_miss = None;
         }
         let (_, packed) = state.packed.as_ref().expect("packed above");
@@ -205,11 +205,19 @@ impl PackedWeight {
         self.weight.size()[1]
     }
 
-    fn pack(&self, mkl: &Mkl, m: i64) -> Tensor {
+    /// Packs for `m` rows into `old` (the previous pack) when it is large enough (MKL asks for the same size
+    /// whatever `m`), else into a new buffer. Reuse matters on VMs, where first-touch page faults are dear:
+    /// packing SmolLM2 into fresh memory took 0.2–1.4 s on the 2-core VM, into the previous pack's memory about
+    /// 0.1 s (`cargo run --release -p iro-worker --example pack_probe`).
+    fn pack(&self, mkl: &Mkl, m: i64, old: Option<Tensor>) -> Tensor {
         let (k, n) = self.dims();
         // SAFETY: plain arithmetic on the dimensions; MKL reads nothing but them.
         let bytes = unsafe { (mkl.pack_get_size)(B_MATRIX, m as MklInt, n as MklInt, k as MklInt) };
-        let buffer = Tensor::empty([(bytes as i64 + 3) / 4], (Kind::Float, Device::Cpu));
+        let floats = (bytes as i64 + 3) / 4;
+        let buffer = match old {
+            Some(b) if b.numel() as i64 >= floats => b,
+            _ => Tensor::empty([floats], (Kind::Float, Device::Cpu)),
+        };
         let trans = if self.transposed { NO_TRANS } else { TRANS };
         // SAFETY: `weight` is a contiguous f32 matrix whose row length is `leading_dim`, holding op(B) = [k, n]
         // (itself, or transposed via `trans`); `buffer` has at least the size MKL asked for and is aligned by
