@@ -120,7 +120,7 @@ pub struct PackedWeight {
 
 #[derive(Default)]
 struct PackState {
-    /// (rows it was packed for, MKL's opaque packed buffer in a 64-byte aligned tensor).
+    /// (rows it was packed for, MKL's opaque packed buffer in a 64-byte aligned tensor; see `pack`).
     packed: Option<(i64, Tensor)>,
     /// The row count of the previous call that the pack did not serve.
     last_miss: Option<i64>,
@@ -143,20 +143,24 @@ impl PackedWeight {
     }
 
     /// `x·W (+ bias)` for `x` [M, K], or `None` when this call is better served by the plain path: packing is off,
-    /// M is outside [`MIN_ROWS`, `MAX_ROWS`], autograd is recording, or the pack is for another M (see the module
-    /// comment for when it repacks).
+    /// M is outside [`MIN_ROWS`, `MAX_ROWS`], `x` needs gradients, or the pack is for another M (see the module
+    /// comment for when it repacks). An `x` of the wrong shape or kind also gets `None`, so the plain path raises
+    /// libtorch's error naming the shapes (MKL would read out of bounds instead).
     pub fn matmul(&self, x: &Tensor, bias: Option<&Tensor>) -> Option<Tensor> {
         let mkl = mkl()?;
-        let m = x.size()[0];
+        let (k, n) = self.dims();
+        let (shape, m) = (x.size(), x.size().first().copied().unwrap_or(0));
         if !ENABLED.load(Ordering::Relaxed)
+            || shape.len() != 2
+            || shape[1] != k
             || !(MIN_ROWS..=MAX_ROWS).contains(&m)
             || x.kind() != Kind::Float
             || x.device() != Device::Cpu
             || x.requires_grad()
+            || bias.is_some_and(|b| b.size() != [n] || b.kind() != Kind::Float || b.device() != Device::Cpu)
         {
             return None;
         }
-        let (k, n) = self.dims();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.packed.as_ref().is_none_or(|(rows, _)| *rows != m) {
             if state.last_miss != Some(m) {
@@ -304,6 +308,10 @@ mod tests {
         assert!(!served(4) && served(4), "a new row count twice in a row repacks");
         assert!(!served(8), "… so 8 rows are no longer served");
         assert!(!served(8 + 1) && !served(8), "alternating counts never thrash the pack");
+        assert!(served(8) && p.matmul(&Tensor::ones([8, 31], (Kind::Float, Device::Cpu)), None).is_none(), "bad width");
+        assert!(p.matmul(&Tensor::ones([8, 2, 32], (Kind::Float, Device::Cpu)), None).is_none(), "not a matrix");
+        let short_bias = Tensor::ones([47], (Kind::Float, Device::Cpu));
+        assert!(p.matmul(&x(8), Some(&short_bias)).is_none(), "a bias of the wrong length goes the plain way");
         let frozen = Tensor::randn([8, 8], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         assert!(PackedWeight::new(&frozen, true).is_none(), "a trainable matrix is never packed");
         assert!(PackedWeight::new(&w.to_kind(Kind::BFloat16), true).is_none(), "only f32 is packed");
