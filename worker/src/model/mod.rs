@@ -63,26 +63,23 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        if self.layout == WeightLayout::Checkpoint && self.packed.is_none() {
+            return x.linear(&self.weight, self.bias.as_ref());
+        }
+        // Packed and transposed products take a matrix: fold the leading dimensions, unfold after.
         let mut shape = x.size();
-        let input = *shape.last().expect("a Linear input has a feature dimension");
-        if let Some(y) = self.packed.as_ref().and_then(|p| p.matmul(&x.reshape([-1, input]), self.bias.as_ref())) {
-            shape.pop();
-            shape.push(y.size()[1]);
-            return y.view(shape.as_slice());
-        }
-        match self.layout {
-            WeightLayout::Checkpoint => x.linear(&self.weight, self.bias.as_ref()),
-            WeightLayout::Transposed => {
-                shape.pop();
-                let x2 = x.reshape([-1, input]);
-                let y = match &self.bias {
-                    Some(b) => b.addmm(&x2, &self.weight),
-                    None => x2.mm(&self.weight),
-                };
-                shape.push(self.weight.size()[1]);
-                y.view(shape.as_slice())
-            }
-        }
+        let input = shape.pop().expect("a Linear input has a feature dimension");
+        let x2 = x.reshape([-1, input]);
+        let y = match self.packed.as_ref().and_then(|p| p.matmul(&x2, self.bias.as_ref())) {
+            Some(y) => y,
+            None => match (self.layout, &self.bias) {
+                (WeightLayout::Checkpoint, bias) => x2.linear(&self.weight, bias.as_ref()),
+                (WeightLayout::Transposed, Some(b)) => b.addmm(&x2, &self.weight),
+                (WeightLayout::Transposed, None) => x2.mm(&self.weight),
+            },
+        };
+        shape.push(y.size()[1]);
+        y.view(shape.as_slice())
     }
 }
 

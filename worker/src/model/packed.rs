@@ -79,11 +79,6 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
 
-/// Whether packed multiplies can run here: MKL found in libtorch, and not switched off.
-pub fn available() -> bool {
-    ENABLED.load(Ordering::Relaxed) && mkl().is_some()
-}
-
 fn mkl() -> Option<&'static Mkl> {
     static MKL: OnceLock<Option<Mkl>> = OnceLock::new();
     MKL.get_or_init(|| {
@@ -149,7 +144,8 @@ impl PackedWeight {
     pub fn matmul(&self, x: &Tensor, bias: Option<&Tensor>) -> Option<Tensor> {
         let mkl = mkl()?;
         let (k, n) = self.dims();
-        let (shape, m) = (x.size(), x.size().first().copied().unwrap_or(0));
+        let shape = x.size();
+        let m = shape.first().copied().unwrap_or(0);
         if !ENABLED.load(Ordering::Relaxed)
             || shape.len() != 2
             || shape[1] != k

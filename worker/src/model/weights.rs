@@ -14,8 +14,10 @@ use crate::error::{Error, Result};
 pub enum WeightLayout {
     /// HF's [out, in]: the checkpoint's own tensor, which is what training updates and saves.
     Checkpoint,
-    /// A contiguous [in, out] copy, for inference on CPU: libtorch's CPU GEMM runs x·W 4–17% faster than
-    /// x·Wᵀ on SmolLM2's decode shapes (`cargo run --release -p iro-worker --example gemm_probe`).
+    /// A contiguous [in, out] copy, for inference on CPU: libtorch's CPU GEMM ran x·W 4–17% faster than x·Wᵀ
+    /// on SmolLM2's decode shapes in session 3's run of `cargo run --release -p iro-worker --example gemm_probe`
+    /// (0.87–1.13× from 1 to 128 rows in session 4's), and a whole decode step 3% faster at 8 rows and 10% at 32
+    /// (`--example decode_profile`). Most decode shapes now go through MKL's packed copies (`model::packed`).
     Transposed,
 }
 
