@@ -52,7 +52,7 @@ fn main() {
         .collect();
     let timed = |scorer: &mut dyn PrefixScorer| {
         let start = Instant::now();
-        let out = chunk_beam_search(&lm, &prompts, &seeds, &params, scorer).expect("search");
+        let out = chunk_beam_search(&lm, &prompts, &seeds, &params, scorer).expect("search").candidates;
         (start.elapsed().as_secs_f64(), out)
     };
     println!(

@@ -81,7 +81,7 @@ fn cbs_w2_k2_l3_returns_w_times_k_rows_per_prompt_within_max_new_tokens() {
     let (v1, v2, rm) = (scalar("llama_seqcls"), scalar("neox_seqcls"), scalar("neox_seqcls"));
     let mut values = ValueEnsemble::new(vec![(&v1, 1.0), (&v2, 2.0)], EOS.to_vec()).unwrap();
     let params = cbs_params(2, 2, 3, 8);
-    let out = chunk_beam_search(&lm, &prompts(), &[11, 12], &params, &mut values).unwrap();
+    let out = chunk_beam_search(&lm, &prompts(), &[11, 12], &params, &mut values).unwrap().candidates;
     assert_eq!(out.len(), 2);
     for group in &out {
         assert_eq!(group.len(), 4);
@@ -100,7 +100,7 @@ fn cbs_w2_k2_l3_returns_w_times_k_rows_per_prompt_within_max_new_tokens() {
         }
     }
     // Seeded: the same seeds reproduce the search.
-    let rerun = chunk_beam_search(&lm, &prompts(), &[11, 12], &params, &mut values).unwrap();
+    let rerun = chunk_beam_search(&lm, &prompts(), &[11, 12], &params, &mut values).unwrap().candidates;
     assert_eq!(out, rerun);
     // Final picks.
     assert_eq!(pick_final(&prompts(), &out, FinalPick::First, None).unwrap(), vec![0, 0]);
@@ -121,7 +121,7 @@ fn cbs_with_one_beam_n_successors_and_unbounded_chunks_is_best_of_n() {
     let mut reward = ValueEnsemble::new(vec![(&rm, 1.0)], EOS.to_vec()).unwrap();
     let n = 4;
     let seeds = [21, 22];
-    let cbs = chunk_beam_search(&lm, &prompts(), &seeds, &cbs_params(1, n, usize::MAX, 10), &mut reward).unwrap();
+    let cbs = chunk_beam_search(&lm, &prompts(), &seeds, &cbs_params(1, n, usize::MAX, 10), &mut reward).unwrap().candidates;
     let opts = GenerateOptions { max_new_tokens: 10, sampling: SAMPLING, eos_token_ids: EOS.to_vec(), pad_token_id: 3 };
     let bon = best_of_n(&lm, &prompts(), &seeds, n, &opts, &mut reward).unwrap();
     for (c, b) in cbs.iter().zip(&bon) {
@@ -148,7 +148,7 @@ fn cached_value_scorer_equals_re_encoding_through_cbs_reorders() {
             cached: CachedValueEnsemble::new(members(), EOS.to_vec(), headroom).unwrap(),
             calls: 0,
         };
-        let out = chunk_beam_search(&lm, &prompts(), &[31, 32], &cbs_params(2, 3, 3, 10), &mut both).unwrap();
+        let out = chunk_beam_search(&lm, &prompts(), &[31, 32], &cbs_params(2, 3, 3, 10), &mut both).unwrap().candidates;
         assert!(both.calls >= 3, "only {} chunks", both.calls);
         assert_eq!(out.iter().map(Vec::len).collect::<Vec<_>>(), vec![6, 6]);
         let prefills = both.cached.prefills();
@@ -301,10 +301,10 @@ fn policy_heads_guide_cbs_from_the_decoders_states_as_re_encoding_would() {
     let members = || vec![(&v1, 1.0), (&v2, 2.5)];
     let params = cbs_params(2, 3, 3, 10);
     let mut from_hidden = HiddenOnly(PolicyHeadEnsemble::new(&lm, members(), EOS.to_vec()).unwrap(), 0);
-    let fast = chunk_beam_search(&lm, &prompts(), &[51, 52], &params, &mut from_hidden).unwrap();
+    let fast = chunk_beam_search(&lm, &prompts(), &[51, 52], &params, &mut from_hidden).unwrap().candidates;
     assert!(from_hidden.1 >= 3, "only {} chunks", from_hidden.1);
     let mut cached = CachedValueEnsemble::new(members(), EOS.to_vec(), 11).unwrap();
-    let slow = chunk_beam_search(&lm, &prompts(), &[51, 52], &params, &mut cached).unwrap();
+    let slow = chunk_beam_search(&lm, &prompts(), &[51, 52], &params, &mut cached).unwrap().candidates;
     for (f, s) in fast.iter().flatten().zip(slow.iter().flatten()) {
         assert_eq!(f.generation, s.generation, "the two scorers steered the search apart");
         assert!((f.score - s.score).abs() <= 1e-4, "scores {} vs {}", f.score, s.score);
@@ -322,4 +322,81 @@ fn policy_heads_guide_cbs_from_the_decoders_states_as_re_encoding_would() {
     let own = scalar("llama_seqcls");
     let err = PolicyHeadEnsemble::new(&lm, vec![(&v1, 1.0), (&own, 1.0)], EOS.to_vec()).err().unwrap();
     assert!(err.to_string().contains("value model 1"), "{err}");
+}
+
+/// Every 12th token ends a row: rows stop after about 12 tokens, so within 16 some prompts have all their rows
+/// finished after the first chunks while others run to the limit.
+fn many_eos() -> Vec<i64> {
+    (0..512).step_by(12).collect()
+}
+
+/// CBS(W = 2, K = 2, L = 2) over a set of prompts with the many-EOS set, one re-encoding value as the guide.
+fn cbs_many_eos(lm: &CausalLm, prompts: &[Vec<i64>], seeds: &[u64]) -> iro_worker::search::CbsOutput {
+    let v = scalar("llama_seqcls");
+    let mut values = ValueEnsemble::new(vec![(&v, 1.0)], many_eos()).unwrap();
+    let mut params = cbs_params(2, 2, 2, 16);
+    params.eos_token_ids = many_eos();
+    chunk_beam_search(lm, prompts, seeds, &params, &mut values).unwrap()
+}
+
+fn same_rows(a: &[iro_worker::search::Candidate], b: &[iro_worker::search::Candidate], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: row count");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert_eq!(x.generation, y.generation, "{what}: row {i} differs");
+        assert!((x.score - y.score).abs() <= 1e-4, "{what}: row {i} score {} vs {}", x.score, y.score);
+    }
+}
+
+#[test]
+fn a_prompts_cbs_result_does_not_depend_on_the_prompts_sharing_its_batch() {
+    let lm = policy();
+    let p = prompts();
+    // Seeds for prompt 0 whose rows all finish early (before the last chunk), and for prompt 1 whose search
+    // runs to max_new_tokens: found by search, so the test checks both orders of finishing.
+    let mut early = None;
+    let mut late = None;
+    for seed in 0..400u64 {
+        let alone = cbs_many_eos(&lm, &p[..1], &[seed]);
+        let rows = &alone.candidates[0];
+        let longest = rows.iter().map(|c| c.generation.tokens.len()).max().unwrap();
+        if early.is_none() && rows.iter().all(|c| c.generation.stopped_at_eos) && longest <= 8 {
+            early = Some((seed, alone));
+        } else if late.is_none() && longest == 16 {
+            late = Some((seed, alone));
+        }
+        if early.is_some() && late.is_some() {
+            break;
+        }
+    }
+    let (early_seed, early_alone) = early.expect("no seed lets prompt 0 finish within 8 tokens");
+    let (late_seed, late_alone) = late.expect("no seed runs prompt 0 to the limit");
+    let late_b = (0..400u64)
+        .find(|&s| cbs_many_eos(&lm, &p[1..], &[s]).candidates[0].iter().any(|c| c.generation.tokens.len() == 16))
+        .expect("no seed runs prompt 1 to the limit");
+    let early_b = (0..400u64)
+        .find(|&s| {
+            let rows = &cbs_many_eos(&lm, &p[1..], &[s]).candidates[0];
+            rows.iter().all(|c| c.generation.stopped_at_eos && c.generation.tokens.len() <= 8)
+        })
+        .expect("no seed lets prompt 1 finish within 8 tokens");
+
+    // Prompt 0 finishes early while prompt 1 runs on (the case that used to collapse its pool to W rows).
+    let both = cbs_many_eos(&lm, &p, &[early_seed, late_b]);
+    same_rows(&both.candidates[0], &early_alone.candidates[0], "early prompt, batched with a later one");
+    assert_eq!(both.sampled[0], early_alone.sampled[0], "tokens sampled for the early prompt");
+    // Its pool keeps the W·K rows it had when it finished: not W distinct rows copied K times.
+    let distinct: std::collections::HashSet<_> = both.candidates[0].iter().map(|c| &c.generation.tokens).collect();
+    let alone_distinct: std::collections::HashSet<_> =
+        early_alone.candidates[0].iter().map(|c| &c.generation.tokens).collect();
+    assert_eq!(distinct.len(), alone_distinct.len());
+    // Prompt 0 runs to the limit while prompt 1 finishes first; and in the other batch order.
+    let both = cbs_many_eos(&lm, &[p[1].clone(), p[0].clone()], &[early_b, late_seed]);
+    same_rows(&both.candidates[1], &late_alone.candidates[0], "late prompt, batched with an earlier one");
+    assert_eq!(both.sampled[1], late_alone.sampled[0]);
+    let b_alone = cbs_many_eos(&lm, &p[1..], &[early_b]);
+    same_rows(&both.candidates[0], &b_alone.candidates[0], "early prompt first in its batch");
+    // Sampled tokens are counted per live row and step: never more than W·K rows × the longest row.
+    let rows = &late_alone.candidates[0];
+    assert!(late_alone.sampled[0] <= 4 * 16 && late_alone.sampled[0] >= 16);
+    assert!(late_alone.sampled[0] as usize >= rows.iter().map(|c| c.generation.tokens.len()).max().unwrap());
 }

@@ -209,6 +209,14 @@ impl<'m> Decoder<'m> {
         fed.where_self(&any, &self.last_hidden)
     }
 
+    /// Ends `rows` where they stand (cut off, not at EOS): they sample nothing more. Guided search stops a
+    /// prompt's unfinished rows this way when the prompt is done.
+    pub fn stop_rows(&mut self, rows: &[usize]) {
+        for &r in rows {
+            self.rows[r].finished = true;
+        }
+    }
+
     /// New row i is old row `index[i]`; `forks[i]` (when given) re-seeds it so replicas sample differently.
     pub fn reorder(&mut self, index: &[i64], forks: Option<&[u64]>) {
         let t = Tensor::from_slice(index).to_device(self.next_logits.device());

@@ -211,7 +211,7 @@ impl Pipeline {
 
     fn pick(
         &self,
-        found: Vec<Vec<crate::search::Candidate>>,
+        found: search::CbsOutput,
         batch: &[PromptItem],
         pick: FinalPick,
     ) -> Result<Vec<Answer>> {
@@ -223,19 +223,34 @@ impl Pipeline {
             FinalPick::ValueArgmax => search::FinalPick::ValueArgmax,
             FinalPick::First => search::FinalPick::First,
         };
-        let chosen = pick_final(&prompts, &found, search_pick, Some(&mut reward))?;
-        let mut out = Vec::with_capacity(found.len());
-        for (cands, chosen) in found.into_iter().zip(chosen) {
+        let chosen = pick_final(&prompts, &found.candidates, search_pick, Some(&mut reward))?;
+        let mut out = Vec::with_capacity(found.candidates.len());
+        for ((cands, chosen), sampled) in found.candidates.into_iter().zip(chosen).zip(found.sampled) {
             let tokens = cands[chosen].generation.tokens.clone();
-            // Each selection keeps W of W·K rows (at most a log K tilt per kept row), the final pick one of W·K.
+            // An answer y of r = ⌈|y|/L⌉ chunks is among at most W·K^r rows that share its prefixes, whatever
+            // the selection and the final pick, so log q(y)/p(y) ≤ log(W·K) + (r − 1)·log K (p: the warped
+            // sampler). This holds for `first` too: row 0 descends from the best of W·K rows.
             let rounds = tokens.len().div_ceil(l).saturating_sub(1) as f64;
-            let last = if pick == FinalPick::First { 0.0 } else { ((w * k) as f64).ln() };
-            out.push(Answer {
-                sampled: cands.iter().map(|c| c.generation.tokens.len() as u64).sum(),
-                tokens,
-                kl_bound: Some(rounds * (k as f64).ln() + last),
-            });
+            out.push(Answer { sampled, tokens, kl_bound: Some(cbs_kl_bound(w, k, rounds)) });
         }
         Ok(out)
+    }
+}
+
+/// The KL bound of a CBS answer after `rounds` selections past the first chunk (see `Pipeline::pick`).
+pub(super) fn cbs_kl_bound(w: usize, k: usize, rounds: f64) -> f64 {
+    ((w * k) as f64).ln() + rounds * (k as f64).ln()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cbs_kl_bound;
+
+    #[test]
+    fn the_cbs_kl_bound_counts_the_first_selection_for_every_pick() {
+        // W = 4, K = 1 is best-of-4 by value at every boundary: log 4, never 0.
+        assert!((cbs_kl_bound(4, 1, 3.0) - 4f64.ln()).abs() < 1e-12);
+        assert!((cbs_kl_bound(2, 2, 0.0) - 4f64.ln()).abs() < 1e-12);
+        assert!((cbs_kl_bound(2, 2, 2.0) - 16f64.ln()).abs() < 1e-12);
     }
 }

@@ -45,8 +45,8 @@ impl Pipeline {
         control.set_progress(0, items.len() as u64);
         for (b, batch) in items.chunks(per_batch).enumerate() {
             control.check("rollout shard")?;
-            let candidates = self.sample_candidates(t, batch)?;
-            tokens += candidates.iter().flatten().map(|(g, _)| g.tokens.len() as u64).sum::<u64>();
+            let (candidates, sampled) = self.sample_candidates(t, batch)?;
+            tokens += sampled;
             records.extend(self.score_and_select(t, batch, candidates)?);
             let done = (b * per_batch + batch.len()) as u64;
             control.set_progress(done, items.len() as u64);
@@ -60,8 +60,8 @@ impl Pipeline {
         Ok(TaskOutput { key: entry.key, sha256: entry.sha256, records: entry.records, tokens })
     }
 
-    /// Each prompt's candidates with the guiding score (None for plain samples).
-    fn sample_candidates(&self, t: u32, batch: &[PromptItem]) -> Result<Vec<Candidates>> {
+    /// Each prompt's candidates with the guiding score (None for plain samples), and the tokens sampled.
+    fn sample_candidates(&self, t: u32, batch: &[PromptItem]) -> Result<(Vec<Candidates>, u64)> {
         let prompts: Vec<Vec<i64>> = batch.iter().map(|p| p.ids.clone()).collect();
         let seeds: Vec<u64> = batch.iter().map(|p| p.seed).collect();
         if t == 1 {
@@ -72,11 +72,15 @@ impl Pipeline {
                 pad_token_id: self.pad,
             };
             let out = generate(&self.policy, &prompts, &seeds, &opts)?;
-            return Ok(out.into_iter().map(|g| vec![(g, None)]).collect());
+            let sampled = out.iter().map(|g| g.tokens.len() as u64).sum();
+            return Ok((out.into_iter().map(|g| vec![(g, None)]).collect(), sampled));
         }
         let mut scorer = self.value_scorer(t - 1)?;
         let found = chunk_beam_search(&self.policy, &prompts, &seeds, &self.cbs_params(), scorer.as_mut())?;
-        Ok(found.into_iter().map(|cs| cs.into_iter().map(|c| (c.generation, Some(c.score))).collect()).collect())
+        let sampled = found.sampled.iter().sum();
+        let candidates =
+            found.candidates.into_iter().map(|cs| cs.into_iter().map(|c| (c.generation, Some(c.score))).collect());
+        Ok((candidates.collect(), sampled))
     }
 
     pub(super) fn cbs_params(&self) -> CbsParams {

@@ -68,16 +68,32 @@ pub fn select_diverse(responses: &[&[i64]], scores: &[f64], w: usize) -> Vec<usi
     picked
 }
 
+/// What CBS returns for a batch of prompts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CbsOutput {
+    /// Per prompt, its W·K final rows with their last score.
+    pub candidates: Vec<Vec<Candidate>>,
+    /// Per prompt, the tokens actually sampled for it: one per live row per decoding step, so pruned rows
+    /// count and copies of a finished beam do not.
+    pub sampled: Vec<u64>,
+}
+
 /// Runs CBS for every prompt together (rows = prompts × W·K). `seeds[p]` seeds prompt p's rows. Returns,
-/// per prompt, all W·K final rows with their last score, in beam order (row 0 is the best kept beam's
-/// first successor).
+/// per prompt, all W·K final rows with their last score.
+///
+/// Each prompt stops on its own, as the official one-prompt-at-a-time search does (`cbs_modified.py`): at a
+/// chunk boundary where all of its rows have finished, where max_new_tokens is reached, or where the W rows
+/// the selection would keep have all finished, the prompt is done and returns its W·K rows as they stand,
+/// *before* that selection (unfinished ones cut there), so the final pick sees every distinct candidate.
+/// A done prompt's rows are never reordered again, so its answer does not depend on the other prompts of
+/// its batch. While a prompt runs, row 0 is the best kept beam's first successor.
 pub fn chunk_beam_search(
     policy: &CausalLm,
     prompts: &[Vec<i64>],
     seeds: &[u64],
     params: &CbsParams,
     scorer: &mut dyn PrefixScorer,
-) -> Result<Vec<Vec<Candidate>>> {
+) -> Result<CbsOutput> {
     let (w, k) = (params.beams, params.successors);
     if w == 0 || k == 0 || params.chunk_len == 0 || params.max_new_tokens == 0 {
         return Err(Error::InvalidRequest(format!(
@@ -90,51 +106,79 @@ pub fn chunk_beam_search(
     let mut dec = replicated_decoder(policy, prompts, seeds, group, params.max_new_tokens, params.pad_token_id)?;
     let row_prompts = repeat_prompts(prompts, group);
     scorer.reset();
+    let rows = dec.batch();
+    let mut done = vec![false; prompts.len()];
+    let mut final_scores = vec![f64::NAN; rows];
+    let mut sampled = vec![0u64; prompts.len()];
     let mut generated = 0usize;
-    let scores = loop {
+    while done.iter().any(|d| !d) {
         let target = generated.saturating_add(params.chunk_len).min(params.max_new_tokens);
         while generated < target && !dec.all_finished() {
+            for r in (0..rows).filter(|&r| !dec.is_finished(r)) {
+                sampled[r / group] += 1;
+            }
             dec.step(&params.sampling, &params.eos_token_ids, params.max_new_tokens);
             generated += 1;
         }
-        let responses: Vec<Vec<i64>> = (0..dec.batch()).map(|r| dec.tokens(r).to_vec()).collect();
-        let finished: Vec<bool> = (0..dec.batch()).map(|r| dec.is_finished(r)).collect();
+        let responses: Vec<Vec<i64>> = (0..rows).map(|r| dec.tokens(r).to_vec()).collect();
         let scores = if scorer.reads_policy_hidden() {
             // A head on the policy's backbone reads the states the decoder already has: no forward pass of its own.
             let hidden = dec.scoring_hidden(&params.eos_token_ids);
             scorer.score_policy_hidden(&hidden)?
         } else {
+            let finished: Vec<bool> = (0..rows).map(|r| dec.is_finished(r)).collect();
             scorer.score(&row_prompts, &responses, &finished)?
         };
-        if dec.all_finished() || generated >= params.max_new_tokens {
-            break scores;
-        }
-        let mut index = Vec::with_capacity(dec.batch());
-        let mut forks = Vec::with_capacity(dec.batch());
+        let at_limit = generated >= params.max_new_tokens;
+        // Identity for done prompts; the selection, each kept row K times, for the others.
+        let mut index: Vec<i64> = (0..rows as i64).collect();
+        let mut forks = vec![0u64; rows];
+        let mut moved = false;
+        let mut stop = Vec::new();
         for g in 0..prompts.len() {
-            let rows = g * group..(g + 1) * group;
-            let views: Vec<&[i64]> = responses[rows.clone()].iter().map(Vec::as_slice).collect();
-            for (b, keep) in select_diverse(&views, &scores[rows], w).into_iter().enumerate() {
-                for j in 0..k {
-                    index.push((g * group + keep) as i64);
-                    forks.push((b * k + j) as u64);
+            if done[g] {
+                continue;
+            }
+            let span = g * group..(g + 1) * group;
+            let keep = if at_limit || span.clone().all(|r| dec.is_finished(r)) {
+                None
+            } else {
+                let views: Vec<&[i64]> = responses[span.clone()].iter().map(Vec::as_slice).collect();
+                let keep = select_diverse(&views, &scores[span.clone()], w);
+                // Kept beams that have all finished would only be copied K times: stop before selecting.
+                if keep.iter().all(|&i| dec.is_finished(g * group + i)) { None } else { Some(keep) }
+            };
+            match keep {
+                None => {
+                    done[g] = true;
+                    final_scores[span.clone()].copy_from_slice(&scores[span.clone()]);
+                    stop.extend(span.filter(|&r| !dec.is_finished(r)));
+                }
+                Some(keep) => {
+                    moved = true;
+                    for (b, kept) in keep.into_iter().enumerate() {
+                        for j in 0..k {
+                            index[g * group + b * k + j] = (g * group + kept) as i64;
+                            forks[g * group + b * k + j] = (b * k + j) as u64;
+                        }
+                    }
                 }
             }
         }
-        dec.reorder(&index, Some(&forks));
-        scorer.reorder(&index);
-        if dec.all_finished() {
-            break index.iter().map(|&i| scores[i as usize]).collect();
+        dec.stop_rows(&stop);
+        if moved && done.iter().any(|d| !d) {
+            dec.reorder(&index, Some(&forks));
+            scorer.reorder(&index);
         }
-    };
-    let mut out: Vec<Vec<Candidate>> = Vec::with_capacity(prompts.len());
-    for (r, (generation, score)) in dec.finish().into_iter().zip(scores).enumerate() {
-        if r % group == 0 {
-            out.push(Vec::with_capacity(group));
-        }
-        out.last_mut().expect("pushed above").push(Candidate { generation, score });
     }
-    Ok(out)
+    let mut candidates: Vec<Vec<Candidate>> = Vec::with_capacity(prompts.len());
+    for (r, (generation, score)) in dec.finish().into_iter().zip(final_scores).enumerate() {
+        if r % group == 0 {
+            candidates.push(Vec::with_capacity(group));
+        }
+        candidates.last_mut().expect("pushed above").push(Candidate { generation, score });
+    }
+    Ok(CbsOutput { candidates, sampled })
 }
 
 /// Index of the chosen row per prompt. `reward` is required for `RewardArgmax` (scored with EOS appended

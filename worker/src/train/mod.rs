@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod checkpoint;
+pub mod features;
 pub mod loss;
 pub mod optim;
 pub mod value;
@@ -18,6 +19,7 @@ use tch::{Device, Kind, Tensor};
 
 pub use batch::{ValueBatch, ValueExample, build_batch};
 pub use checkpoint::TrainState;
+pub use features::FeatureCache;
 pub use loss::{mc_value_loss, squared_error_sum};
 pub use optim::{AdamW, AdamWConfig, cosine_lr};
 pub use value::{MlpHead, TrainableValue};
@@ -74,13 +76,14 @@ impl ValueInit {
         }
     }
 
-    fn build(&self, from: Option<&Path>, seed: u64) -> Result<TrainableValue> {
+    /// `start`: where a fresh head's output starts (the mean training target).
+    fn build(&self, from: Option<&Path>, seed: u64, start: f64) -> Result<TrainableValue> {
         match self {
             ValueInit::Model { dir, kind, device } => {
                 TrainableValue::model_from_dir(from.unwrap_or(dir), *kind, *device, seed)
             }
             ValueInit::Head { backbone, hidden, width, from: init } => {
-                TrainableValue::head(backbone.clone(), *hidden, *width, from.or(init.as_deref()), seed)
+                TrainableValue::head(backbone.clone(), *hidden, *width, from.or(init.as_deref()), seed, start)
             }
         }
     }
@@ -183,7 +186,7 @@ pub fn train_value_ranked(
     };
 
     let resume_from = if resume { checkpoint::latest(out_dir) } else { None };
-    let value = init.build(resume_from.as_deref(), config.seed)?;
+    let value = init.build(resume_from.as_deref(), config.seed, mean_target(examples))?;
     let params = value.params();
     let mut opt = AdamW::new(adam, &params);
     let mut state = match &resume_from {
@@ -226,24 +229,24 @@ pub fn train_value_ranked(
         )?;
     }
     let mut order = (usize::MAX, Vec::new());
+    let mut features = FeatureCache::default();
 
     while state.step < total_steps {
         let (epoch, start) = (state.step / steps_per_epoch, (state.step % steps_per_epoch) * batch);
         if order.0 != epoch {
             order = (epoch, epoch_order(n, config.seed, epoch));
         }
-        let picked: Vec<&ValueExample> = order.1[start..(start + batch).min(n)].iter().map(|&i| &examples[i]).collect();
-        let targets: usize = picked.iter().map(|e| e.targets()).sum();
+        let picked: Vec<(usize, &ValueExample)> =
+            order.1[start..(start + batch).min(n)].iter().map(|&i| (i, &examples[i])).collect();
+        let targets: usize = picked.iter().map(|(_, e)| e.targets()).sum();
         let scale = 1.0 / targets as f64;
 
         optim::zero_grads(&params);
         let mut loss = 0.0;
-        let micros: Vec<&[&ValueExample]> = picked.chunks(config.micro_batch_size).collect();
-        let mine: Vec<&[&ValueExample]> = micros.iter().copied().skip(rank).step_by(world).collect();
+        let micros: Vec<&[(usize, &ValueExample)]> = picked.chunks(config.micro_batch_size).collect();
+        let mine: Vec<&[(usize, &ValueExample)]> = micros.iter().copied().skip(rank).step_by(world).collect();
         for micro in &mine {
-            let b = build_batch(micro, config.pad_id, device)?;
-            let values = value.values(&b.ids, &b.valid, &b.positions);
-            let sum = squared_error_sum(&values, &b.target_mask, &b.rewards);
+            let sum = micro_loss_sum(&value, micro, &mut features, config.pad_id, device)?;
             loss += sum.double_value(&[]) * scale;
             optim::accumulate(&sum, scale);
         }
@@ -252,9 +255,8 @@ pub fn train_value_ranked(
                 // This rank has no micro-batch in this (short, last-of-epoch) batch and has never backpropagated:
                 // a zero-weighted pass over the first micro-batch defines its gradients exactly where the other
                 // ranks' are defined, so the buckets line up, and adds nothing to the sum.
-                let b = build_batch(micros[0], config.pad_id, device)?;
-                let values = value.values(&b.ids, &b.valid, &b.positions);
-                optim::accumulate(&squared_error_sum(&values, &b.target_mask, &b.rewards), 0.0);
+                let sum = micro_loss_sum(&value, micros[0], &mut features, config.pad_id, device)?;
+                optim::accumulate(&sum, 0.0);
             }
             let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
             all_reduce_bucketed(collective, &grads, bucket_bytes)?;
@@ -294,6 +296,47 @@ pub fn train_value_ranked(
         losses: state.losses,
         checkpoint: last_checkpoint,
     })
+}
+
+/// The mean reward over every target position (the token-weighted mean the loss regresses onto).
+pub fn mean_target(examples: &[ValueExample]) -> f64 {
+    let (sum, n) = examples.iter().fold((0.0, 0usize), |(s, n), e| (s + e.reward * e.targets() as f64, n + e.targets()));
+    if n == 0 { 0.0 } else { sum / n as f64 }
+}
+
+/// The loss of the best constant predictor, `0.5 · Var(r)` over every target position: a trained value function
+/// whose loss is not below this has learned nothing about which prefixes lead to better rewards.
+pub fn constant_predictor_loss(examples: &[ValueExample]) -> f64 {
+    let mean = mean_target(examples);
+    let (sum, n) = examples
+        .iter()
+        .fold((0.0, 0usize), |(s, n), e| (s + (e.reward - mean).powi(2) * e.targets() as f64, n + e.targets()));
+    if n == 0 { 0.0 } else { 0.5 * sum / n as f64 }
+}
+
+/// `0.5 · Σ (V − r)²` over the target positions of one micro-batch, with the graph to the trainable tensors. A
+/// `head` reads the frozen backbone's states from `features` (computed once per example); a `model` runs its
+/// backbone.
+fn micro_loss_sum(
+    value: &TrainableValue,
+    micro: &[(usize, &ValueExample)],
+    features: &mut FeatureCache,
+    pad_id: i64,
+    device: Device,
+) -> Result<Tensor> {
+    match value {
+        TrainableValue::Head { backbone, head } => {
+            let (states, rewards) = features.micro_batch(backbone, micro, pad_id, device)?;
+            let diff = head.forward(&states) - rewards;
+            Ok(diff.square().sum(Kind::Float) * 0.5)
+        }
+        TrainableValue::Model { .. } => {
+            let refs: Vec<&ValueExample> = micro.iter().map(|(_, e)| *e).collect();
+            let b = build_batch(&refs, pad_id, device)?;
+            let values = value.values(&b.ids, &b.valid, &b.positions);
+            Ok(squared_error_sum(&values, &b.target_mask, &b.rewards))
+        }
+    }
 }
 
 /// Every rank of a gang must start from the same place: the same resume step (each read the newest checkpoint

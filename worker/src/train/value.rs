@@ -98,13 +98,30 @@ impl TrainableValue {
         Ok(Self::Model { model: Box::new(model), params })
     }
 
-    /// A `head`-kind value function on a frozen backbone: fresh (`from = None`, width `width`, drawn from `seed`)
-    /// or loaded from a saved head checkpoint.
-    pub fn head(backbone: Arc<Backbone>, hidden: i64, width: i64, from: Option<&Path>, seed: u64) -> Result<Self> {
+    /// A `head`-kind value function on a frozen backbone: fresh (`from = None`, width `width`, drawn from `seed`,
+    /// its output bias at `start`, the mean training target) or loaded from a saved head checkpoint.
+    ///
+    /// Why the bias: rewards are used in their own units (β keeps its meaning) and need not be centred (the
+    /// MiniLM similarity sits near 0.6); a head whose output starts at 0 spends its first steps fitting that
+    /// offset, which ranks nothing. Starting at the mean leaves every step for the differences between prefixes.
+    pub fn head(
+        backbone: Arc<Backbone>,
+        hidden: i64,
+        width: i64,
+        from: Option<&Path>,
+        seed: u64,
+        start: f64,
+    ) -> Result<Self> {
         let device = backbone.device();
         let head = match from {
             Some(dir) => MlpHead::load(dir, device)?,
-            None => MlpHead::new(hidden, width, seed, device),
+            None => {
+                let head = MlpHead::new(hidden, width, seed, device);
+                tch::no_grad(|| {
+                    let _ = head.out_bias.shallow_clone().fill_(start);
+                });
+                head
+            }
         };
         for (_, t) in head.named() {
             let _ = t.set_requires_grad(true);
