@@ -171,11 +171,14 @@ pub struct SelectSection {
     pub temperature: f64,
     /// Responses kept per prompt.
     pub per_prompt: usize,
+    /// Plain samples drawn per prompt at iteration 1 (the paper draws 1). More, with `per_prompt` as many, train
+    /// V_1 on several answers to each prompt: the Monte-Carlo value of the base policy, with within-prompt contrast.
+    pub first_samples: usize,
 }
 
 impl Default for SelectSection {
     fn default() -> Self {
-        Self { method: SelectMethod::Argmax, temperature: 1.0, per_prompt: 1 }
+        Self { method: SelectMethod::Argmax, temperature: 1.0, per_prompt: 1, first_samples: 1 }
     }
 }
 
@@ -207,6 +210,23 @@ pub struct ValueSection {
     pub checkpoint_every: usize,
     /// Hidden width of the `head` kind's MLP.
     pub head_width: usize,
+    /// What V_t regresses onto: `reward` (the paper) or `prompt_centred`, each reward minus the mean reward of
+    /// its prompt's selected candidates.
+    pub targets: ValueTargets,
+}
+
+/// The regression target of value training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueTargets {
+    /// r(x, y), as the paper and the official code.
+    Reward,
+    /// r(x, y) − mean of r over the prompt's selected candidates (our deviation). CBS only compares rows of one
+    /// prompt, and E[r | x, y_<k] − E[r | x] orders them exactly as E[r | x, y_<k] does, so the guide is the same
+    /// for an exact value function; a learned one no longer spends its few examples on which prompt scores high
+    /// (the larger share of the variance here) and learns only which continuation does. Needs several selected
+    /// candidates per prompt (`select.per_prompt`, `select.first_samples`); a prompt with one gets target 0.
+    PromptCentred,
 }
 
 impl Default for ValueSection {
@@ -224,6 +244,7 @@ impl Default for ValueSection {
             betas: vec![1.0],
             checkpoint_every: 50,
             head_width: 256,
+            targets: ValueTargets::Reward,
         }
     }
 }
@@ -380,6 +401,7 @@ impl RunConfig {
             ("search.successors", self.search.successors),
             ("search.chunk_length", self.search.chunk_length),
             ("select.per_prompt", self.select.per_prompt),
+            ("select.first_samples", self.select.first_samples),
             ("value.epochs", self.value.epochs),
             ("value.batch_size", self.value.batch_size),
             ("value.micro_batch_size", self.value.micro_batch_size),

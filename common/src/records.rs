@@ -81,6 +81,37 @@ pub struct EvalRecord {
     /// Wall time the method spent on this prompt (its batch's time shared equally).
     #[serde(default)]
     pub seconds: f64,
+    /// How the value functions of this iteration rank held-out candidates of this prompt (on IRO's rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnostics: Option<ValueDiagnostics>,
+}
+
+/// How V_t's training went (`iter-{t}/value/model/training.json`): a final loss not below the constant
+/// predictor's (0.5·Var of the targets) means V_t learned nothing beyond the mean.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValueTraining {
+    pub examples: usize,
+    pub steps: usize,
+    /// The last optimizer step's effective-batch loss.
+    pub final_loss: f64,
+    pub first_loss: f64,
+    pub constant_loss: f64,
+    pub mean_target: f64,
+}
+
+/// The value functions against the reward on one prompt's held-out candidates: the N plain samples Best-of-N
+/// draws for it (the same seeds at every iteration), each scored by the training reward and by the values,
+/// on the complete response and on its first `prefix_tokens` tokens (what CBS's first selection sees).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ValueDiagnostics {
+    pub rewards: Vec<f64>,
+    /// V_t alone.
+    pub value: Vec<f64>,
+    /// The guiding score Σ_{i ≤ t} V_i / β_i.
+    pub guide: Vec<f64>,
+    pub prefix_tokens: u32,
+    pub value_prefix: Vec<f64>,
+    pub guide_prefix: Vec<f64>,
 }
 
 /// Serialises records as JSON Lines: one object per line, each line ending in `\n`.

@@ -291,6 +291,7 @@ fn eval_rows_carry_alpaca_eval_fields() {
         reference_reward: None,
         kl_bound: Some(0.0),
         seconds: 0.5,
+        diagnostics: None,
     };
     let bytes = encode_jsonl(std::slice::from_ref(&row)).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();

@@ -1,4 +1,6 @@
 //! `iro bench generate`: our batched sampling against transformers' `generate`, ratio printed.
+//! `iro bench search`: the sample-efficiency benchmark of a run (Best-of-N and CBS under constant, trained and
+//! oracle guidance at equal rows per prompt), a table, JSON and a plot.
 
 use std::path::PathBuf;
 
@@ -10,6 +12,39 @@ use iro_worker::jobs::bench::{self, BenchConfig};
 pub enum BenchCommand {
     /// Tokens/second of batched sampling vs transformers' generate on the same weights and token counts.
     Generate(BenchGenerateArgs),
+    /// Reward against tokens sampled: Best-of-N at several N, CBS at W·K rows guided by a constant, the run's
+    /// trained values and the reward itself (the oracle), on the run's test prompts and seeds.
+    Search(BenchSearchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchSearchArgs {
+    /// The run config; its trained V_1..V_t are read from its store.
+    pub config: PathBuf,
+    /// Guide the `value` rows with V_1..V_t (0: leave the value rows out).
+    #[arg(long, default_value_t = 0)]
+    pub iteration: u32,
+    /// The first this many test prompts of the run.
+    #[arg(long, default_value_t = 32)]
+    pub prompts: usize,
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    pub best_of: Vec<usize>,
+    /// CBS shapes as WxK.
+    #[arg(long, value_delimiter = ',', default_value = "2x2,4x2,2x4")]
+    pub shapes: Vec<String>,
+    /// Chunk lengths L; default: the run's search.chunk_length.
+    #[arg(long, value_delimiter = ',')]
+    pub chunk_lengths: Vec<usize>,
+    /// Scorers among constant, value, oracle; default: all that apply.
+    #[arg(long, value_delimiter = ',')]
+    pub guides: Vec<String>,
+    /// Where the table (.md), rows (.json) and plot (.png) go.
+    #[arg(long, default_value = "runs/bench-search")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub device: Option<String>,
+    #[arg(long, default_value = ".iro-work")]
+    pub work_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -38,7 +73,61 @@ pub struct BenchGenerateArgs {
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Generate(a) = cmd;
+    match cmd {
+        BenchCommand::Generate(a) => generate(a),
+        BenchCommand::Search(a) => search(a),
+    }
+}
+
+fn search(a: BenchSearchArgs) -> anyhow::Result<()> {
+    use iro_worker::pipeline::Pipeline;
+    use iro_worker::pipeline::efficiency::{EfficiencySpec, Guide, efficiency_json, efficiency_markdown, efficiency_png};
+    let config = iro_common::RunConfig::load(&a.config)?;
+    let shapes = a
+        .shapes
+        .iter()
+        .map(|s| {
+            let (w, k) = s.split_once('x').ok_or_else(|| anyhow::anyhow!("--shapes: `{s}` is not WxK"))?;
+            Ok((w.trim().parse::<usize>()?, k.trim().parse::<usize>()?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(shapes.iter().all(|&(w, k)| w > 0 && k > 0), "--shapes: W and K must be ≥ 1");
+    let guides = if a.guides.is_empty() {
+        let mut g = vec![Guide::Constant, Guide::Oracle];
+        if a.iteration > 0 {
+            g.insert(1, Guide::Value);
+        }
+        g
+    } else {
+        a.guides
+            .iter()
+            .map(|g| match g.as_str() {
+                "constant" => Ok(Guide::Constant),
+                "value" => Ok(Guide::Value),
+                "oracle" => Ok(Guide::Oracle),
+                other => anyhow::bail!("--guides: `{other}` is not constant, value or oracle"),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    let chunk_lengths =
+        if a.chunk_lengths.is_empty() { vec![config.search.chunk_length] } else { a.chunk_lengths.clone() };
+    let spec =
+        EfficiencySpec { iteration: a.iteration, prompts: a.prompts, best_of: a.best_of, shapes, chunk_lengths, guides };
+    let mut pipeline = Pipeline::open(config, a.device.as_deref(), &a.work_dir)?;
+    let mut bar = super::progress::Bar::new("bench search");
+    let rows = pipeline.sample_efficiency(&spec, |done, total| bar.update(done, total))?;
+    bar.finish();
+    std::fs::create_dir_all(&a.out)?;
+    let md = efficiency_markdown(&rows);
+    std::fs::write(a.out.join("search.md"), &md)?;
+    std::fs::write(a.out.join("search.json"), efficiency_json(&rows)?)?;
+    std::fs::write(a.out.join("search.png"), efficiency_png(&rows))?;
+    println!("{md}");
+    println!("written: {}/search.{{md,json,png}}", a.out.display());
+    Ok(())
+}
+
+fn generate(a: BenchGenerateArgs) -> anyhow::Result<()> {
     let python = (!a.no_baseline).then_some(a.python.clone());
     if let Some(p) = &python {
         anyhow::ensure!(

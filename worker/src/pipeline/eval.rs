@@ -43,6 +43,8 @@ struct Answer {
     /// Tokens sampled for this prompt, every candidate included.
     sampled: u64,
     kl_bound: Option<f64>,
+    /// Every candidate the method drew (kept from Best-of-N for the value diagnostics).
+    candidates: Option<Vec<search::Candidate>>,
 }
 
 impl Pipeline {
@@ -71,6 +73,7 @@ impl Pipeline {
         let total = (methods.len() * items.len()) as u64;
         let mut records = Vec::new();
         let mut tokens = 0u64;
+        let mut drawn = std::collections::HashMap::new();
         control.set_progress(0, total);
         for &method in &methods {
             let per_batch = self.eval_batch(method);
@@ -91,8 +94,11 @@ impl Pipeline {
                 .map(|(p, r)| RewardInput { prompt: &p.text, response: r, reference: p.reference.as_deref() })
                 .collect();
             let rewards = self.eval_reward().score(&inputs)?;
-            for (i, ((item, answer), output)) in items.iter().zip(answers).zip(texts).enumerate() {
+            for (i, ((item, mut answer), output)) in items.iter().zip(answers).zip(texts).enumerate() {
                 tokens += answer.sampled;
+                if let Some(c) = answer.candidates.take() {
+                    drawn.insert(item.id.clone(), c);
+                }
                 records.push(EvalRecord {
                     instruction: item.display.clone(),
                     output,
@@ -108,9 +114,17 @@ impl Pipeline {
                     reference_reward: reference_rewards.as_ref().map(|r| r[i]),
                     kl_bound: answer.kl_bound,
                     seconds: seconds[i],
+                    diagnostics: None,
                 });
             }
             tracing::info!(method = method.name(), prompts = items.len(), "evaluated");
+        }
+        if self.config.baselines.best_of_n >= 2 {
+            // How V_t ranks held-out candidates, on IRO's rows (Best-of-N's own candidates where it ran).
+            let found = self.value_diagnostics(t, &items, &drawn)?;
+            for (r, d) in records.iter_mut().filter(|r| r.method == Method::Iro.name()).zip(found) {
+                r.diagnostics = Some(d);
+            }
         }
         let at = ShardAttempt { iteration: t, phase: ShardedPhase::Eval, shard, attempt };
         let entry = self.block_on(write_shard(&self.store, &self.layout, at, &records, tokens))?;
@@ -160,7 +174,12 @@ impl Pipeline {
         match method {
             Method::Base(Baseline::Base) => Ok(generate(&self.policy, &prompts, &seeds, &opts)?
                 .into_iter()
-                .map(|g| Answer { sampled: g.tokens.len() as u64, tokens: g.tokens, kl_bound: Some(0.0) })
+                .map(|g| Answer {
+                    sampled: g.tokens.len() as u64,
+                    tokens: g.tokens,
+                    kl_bound: Some(0.0),
+                    candidates: None,
+                })
                 .collect()),
             Method::Base(Baseline::BestOfN) => {
                 let n = self.config.baselines.best_of_n;
@@ -174,6 +193,7 @@ impl Pipeline {
                         sampled: b.candidates.iter().map(|c| c.generation.tokens.len() as u64).sum(),
                         tokens: b.candidates[b.best].generation.tokens.clone(),
                         kl_bound: Some(bound),
+                        candidates: Some(b.candidates),
                     })
                     .collect())
             }
@@ -189,7 +209,7 @@ impl Pipeline {
                 let mut reward = TextRewardScorer::new(self.reward.as_ref(), &self.tokenizer, batch);
                 Ok(args_decode(&self.policy, &prompts, &params, &mut reward)?
                     .into_iter()
-                    .map(|g| Answer { sampled: g.tokens.len() as u64, tokens: g.tokens, kl_bound: None })
+                    .map(|g| Answer { sampled: g.tokens.len() as u64, tokens: g.tokens, kl_bound: None, candidates: None })
                     .collect())
             }
             Method::Base(Baseline::WeakToStrong) => {
@@ -231,7 +251,7 @@ impl Pipeline {
             // the selection and the final pick, so log q(y)/p(y) ≤ log(W·K) + (r − 1)·log K (p: the warped
             // sampler). This holds for `first` too: row 0 descends from the best of W·K rows.
             let rounds = tokens.len().div_ceil(l).saturating_sub(1) as f64;
-            out.push(Answer { sampled, tokens, kl_bound: Some(cbs_kl_bound(w, k, rounds)) });
+            out.push(Answer { sampled, tokens, kl_bound: Some(cbs_kl_bound(w, k, rounds)), candidates: None });
         }
         Ok(out)
     }

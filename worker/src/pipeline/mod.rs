@@ -6,6 +6,8 @@
 
 mod checkpoints;
 pub mod data;
+mod diagnostics;
+pub mod efficiency;
 mod eval;
 mod gang;
 pub mod local;

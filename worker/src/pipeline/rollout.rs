@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::generate::{GenerateOptions, Generation, generate};
 use crate::reward::RewardInput;
 use crate::runtime::{TaskControl, TaskOutput};
-use crate::search::{CbsParams, chunk_beam_search};
+use crate::search::{CbsParams, chunk_beam_search, replicated_decoder};
 
 /// A prompt's candidates, each with its guiding score (None for plain samples).
 type Candidates = Vec<(Generation, Option<f64>)>;
@@ -38,7 +38,8 @@ impl Pipeline {
         if t > 1 {
             self.ensure_values(t - 1)?;
         }
-        let group = if t == 1 { 1 } else { self.config.search.beams * self.config.search.successors };
+        let c = &self.config;
+        let group = if t == 1 { c.select.first_samples } else { c.search.beams * c.search.successors };
         let per_batch = (self.config.sampling.batch_size / group).max(1);
         let mut records = Vec::new();
         let mut tokens = 0u64;
@@ -71,9 +72,27 @@ impl Pipeline {
                 eos_token_ids: self.eos.clone(),
                 pad_token_id: self.pad,
             };
-            let out = generate(&self.policy, &prompts, &seeds, &opts)?;
+            let n = self.config.select.first_samples;
+            let out = if n == 1 {
+                generate(&self.policy, &prompts, &seeds, &opts)?
+            } else {
+                // Seeded as Best-of-N seeds its rows: replica j of a prompt samples from its seed forked with j.
+                let _g = tch::no_grad_guard();
+                let mut dec = replicated_decoder(&self.policy, &prompts, &seeds, n, opts.max_new_tokens, self.pad)?;
+                while !dec.all_finished() {
+                    dec.step(&opts.sampling, &opts.eos_token_ids, opts.max_new_tokens);
+                }
+                dec.finish()
+            };
             let sampled = out.iter().map(|g| g.tokens.len() as u64).sum();
-            return Ok((out.into_iter().map(|g| vec![(g, None)]).collect(), sampled));
+            let mut grouped: Vec<Candidates> = Vec::with_capacity(prompts.len());
+            for (r, g) in out.into_iter().enumerate() {
+                if r % n == 0 {
+                    grouped.push(Vec::with_capacity(n));
+                }
+                grouped.last_mut().expect("pushed above").push((g, None));
+            }
+            return Ok((grouped, sampled));
         }
         let mut scorer = self.value_scorer(t - 1)?;
         let found = chunk_beam_search(&self.policy, &prompts, &seeds, &self.cbs_params(), scorer.as_mut())?;

@@ -5,7 +5,7 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use iro_common::config::ValueKind;
+use iro_common::config::{ValueKind, ValueTargets};
 use iro_common::layout::ShardedPhase;
 use iro_common::records::{RolloutRecord, read_accepted, read_manifest};
 use iro_common::store::sha256_hex;
@@ -18,14 +18,23 @@ use crate::error::{Error, Result};
 use crate::runtime::{TaskControl, TaskOutput, TaskRef};
 use crate::text::prompt;
 use crate::train::checkpoint;
-use crate::train::{DataParallel, ValueExample, ValueInit, ValueTrainConfig, train_value_ranked};
+use crate::train::{
+    DataParallel, ValueExample, ValueInit, ValueTrainConfig, constant_predictor_loss, mean_target, train_value_ranked,
+};
+pub use iro_common::records::ValueTraining;
+
+/// Written beside a published V_t: how its training went.
+pub const TRAINING_FILE: &str = "training.json";
 
 impl Pipeline {
     pub(super) fn train(&mut self, t: u32, task: &TaskRef, control: &TaskControl) -> Result<TaskOutput> {
         let start = Instant::now();
         let manifest = self.block_on(read_manifest(&self.store, &self.layout, t, ShardedPhase::Rollout))?;
         let records: Vec<RolloutRecord> = self.block_on(read_accepted(&self.store, &manifest))?;
-        let examples = self.value_examples(&records)?;
+        let mut examples = self.value_examples(&records)?;
+        if self.config.value.targets == ValueTargets::PromptCentred {
+            centre_per_prompt(&mut examples);
+        }
         let warm = self.config.value.warm_start && t > 1;
         if warm {
             self.ensure_values(t - 1)?;
@@ -117,8 +126,19 @@ impl Pipeline {
             }
             self.block_on(self.store.put(&format!("{key}/{name}"), bytes))?;
         }
+        // What the report sets beside V_t: did it fit better than the best constant?
+        let training = ValueTraining {
+            examples: examples.len(),
+            steps: report.steps,
+            final_loss: report.final_loss,
+            first_loss: report.losses.first().copied().unwrap_or(f64::NAN),
+            constant_loss: constant_predictor_loss(&examples),
+            mean_target: mean_target(&examples),
+        };
+        self.block_on(self.store.put_json(&format!("{key}/{TRAINING_FILE}"), &training))?;
         tracing::info!(
             examples = examples.len(), steps = report.steps, final_loss = report.final_loss,
+            constant_loss = training.constant_loss,
             seconds = start.elapsed().as_secs_f64(), key = %key, "value function published"
         );
         Ok(TaskOutput {
@@ -154,5 +174,35 @@ impl Pipeline {
             )));
         }
         Ok(out)
+    }
+}
+
+/// Subtracts from each example's reward the mean reward of the examples with the same prompt (each selection
+/// counts once, as it trains once): `value.targets = "prompt_centred"`.
+pub(super) fn centre_per_prompt(examples: &mut [ValueExample]) {
+    let mut sums: std::collections::HashMap<Vec<i64>, (f64, usize)> = std::collections::HashMap::new();
+    for e in examples.iter() {
+        let entry = sums.entry(e.prompt.clone()).or_default();
+        entry.0 += e.reward;
+        entry.1 += 1;
+    }
+    for e in examples.iter_mut() {
+        let (sum, n) = sums[&e.prompt];
+        e.reward -= sum / n as f64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_centred_targets_subtract_each_prompts_mean() {
+        let ex = |p: i64, r: f64| ValueExample { prompt: vec![p], response: vec![1], reward: r };
+        let mut xs = vec![ex(1, 0.5), ex(2, 0.9), ex(1, 0.7), ex(1, 0.6), ex(2, 0.9)];
+        centre_per_prompt(&mut xs);
+        let got: Vec<f64> = xs.iter().map(|e| e.reward).collect();
+        let want = [-0.1, 0.0, 0.1, 0.0, 0.0];
+        assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-12), "{got:?}");
     }
 }

@@ -96,8 +96,22 @@ impl Pipeline {
     /// tokenizer than the policy's are fed re-tokenised text (they must then all share that tokenizer).
     pub(super) fn value_scorer(&self, upto: u32) -> Result<Box<dyn PrefixScorer + '_>> {
         let values = &self.values[..upto as usize];
+        self.scorer_of(values, super::members(values, &self.config, upto as usize))
+    }
+
+    /// V_t alone, unweighted (for diagnostics).
+    pub(super) fn single_value_scorer(&self, t: u32) -> Result<Box<dyn PrefixScorer + '_>> {
+        let values = &self.values[t as usize - 1..t as usize];
+        self.scorer_of(values, vec![(&values[0].model, 1.0)])
+    }
+
+    /// The weighted sum of `members` (drawn from `values`), fed the way each kind reads its input.
+    fn scorer_of<'a>(
+        &'a self,
+        values: &'a [LoadedValue],
+        members: Vec<(&'a ScalarModel, f64)>,
+    ) -> Result<Box<dyn PrefixScorer + 'a>> {
         let headroom = self.config.sampling.max_new_tokens + 1;
-        let members = super::members(values, &self.config, upto as usize);
         if self.config.value.kind == ValueKind::Head {
             // Heads on the policy's own backbone: a search hands them the decoder's hidden states.
             return Ok(Box::new(PolicyHeadEnsemble::new(&self.policy, members, self.eos.clone())?));

@@ -204,7 +204,7 @@ pub fn pick_final(
 }
 
 /// Rewards of every candidate, per prompt (one scorer call for the whole batch).
-pub(crate) fn reward_candidates(
+pub fn reward_candidates(
     prompts: &[Vec<i64>],
     candidates: &[Vec<Candidate>],
     reward: &mut dyn PrefixScorer,
@@ -227,7 +227,7 @@ pub(crate) fn reward_candidates(
 }
 
 /// First index of the maximum; NaN never wins over a number.
-pub(crate) fn argmax(xs: &[f64]) -> usize {
+pub fn argmax(xs: &[f64]) -> usize {
     let mut best = 0;
     for (i, &x) in xs.iter().enumerate() {
         if x > xs[best] || (xs[best].is_nan() && !x.is_nan()) {

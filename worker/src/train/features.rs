@@ -3,12 +3,17 @@
 //! the same at every epoch: it is computed once, on the example's first micro-batch, and the head trains on
 //! the cached states. Hundreds of epochs then cost about as much as one forward pass per example; the loss
 //! and its gradient are exactly those of running the backbone every time (per-position head, no dropout).
+//! Examples that share a prompt (several candidates of one prompt) prefill it once: the prompt runs through the
+//! backbone with a KV cache, which is replicated to each response, and the responses are fed after it.
 
 use std::collections::HashMap;
 
 use tch::{Device, Kind, Tensor};
 
-use super::batch::{ValueExample, build_batch};
+use super::batch::ValueExample;
+use crate::error::Error;
+use crate::generate::{left_pad, right_pad};
+use crate::model::positions_from_valid;
 use crate::error::Result;
 use crate::model::Backbone;
 
@@ -39,15 +44,8 @@ impl FeatureCache {
         let missing: Vec<(usize, &ValueExample)> =
             examples.iter().copied().filter(|(i, _)| !self.by_example.contains_key(i)).collect();
         if !missing.is_empty() {
-            let refs: Vec<&ValueExample> = missing.iter().map(|(_, e)| *e).collect();
-            let b = build_batch(&refs, pad_id, device)?;
-            let hidden = tch::no_grad(|| backbone.forward(&b.ids, &b.valid, &b.positions, None)).to_kind(Kind::Float);
-            let width = hidden.size()[1];
-            for (row, (i, e)) in missing.iter().enumerate() {
-                // Left padding puts an example's targets at the end of its row.
-                let n = e.targets() as i64;
-                let states = hidden.get(row as i64).narrow(0, width - n, n).detach().copy();
-                self.by_example.insert(*i, states);
+            for (i, states) in missing.iter().map(|(i, _)| *i).zip(shared_prompt_states(backbone, &missing, pad_id, device)?) {
+                self.by_example.insert(i, states);
             }
         }
         let states: Vec<&Tensor> = examples.iter().map(|(i, _)| &self.by_example[i]).collect();
@@ -55,4 +53,60 @@ impl FeatureCache {
             examples.iter().flat_map(|(_, e)| std::iter::repeat_n(e.reward as f32, e.targets())).collect();
         Ok((Tensor::cat(&states, 0), Tensor::from_slice(&rewards).to_device(device)))
     }
+}
+
+/// The [targets, H] states of each example: the prompt's last token (from one prefill per distinct prompt)
+/// followed by every response token (fed through the replicated prompt cache).
+fn shared_prompt_states(
+    backbone: &Backbone,
+    examples: &[(usize, &ValueExample)],
+    pad_id: i64,
+    device: Device,
+) -> Result<Vec<Tensor>> {
+    if let Some((_, e)) = examples.iter().find(|(_, e)| e.prompt.is_empty()) {
+        return Err(Error::InvalidRequest(format!(
+            "value training example with an empty prompt (response of {} tokens): the empty prefix needs a prompt token",
+            e.response.len()
+        )));
+    }
+    let mut prompts: Vec<&[i64]> = Vec::new();
+    let mut which = Vec::with_capacity(examples.len());
+    for (_, e) in examples {
+        let p = match prompts.iter().position(|p| *p == e.prompt.as_slice()) {
+            Some(p) => p,
+            None => {
+                prompts.push(&e.prompt);
+                prompts.len() - 1
+            }
+        };
+        which.push(p as i64);
+    }
+    let width = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let longest = examples.iter().map(|(_, e)| e.response.len()).max().unwrap_or(0);
+    tch::no_grad(|| {
+        let (ids, valid) = left_pad(&prompts, width, pad_id, device);
+        let positions = positions_from_valid(&valid);
+        let mut cache = backbone.new_cache(prompts.len() as i64, (width + longest) as i64);
+        let prompt_hidden = backbone.forward(&ids, &valid, &positions, Some(&mut cache)).select(1, -1);
+        let index = Tensor::from_slice(&which).to_device(device);
+        let last = prompt_hidden.index_select(0, &index).to_kind(Kind::Float);
+        if longest == 0 {
+            return Ok((0..examples.len() as i64).map(|r| last.narrow(0, r, 1).copy()).collect());
+        }
+        cache.reorder(&index);
+        let responses: Vec<&[i64]> = examples.iter().map(|(_, e)| e.response.as_slice()).collect();
+        let (ids, valid) = right_pad(&responses, longest, pad_id, device);
+        let next = positions.select(1, -1).index_select(0, &index) + 1;
+        let positions = next.unsqueeze(1) + Tensor::arange(longest as i64, (Kind::Int64, device)).unsqueeze(0);
+        let hidden = backbone.forward(&ids, &valid, &positions, Some(&mut cache)).to_kind(Kind::Float);
+        Ok(examples
+            .iter()
+            .enumerate()
+            .map(|(r, (_, e))| {
+                let r = r as i64;
+                let response = hidden.get(r).narrow(0, 0, e.response.len() as i64);
+                Tensor::cat(&[last.narrow(0, r, 1), response], 0).detach().copy()
+            })
+            .collect())
+    })
 }

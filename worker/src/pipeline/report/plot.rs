@@ -144,6 +144,73 @@ pub fn reward_plot(rows: &[SummaryRow]) -> Vec<u8> {
     encode_rgb(W as u32, H as u32, &c.px)
 }
 
+/// A series of the sample-efficiency plot: points (x = tokens per prompt, mean, s.e.), joined when `line`.
+pub struct Series {
+    pub label: String,
+    pub points: Vec<(f64, f64, f64)>,
+    pub line: bool,
+}
+
+/// Reward against tokens sampled per prompt (x on a log2 scale), one colour per series: the paper's
+/// sample-efficiency claim as one picture.
+pub fn efficiency_plot(title: &str, series: &[Series]) -> Vec<u8> {
+    let mut c = Canvas::new();
+    c.text(LEFT, 16, title, 2, BLACK);
+    let all: Vec<(f64, f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).filter(|p| p.1.is_finite()).collect();
+    let fold = |f: fn(&(f64, f64, f64)) -> f64, min: bool| {
+        all.iter().map(f).fold(if min { f64::INFINITY } else { f64::NEG_INFINITY }, |a, v| if min { a.min(v) } else { a.max(v) })
+    };
+    let (x_lo, x_hi) = (fold(|p| p.0.max(1.0).log2(), true), fold(|p| p.0.max(1.0).log2(), false));
+    let (mut lo, mut hi) = (fold(|p| p.1 - p.2, true), fold(|p| p.1 + p.2, false));
+    if !(lo.is_finite() && hi > lo) {
+        (lo, hi) = (0.0, 1.0);
+    }
+    let pad = (hi - lo) * 0.08;
+    let (lo, hi) = (lo - pad, hi + pad);
+    let (x_lo, x_hi) = if x_hi > x_lo { (x_lo - 0.2, x_hi + 0.2) } else { (x_lo - 1.0, x_lo + 1.0) };
+    let y_of = |v: f64| BOTTOM - ((v - lo) / (hi - lo) * f64::from(BOTTOM - TOP)).round() as i32;
+    let x_of = |v: f64| LEFT + ((v.max(1.0).log2() - x_lo) / (x_hi - x_lo) * f64::from(RIGHT - LEFT)).round() as i32;
+    for k in 0..=4 {
+        let v = lo + (hi - lo) * f64::from(k) / 4.0;
+        let y = y_of(v);
+        c.line((LEFT, y), (RIGHT, y), GREY, 0);
+        let label = format!("{v:.3}");
+        c.text(LEFT - 8 - text_width(&label, 2), y - 5, &label, 2, BLACK);
+    }
+    c.line((LEFT, TOP), (LEFT, BOTTOM), BLACK, 0);
+    c.line((LEFT, BOTTOM), (RIGHT, BOTTOM), BLACK, 0);
+    let mut tick = 2f64.powi(x_lo.ceil() as i32);
+    while tick.log2() <= x_hi {
+        let x = x_of(tick);
+        c.line((x, BOTTOM), (x, BOTTOM + 6), BLACK, 0);
+        let label = format!("{tick:.0}");
+        c.text(x - text_width(&label, 2) / 2, BOTTOM + 12, &label, 2, BLACK);
+        tick *= 2.0;
+    }
+    let x_label = "tokens sampled per prompt";
+    c.text((LEFT + RIGHT) / 2 - text_width(x_label, 2) / 2, BOTTOM + 32, x_label, 2, BLACK);
+    let palette = [IRO, BASELINES[0], BASELINES[1], BASELINES[2], BASELINES[3], BLACK];
+    for (i, s) in series.iter().enumerate() {
+        let color = palette[i % palette.len()];
+        let pts: Vec<(i32, i32, f64, f64)> =
+            s.points.iter().filter(|p| p.1.is_finite()).map(|p| (x_of(p.0), y_of(p.1), p.1, p.2)).collect();
+        if s.line {
+            for pair in pts.windows(2) {
+                c.line((pair[0].0, pair[0].1), (pair[1].0, pair[1].1), color, 0);
+            }
+        }
+        for &(x, y, mean, se) in &pts {
+            let se = if se.is_finite() { se } else { 0.0 };
+            c.line((x, y_of(mean + se)), (x, y_of(mean - se)), color, 0);
+            c.rect(x - 4, y - 4, 9, 9, color);
+        }
+        let legend_y = TOP + 22 * i as i32;
+        c.rect(RIGHT + 20, legend_y, 14, 10, color);
+        c.text(RIGHT + 40, legend_y, &s.label, 2, BLACK);
+    }
+    encode_rgb(W as u32, H as u32, &c.px)
+}
+
 /// 3×5 glyphs, row-major from the top-left; unknown characters draw as a blank.
 fn glyph(c: char) -> &'static str {
     match c {
