@@ -196,6 +196,8 @@ pub struct ValueSection {
     pub warm_start: bool,
     pub lr: f64,
     pub adam_eps: f64,
+    /// AdamW's decoupled weight decay: 0.01 is torch's default, which the official `c_train.py` keeps
+    /// (`optim.AdamW(lr, eps)` without a `weight_decay` argument).
     pub weight_decay: f64,
     pub epochs: usize,
     /// Effective batch: micro-batches are accumulated (across ranks too) up to this many sequences.
@@ -217,7 +219,7 @@ impl Default for ValueSection {
             warm_start: true,
             lr: 3e-6,
             adam_eps: 1e-5,
-            weight_decay: 0.0,
+            weight_decay: 0.01,
             epochs: 10,
             batch_size: 256,
             micro_batch_size: 8,
@@ -409,6 +411,9 @@ impl RunConfig {
         if v.lr.is_nan() || v.lr <= 0.0 {
             return bad("value.lr", format!("{} must be > 0", v.lr));
         }
+        if !(v.weight_decay >= 0.0 && v.weight_decay.is_finite()) {
+            return bad("value.weight_decay", format!("{} must be a finite number >= 0", v.weight_decay));
+        }
         if !v.batch_size.is_multiple_of(v.micro_batch_size * self.cluster.train_ranks) {
             return bad(
                 "value.batch_size",
@@ -460,6 +465,7 @@ mod tests {
         assert_eq!((c.search.beams, c.search.successors, c.search.chunk_length), (4, 4, 8));
         assert_eq!(c.value.lr, 3e-6);
         assert_eq!(c.value.adam_eps, 1e-5);
+        assert_eq!(c.value.weight_decay, 0.01, "torch's AdamW default, as c_train.py");
         assert_eq!(c.value.batch_size, 256);
         assert_eq!(c.select.method, SelectMethod::Argmax);
         assert_eq!(c.sampling.max_new_tokens, 53);
@@ -488,6 +494,7 @@ mod tests {
             ("[run]\ndevice = \"tpu\"\n", "run.device"),
             ("[value]\nbatch_size = 10\nmicro_batch_size = 4\n", "value.batch_size"),
             ("[value]\nbetas = []\n", "value.betas"),
+            ("[value]\nweight_decay = -0.1\n", "value.weight_decay"),
             ("[select]\nper_prompt = 17\n", "select.per_prompt"),
             ("[cluster]\nbucket_bytes = 10\n", "cluster.bucket_bytes"),
             ("[cluster]\ncollective_deadline_s = 0\n", "cluster.collective_deadline_s"),
