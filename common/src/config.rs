@@ -79,7 +79,7 @@ pub enum PromptFormat {
     Tldr,
     /// `<|im_start|>user ...` (SmolLM2).
     Chatml,
-    /// Llama-3 Instruct's header tokens.
+    /// Llama-3 Instruct's header tokens, with an empty system turn (as the official IRO code sends it).
     Llama3,
 }
 
