@@ -167,16 +167,37 @@ pub enum RewardKind {
 #[serde(deny_unknown_fields, default)]
 pub struct SelectSection {
     pub method: SelectMethod,
-    /// softmax(r / temperature) when `method = "softmax"`.
+    /// `method = "softmax"` draws with weights softmax(r / (temperature · unit)), the unit set by
+    /// `temperature_unit`.
     pub temperature: f64,
+    /// What `temperature` is measured in (softmax only). `prompt_sd` (default): the standard deviation of the
+    /// prompt's own candidate rewards, so temperature 1 means the same sharpness whatever the reward's scale (a
+    /// cosine reward whose candidates spread by 0.1 and a reward model's by 2 alike); a prompt whose candidates
+    /// all score the same draws uniformly. `reward`: the reward's raw units, softmax(r / temperature).
+    pub temperature_unit: TemperatureUnit,
     /// Responses kept per prompt.
     pub per_prompt: usize,
 }
 
 impl Default for SelectSection {
     fn default() -> Self {
-        Self { method: SelectMethod::Argmax, temperature: 1.0, per_prompt: 1 }
+        Self {
+            method: SelectMethod::Argmax,
+            temperature: 1.0,
+            temperature_unit: TemperatureUnit::PromptSd,
+            per_prompt: 1,
+        }
     }
+}
+
+/// The unit of `select.temperature`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TemperatureUnit {
+    /// The standard deviation of the prompt's candidate rewards.
+    PromptSd,
+    /// The reward's own units.
+    Reward,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -404,8 +425,9 @@ impl RunConfig {
                 ),
             );
         }
-        if self.select.method == SelectMethod::Softmax && self.select.temperature <= 0.0 {
-            return bad("select.temperature", "must be > 0 for softmax resampling".into());
+        let t = self.select.temperature;
+        if self.select.method == SelectMethod::Softmax && !(t > 0.0 && t.is_finite()) {
+            return bad("select.temperature", format!("{t} must be a finite number > 0 for softmax resampling"));
         }
         let v = &self.value;
         if v.lr.is_nan() || v.lr <= 0.0 {
@@ -468,6 +490,7 @@ mod tests {
         assert_eq!(c.value.weight_decay, 0.01, "torch's AdamW default, as c_train.py");
         assert_eq!(c.value.batch_size, 256);
         assert_eq!(c.select.method, SelectMethod::Argmax);
+        assert_eq!(c.select.temperature_unit, TemperatureUnit::PromptSd);
         assert_eq!(c.sampling.max_new_tokens, 53);
     }
 
@@ -503,6 +526,14 @@ mod tests {
             assert_eq!(err.kind(), "config_value", "{text}");
             assert!(err.to_string().contains(field), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn the_softmax_temperature_unit_parses() {
+        let c = parse("[select]\nmethod = \"softmax\"\ntemperature = 0.5\ntemperature_unit = \"reward\"\n").unwrap();
+        assert_eq!((c.select.temperature, c.select.temperature_unit), (0.5, TemperatureUnit::Reward));
+        let msg = parse("[select]\ntemperature_unit = \"sd\"\n").unwrap_err().to_string();
+        assert!(msg.contains("temperature_unit"), "{msg}");
     }
 
     #[test]
