@@ -294,7 +294,14 @@ pub struct BaselinesSection {
     pub methods: Vec<Baseline>,
     pub best_of_n: usize,
     pub args_k: usize,
+    /// ARGS's w in `log pi(token) + w · reward term`, the term set by `args_weight_unit`.
     pub args_weight: f64,
+    /// `candidate_sd` (default): the reward term is (r − mean) / sd over the k candidate tokens of that step, so
+    /// w = 1 weighs one standard deviation of the reward like one nat of log-probability whatever the reward's
+    /// scale (with a cosine reward in [−1, 1], raw w = 1 leaves ARGS all but greedy); when the k rewards are
+    /// equal (sd 0, up to f32 noise) the reward term is 0 and the log-probability decides. `reward`: the term is
+    /// r itself, in the reward's units (ARGS as Khanov et al. write it).
+    pub args_weight_unit: ArgsWeightUnit,
     /// Weak-to-strong search: the tuned / untuned small model pair.
     pub w2s_tuned: PathBuf,
     pub w2s_untuned: PathBuf,
@@ -307,10 +314,21 @@ impl Default for BaselinesSection {
             best_of_n: 16,
             args_k: 16,
             args_weight: 1.0,
+            args_weight_unit: ArgsWeightUnit::CandidateSd,
             w2s_tuned: PathBuf::new(),
             w2s_untuned: PathBuf::new(),
         }
     }
+}
+
+/// The unit of `baselines.args_weight`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArgsWeightUnit {
+    /// The standard deviation of the step's k candidate rewards.
+    CandidateSd,
+    /// The reward's own units.
+    Reward,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -448,6 +466,10 @@ impl RunConfig {
         if v.betas.is_empty() || v.betas.iter().any(|b| b.is_nan() || *b <= 0.0) {
             return bad("value.betas", "needs at least one value, each > 0".into());
         }
+        let w = self.baselines.args_weight;
+        if !(w >= 0.0 && w.is_finite()) {
+            return bad("baselines.args_weight", format!("{w} must be a finite number >= 0"));
+        }
         if self.cluster.max_attempts == 0 {
             return bad("cluster.max_attempts", "must be at least 1".into());
         }
@@ -491,6 +513,7 @@ mod tests {
         assert_eq!(c.value.batch_size, 256);
         assert_eq!(c.select.method, SelectMethod::Argmax);
         assert_eq!(c.select.temperature_unit, TemperatureUnit::PromptSd);
+        assert_eq!(c.baselines.args_weight_unit, ArgsWeightUnit::CandidateSd);
         assert_eq!(c.sampling.max_new_tokens, 53);
     }
 
@@ -518,6 +541,7 @@ mod tests {
             ("[value]\nbatch_size = 10\nmicro_batch_size = 4\n", "value.batch_size"),
             ("[value]\nbetas = []\n", "value.betas"),
             ("[value]\nweight_decay = -0.1\n", "value.weight_decay"),
+            ("[baselines]\nargs_weight = -1.0\n", "baselines.args_weight"),
             ("[select]\nper_prompt = 17\n", "select.per_prompt"),
             ("[cluster]\nbucket_bytes = 10\n", "cluster.bucket_bytes"),
             ("[cluster]\ncollective_deadline_s = 0\n", "cluster.collective_deadline_s"),

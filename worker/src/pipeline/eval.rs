@@ -182,6 +182,7 @@ impl Pipeline {
                 let params = ArgsParams {
                     top_k: b.args_k,
                     weight: b.args_weight,
+                    weight_unit: b.args_weight_unit,
                     max_new_tokens,
                     eos_token_ids: self.eos.clone(),
                     pad_token_id: self.pad,
