@@ -145,11 +145,24 @@ pub struct RewardSection {
     pub model: PathBuf,
     /// Evaluation reward model; empty means the training one.
     pub eval_model: PathBuf,
+    /// The chat template of `model` (`kind = "model"` only). Unset, or equal to `policy.prompt_format`: the
+    /// reward model reads the prompt exactly as the policy saw it. Otherwise it formats the raw prompt (the
+    /// instruction) with this template, as the official instruction-following code scores with the reward
+    /// model's own template (a Mistral reward model on Llama-3 prompts).
+    pub prompt_format: Option<PromptFormat>,
+    /// The same for `eval_model`; unset means the policy's format, like `prompt_format`.
+    pub eval_prompt_format: Option<PromptFormat>,
 }
 
 impl Default for RewardSection {
     fn default() -> Self {
-        Self { kind: RewardKind::Model, model: PathBuf::new(), eval_model: PathBuf::new() }
+        Self {
+            kind: RewardKind::Model,
+            model: PathBuf::new(),
+            eval_model: PathBuf::new(),
+            prompt_format: None,
+            eval_prompt_format: None,
+        }
     }
 }
 
@@ -443,6 +456,27 @@ impl RunConfig {
                 ),
             );
         }
+        let r = &self.reward;
+        for (field, format) in
+            [("reward.prompt_format", r.prompt_format), ("reward.eval_prompt_format", r.eval_prompt_format)]
+        {
+            let Some(format) = format else { continue };
+            if r.kind != RewardKind::Model {
+                return bad(field, format!("only a `model` reward reads the prompt, not {:?}", r.kind));
+            }
+            // A TL;DR prompt is built from a post's fields with the policy's tokenizer; there is no raw text to
+            // re-format, so a reward model can only read it as the policy does.
+            if format == PromptFormat::Tldr && self.policy.prompt_format != PromptFormat::Tldr {
+                return bad(field, "`tldr` needs policy.prompt_format = \"tldr\"".into());
+            }
+        }
+        if r.eval_prompt_format.is_some() && r.eval_model.as_os_str().is_empty() {
+            return bad(
+                "reward.eval_prompt_format",
+                "is set but reward.eval_model is empty: the training reward model evaluates, with reward.prompt_format"
+                    .into(),
+            );
+        }
         let t = self.select.temperature;
         if self.select.method == SelectMethod::Softmax && !(t > 0.0 && t.is_finite()) {
             return bad("select.temperature", format!("{t} must be a finite number > 0 for softmax resampling"));
@@ -542,6 +576,9 @@ mod tests {
             ("[value]\nbetas = []\n", "value.betas"),
             ("[value]\nweight_decay = -0.1\n", "value.weight_decay"),
             ("[baselines]\nargs_weight = -1.0\n", "baselines.args_weight"),
+            ("[reward]\nkind = \"embedding_similarity\"\nprompt_format = \"chatml\"\n", "reward.prompt_format"),
+            ("[policy]\nprompt_format = \"llama3\"\n[reward]\nprompt_format = \"tldr\"\n", "reward.prompt_format"),
+            ("[reward]\neval_prompt_format = \"chatml\"\n", "reward.eval_prompt_format"),
             ("[select]\nper_prompt = 17\n", "select.per_prompt"),
             ("[cluster]\nbucket_bytes = 10\n", "cluster.bucket_bytes"),
             ("[cluster]\ncollective_deadline_s = 0\n", "cluster.collective_deadline_s"),
@@ -550,6 +587,21 @@ mod tests {
             assert_eq!(err.kind(), "config_value", "{text}");
             assert!(err.to_string().contains(field), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn reward_prompt_formats_default_to_the_policys_and_parse() {
+        let c = parse("").unwrap();
+        assert_eq!((c.reward.prompt_format, c.reward.eval_prompt_format), (None, None));
+        let c = parse(
+            "[policy]\nprompt_format = \"llama3\"\n[reward]\nprompt_format = \"chatml\"\neval_model = \"rm\"\n\
+             eval_prompt_format = \"raw\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.reward.prompt_format, Some(PromptFormat::Chatml));
+        assert_eq!(c.reward.eval_prompt_format, Some(PromptFormat::Raw));
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(parse(&text).unwrap(), c);
     }
 
     #[test]

@@ -88,7 +88,12 @@ impl Pipeline {
             let inputs: Vec<RewardInput<'_>> = items
                 .iter()
                 .zip(&texts)
-                .map(|(p, r)| RewardInput { prompt: &p.text, response: r, reference: p.reference.as_deref() })
+                .map(|(p, r)| RewardInput {
+                    prompt: &p.text,
+                    raw_prompt: &p.display,
+                    response: r,
+                    reference: p.reference.as_deref(),
+                })
                 .collect();
             let rewards = self.eval_reward().score(&inputs)?;
             for (i, ((item, answer), output)) in items.iter().zip(answers).zip(texts).enumerate() {
@@ -142,7 +147,7 @@ impl Pipeline {
         let inputs: Vec<RewardInput<'_>> = items
             .iter()
             .zip(refs)
-            .map(|(p, r)| RewardInput { prompt: &p.text, response: r, reference: Some(r) })
+            .map(|(p, r)| RewardInput { prompt: &p.text, raw_prompt: &p.display, response: r, reference: Some(r) })
             .collect();
         self.eval_reward().score(&inputs).map(Some)
     }

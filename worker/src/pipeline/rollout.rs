@@ -110,7 +110,12 @@ impl Pipeline {
             .iter()
             .zip(&texts)
             .flat_map(|(p, ts)| {
-                ts.iter().map(|r| RewardInput { prompt: &p.text, response: r, reference: p.reference.as_deref() })
+                ts.iter().map(|r| RewardInput {
+                    prompt: &p.text,
+                    raw_prompt: &p.display,
+                    response: r,
+                    reference: p.reference.as_deref(),
+                })
             })
             .collect();
         let mut rewards = self.reward.score(&inputs)?.into_iter();

@@ -33,7 +33,12 @@ impl PrefixScorer for TextRewardScorer<'_> {
                 let item = self.by_ids.get(p.as_slice()).ok_or_else(|| {
                     Error::InvalidRequest(format!("scored a row whose prompt ({} tokens) is not in this task", p.len()))
                 })?;
-                Ok(RewardInput { prompt: &item.text, response, reference: item.reference.as_deref() })
+                Ok(RewardInput {
+                    prompt: &item.text,
+                    raw_prompt: &item.display,
+                    response,
+                    reference: item.reference.as_deref(),
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         self.reward.score(&items)
