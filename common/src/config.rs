@@ -79,7 +79,7 @@ pub enum PromptFormat {
     Tldr,
     /// `<|im_start|>user ...` (SmolLM2).
     Chatml,
-    /// Llama-3 Instruct's header tokens.
+    /// Llama-3 Instruct's header tokens, with an empty system turn (as the official IRO code sends it).
     Llama3,
 }
 
@@ -145,11 +145,24 @@ pub struct RewardSection {
     pub model: PathBuf,
     /// Evaluation reward model; empty means the training one.
     pub eval_model: PathBuf,
+    /// The chat template of `model` (`kind = "model"` only). Unset, or equal to `policy.prompt_format`: the
+    /// reward model reads the prompt exactly as the policy saw it. Otherwise it formats the raw prompt (the
+    /// instruction) with this template, as the official instruction-following code scores with the reward
+    /// model's own template (a Mistral reward model on Llama-3 prompts).
+    pub prompt_format: Option<PromptFormat>,
+    /// The same for `eval_model`; unset means the policy's format, like `prompt_format`.
+    pub eval_prompt_format: Option<PromptFormat>,
 }
 
 impl Default for RewardSection {
     fn default() -> Self {
-        Self { kind: RewardKind::Model, model: PathBuf::new(), eval_model: PathBuf::new() }
+        Self {
+            kind: RewardKind::Model,
+            model: PathBuf::new(),
+            eval_model: PathBuf::new(),
+            prompt_format: None,
+            eval_prompt_format: None,
+        }
     }
 }
 
@@ -167,8 +180,14 @@ pub enum RewardKind {
 #[serde(deny_unknown_fields, default)]
 pub struct SelectSection {
     pub method: SelectMethod,
-    /// softmax(r / temperature) when `method = "softmax"`.
+    /// `method = "softmax"` draws with weights softmax(r / (temperature · unit)), the unit set by
+    /// `temperature_unit`.
     pub temperature: f64,
+    /// What `temperature` is measured in (softmax only). `prompt_sd` (default): the standard deviation of the
+    /// prompt's own candidate rewards, so temperature 1 means the same sharpness whatever the reward's scale (a
+    /// cosine reward whose candidates spread by 0.1 and a reward model's by 2 alike); a prompt whose candidates
+    /// all score the same draws uniformly. `reward`: the reward's raw units, softmax(r / temperature).
+    pub temperature_unit: TemperatureUnit,
     /// Responses kept per prompt.
     pub per_prompt: usize,
     /// Plain samples drawn per prompt at iteration 1 (the paper draws 1). More, with `per_prompt` as many, train
@@ -178,8 +197,24 @@ pub struct SelectSection {
 
 impl Default for SelectSection {
     fn default() -> Self {
-        Self { method: SelectMethod::Argmax, temperature: 1.0, per_prompt: 1, first_samples: 1 }
+        Self {
+            method: SelectMethod::Argmax,
+            temperature: 1.0,
+            temperature_unit: TemperatureUnit::PromptSd,
+            per_prompt: 1,
+            first_samples: 1,
+        }
     }
+}
+
+/// The unit of `select.temperature`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TemperatureUnit {
+    /// The standard deviation of the prompt's candidate rewards.
+    PromptSd,
+    /// The reward's own units.
+    Reward,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,6 +234,8 @@ pub struct ValueSection {
     pub warm_start: bool,
     pub lr: f64,
     pub adam_eps: f64,
+    /// AdamW's decoupled weight decay: 0.01 is torch's default, which the official `c_train.py` keeps
+    /// (`optim.AdamW(lr, eps)` without a `weight_decay` argument).
     pub weight_decay: f64,
     pub epochs: usize,
     /// Effective batch: micro-batches are accumulated (across ranks too) up to this many sequences.
@@ -237,7 +274,7 @@ impl Default for ValueSection {
             warm_start: true,
             lr: 3e-6,
             adam_eps: 1e-5,
-            weight_decay: 0.0,
+            weight_decay: 0.01,
             epochs: 10,
             batch_size: 256,
             micro_batch_size: 8,
@@ -292,7 +329,14 @@ pub struct BaselinesSection {
     pub methods: Vec<Baseline>,
     pub best_of_n: usize,
     pub args_k: usize,
+    /// ARGS's w in `log pi(token) + w · reward term`, the term set by `args_weight_unit`.
     pub args_weight: f64,
+    /// `candidate_sd` (default): the reward term is (r − mean) / sd over the k candidate tokens of that step, so
+    /// w = 1 weighs one standard deviation of the reward like one nat of log-probability whatever the reward's
+    /// scale (with a cosine reward in [−1, 1], raw w = 1 leaves ARGS all but greedy); when the k rewards are
+    /// equal (sd 0, up to f32 noise) the reward term is 0 and the log-probability decides. `reward`: the term is
+    /// r itself, in the reward's units (ARGS as Khanov et al. write it).
+    pub args_weight_unit: ArgsWeightUnit,
     /// Weak-to-strong search: the tuned / untuned small model pair.
     pub w2s_tuned: PathBuf,
     pub w2s_untuned: PathBuf,
@@ -305,10 +349,21 @@ impl Default for BaselinesSection {
             best_of_n: 16,
             args_k: 16,
             args_weight: 1.0,
+            args_weight_unit: ArgsWeightUnit::CandidateSd,
             w2s_tuned: PathBuf::new(),
             w2s_untuned: PathBuf::new(),
         }
     }
+}
+
+/// The unit of `baselines.args_weight`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArgsWeightUnit {
+    /// The standard deviation of the step's k candidate rewards.
+    CandidateSd,
+    /// The reward's own units.
+    Reward,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -424,12 +479,37 @@ impl RunConfig {
                 ),
             );
         }
-        if self.select.method == SelectMethod::Softmax && self.select.temperature <= 0.0 {
-            return bad("select.temperature", "must be > 0 for softmax resampling".into());
+        let r = &self.reward;
+        for (field, format) in
+            [("reward.prompt_format", r.prompt_format), ("reward.eval_prompt_format", r.eval_prompt_format)]
+        {
+            let Some(format) = format else { continue };
+            if r.kind != RewardKind::Model {
+                return bad(field, format!("only a `model` reward reads the prompt, not {:?}", r.kind));
+            }
+            // A TL;DR prompt is built from a post's fields with the policy's tokenizer; there is no raw text to
+            // re-format, so a reward model can only read it as the policy does.
+            if format == PromptFormat::Tldr && self.policy.prompt_format != PromptFormat::Tldr {
+                return bad(field, "`tldr` needs policy.prompt_format = \"tldr\"".into());
+            }
+        }
+        if r.eval_prompt_format.is_some() && r.eval_model.as_os_str().is_empty() {
+            return bad(
+                "reward.eval_prompt_format",
+                "is set but reward.eval_model is empty: the training reward model evaluates, with reward.prompt_format"
+                    .into(),
+            );
+        }
+        let t = self.select.temperature;
+        if self.select.method == SelectMethod::Softmax && !(t > 0.0 && t.is_finite()) {
+            return bad("select.temperature", format!("{t} must be a finite number > 0 for softmax resampling"));
         }
         let v = &self.value;
         if v.lr.is_nan() || v.lr <= 0.0 {
             return bad("value.lr", format!("{} must be > 0", v.lr));
+        }
+        if !(v.weight_decay >= 0.0 && v.weight_decay.is_finite()) {
+            return bad("value.weight_decay", format!("{} must be a finite number >= 0", v.weight_decay));
         }
         if !v.batch_size.is_multiple_of(v.micro_batch_size * self.cluster.train_ranks) {
             return bad(
@@ -442,6 +522,10 @@ impl RunConfig {
         }
         if v.betas.is_empty() || v.betas.iter().any(|b| b.is_nan() || *b <= 0.0) {
             return bad("value.betas", "needs at least one value, each > 0".into());
+        }
+        let w = self.baselines.args_weight;
+        if !(w >= 0.0 && w.is_finite()) {
+            return bad("baselines.args_weight", format!("{w} must be a finite number >= 0"));
         }
         if self.cluster.max_attempts == 0 {
             return bad("cluster.max_attempts", "must be at least 1".into());
@@ -482,8 +566,11 @@ mod tests {
         assert_eq!((c.search.beams, c.search.successors, c.search.chunk_length), (4, 4, 8));
         assert_eq!(c.value.lr, 3e-6);
         assert_eq!(c.value.adam_eps, 1e-5);
+        assert_eq!(c.value.weight_decay, 0.01, "torch's AdamW default, as c_train.py");
         assert_eq!(c.value.batch_size, 256);
         assert_eq!(c.select.method, SelectMethod::Argmax);
+        assert_eq!(c.select.temperature_unit, TemperatureUnit::PromptSd);
+        assert_eq!(c.baselines.args_weight_unit, ArgsWeightUnit::CandidateSd);
         assert_eq!(c.sampling.max_new_tokens, 53);
     }
 
@@ -510,6 +597,11 @@ mod tests {
             ("[run]\ndevice = \"tpu\"\n", "run.device"),
             ("[value]\nbatch_size = 10\nmicro_batch_size = 4\n", "value.batch_size"),
             ("[value]\nbetas = []\n", "value.betas"),
+            ("[value]\nweight_decay = -0.1\n", "value.weight_decay"),
+            ("[baselines]\nargs_weight = -1.0\n", "baselines.args_weight"),
+            ("[reward]\nkind = \"embedding_similarity\"\nprompt_format = \"chatml\"\n", "reward.prompt_format"),
+            ("[policy]\nprompt_format = \"llama3\"\n[reward]\nprompt_format = \"tldr\"\n", "reward.prompt_format"),
+            ("[reward]\neval_prompt_format = \"chatml\"\n", "reward.eval_prompt_format"),
             ("[select]\nper_prompt = 17\n", "select.per_prompt"),
             ("[cluster]\nbucket_bytes = 10\n", "cluster.bucket_bytes"),
             ("[cluster]\ncollective_deadline_s = 0\n", "cluster.collective_deadline_s"),
@@ -518,6 +610,29 @@ mod tests {
             assert_eq!(err.kind(), "config_value", "{text}");
             assert!(err.to_string().contains(field), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn reward_prompt_formats_default_to_the_policys_and_parse() {
+        let c = parse("").unwrap();
+        assert_eq!((c.reward.prompt_format, c.reward.eval_prompt_format), (None, None));
+        let c = parse(
+            "[policy]\nprompt_format = \"llama3\"\n[reward]\nprompt_format = \"chatml\"\neval_model = \"rm\"\n\
+             eval_prompt_format = \"raw\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.reward.prompt_format, Some(PromptFormat::Chatml));
+        assert_eq!(c.reward.eval_prompt_format, Some(PromptFormat::Raw));
+        let text = toml::to_string(&c).unwrap();
+        assert_eq!(parse(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn the_softmax_temperature_unit_parses() {
+        let c = parse("[select]\nmethod = \"softmax\"\ntemperature = 0.5\ntemperature_unit = \"reward\"\n").unwrap();
+        assert_eq!((c.select.temperature, c.select.temperature_unit), (0.5, TemperatureUnit::Reward));
+        let msg = parse("[select]\ntemperature_unit = \"sd\"\n").unwrap_err().to_string();
+        assert!(msg.contains("temperature_unit"), "{msg}");
     }
 
     #[test]

@@ -150,7 +150,7 @@ fn embedding_similarity_of_identical_texts_is_one_and_symmetric() {
     let mut items = Vec::new();
     for a in &s {
         for b in &s {
-            items.push(RewardInput { prompt: "p", response: a, reference: Some(b) });
+            items.push(RewardInput { prompt: "p", raw_prompt: "p", response: a, reference: Some(b) });
         }
     }
     let scores = reward.score(&items).unwrap();

@@ -1,10 +1,13 @@
-//! The TL;DR prompt formatter of the summarize-from-feedback setup: the post is cut at its last newline
-//! until the prompt fits the token budget.
+//! The prompt formatters: the TL;DR prompt of the summarize-from-feedback setup (the post is cut at its last
+//! newline until the prompt fits the token budget), and the Llama-3 chat prompt against what transformers renders.
 
 use std::path::Path;
 
+use iro_common::config::PromptFormat;
+use iro_common::data::{Example, Prompt};
+use iro_worker::pipeline::data::prompt_items;
 use iro_worker::text::Tokenizer;
-use iro_worker::text::prompt::{TldrPost, tldr_prompt};
+use iro_worker::text::prompt::{TldrPost, chat_prompt, tldr_prompt};
 
 fn tokenizer() -> Tokenizer {
     Tokenizer::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/neox_parallel")).unwrap()
@@ -45,4 +48,41 @@ fn a_prompt_that_cannot_fit_is_a_clear_error() {
     let p = TldrPost { subreddit: "x", title: "a title far too long for the budget", post: "text" };
     let err = tldr_prompt(&p, &tokenizer(), 5).unwrap_err().to_string();
     assert!(err.contains("exceeds 5 tokens"), "{err}");
+}
+
+/// worker/tests/fixtures/llama3_chat (scripts/fixtures/make_chat_fixture.py): Llama-3-8B-Instruct's chat template
+/// applied by transformers to `[{"role": "system", "content": ""}, {"role": "user", ...}]`, as the official IRO
+/// code formats instructions, on a tokenizer whose post-processor prepends `<|begin_of_text|>` like Llama-3's.
+#[test]
+fn llama3_prompts_match_transformers_with_the_empty_system_turn_and_one_bos() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama3_chat");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    let bos = reference["bos_token_id"].as_i64().unwrap();
+    let cases = reference["cases"].as_array().unwrap();
+    assert!(cases.len() >= 3);
+    for (i, case) in cases.iter().enumerate() {
+        let messages = case["messages"].as_array().unwrap();
+        assert_eq!((messages[0]["role"].as_str(), messages[0]["content"].as_str()), (Some("system"), Some("")));
+        let user = messages[1]["content"].as_str().unwrap();
+        let want_text = case["text"].as_str().unwrap();
+        let want_ids: Vec<i64> = serde_json::from_value(case["ids"].clone()).unwrap();
+        assert_eq!(chat_prompt(PromptFormat::Llama3, user, None).unwrap(), want_text, "case {i}");
+
+        // The ids every phase uses (`prompt_items`: the policy's one formatter and its special-token rule).
+        let example = Example {
+            id: format!("{i}"),
+            prompt: Prompt::Instruction { instruction: user.to_owned(), dataset: None },
+            reference: None,
+        };
+        let items = prompt_items(&[example], &[0], PromptFormat::Llama3, 512, &tok, 0).unwrap();
+        assert_eq!(items[0].text, want_text, "case {i}");
+        assert_eq!(items[0].ids, want_ids, "case {i}: exactly the ids of apply_chat_template(tokenize=True)");
+        assert_eq!(items[0].ids.iter().filter(|&&t| t == bos).count(), 1, "case {i}: one BOS");
+        // The fixture's post-processor does add a BOS of its own: encoding with it on would double it.
+        let doubled: Vec<i64> = serde_json::from_value(case["ids_with_post_processor"].clone()).unwrap();
+        assert_eq!(tok.encode(want_text, true).unwrap(), doubled, "case {i}");
+        assert_eq!(&doubled[..2], &[bos, bos]);
+    }
 }

@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use iro_common::config::ArgsWeightUnit;
 use iro_worker::Result;
 use iro_worker::generate::sampler::SamplingParams;
 use iro_worker::generate::{Decoder, GenerateOptions, generate, left_pad};
@@ -166,7 +167,14 @@ fn cached_value_scorer_equals_re_encoding_through_cbs_reorders() {
         cached: CachedValueEnsemble::new(members(), EOS.to_vec(), 7).unwrap(),
         calls: 0,
     };
-    let params = ArgsParams { top_k: 3, weight: 1.0, max_new_tokens: 6, eos_token_ids: EOS.to_vec(), pad_token_id: 3 };
+    let params = ArgsParams {
+        top_k: 3,
+        weight: 1.0,
+        weight_unit: ArgsWeightUnit::Reward,
+        max_new_tokens: 6,
+        eos_token_ids: EOS.to_vec(),
+        pad_token_id: 3,
+    };
     let got = args_decode(&lm, &prompts(), &params, &mut both).unwrap();
     assert!(both.calls >= 1);
     assert_eq!(both.cached.prefills(), 1);
@@ -179,8 +187,14 @@ fn args_with_zero_reward_weight_is_greedy_decoding() {
         let lm = CausalLm::load(&fixture(name), Kind::Float, Device::Cpu).unwrap();
         let rm = scalar("neox_seqcls");
         let mut reward = ValueEnsemble::new(vec![(&rm, 1.0)], EOS.to_vec()).unwrap();
-        let params =
-            ArgsParams { top_k: 4, weight: 0.0, max_new_tokens: 9, eos_token_ids: EOS.to_vec(), pad_token_id: 3 };
+        let params = ArgsParams {
+            top_k: 4,
+            weight: 0.0,
+            weight_unit: ArgsWeightUnit::CandidateSd,
+            max_new_tokens: 9,
+            eos_token_ids: EOS.to_vec(),
+            pad_token_id: 3,
+        };
         let got = args_decode(&lm, &prompts(), &params, &mut reward).unwrap();
         let opts = GenerateOptions {
             max_new_tokens: 9,
@@ -206,7 +220,14 @@ fn args_with_a_dominant_reward_picks_the_best_rewarded_of_the_top_k() {
     let mut reward = |_: &[Vec<i64>], ys: &[Vec<i64>], _: &[bool]| -> Result<Vec<f64>> {
         Ok(ys.iter().map(|y| -(*y.last().unwrap_or(&0) as f64)).collect())
     };
-    let params = ArgsParams { top_k: 5, weight: 1e6, max_new_tokens: 1, eos_token_ids: vec![], pad_token_id: 3 };
+    let params = ArgsParams {
+        top_k: 5,
+        weight: 1e6,
+        weight_unit: ArgsWeightUnit::Reward,
+        max_new_tokens: 1,
+        eos_token_ids: vec![],
+        pad_token_id: 3,
+    };
     let got = args_decode(&lm, &prompts(), &params, &mut reward).unwrap();
     let _g = tch::no_grad_guard();
     for (p, g) in prompts().iter().zip(&got) {
@@ -215,6 +236,64 @@ fn args_with_a_dominant_reward_picks_the_best_rewarded_of_the_top_k() {
         let logits = lm.forward(&ids, &valid, &positions_from_valid(&valid), None).select(1, -1);
         let top: Vec<i64> = Vec::try_from(logits.topk(5, -1, true, true).1.reshape([-1])).unwrap();
         assert_eq!(g.tokens, vec![*top.iter().min().unwrap()]);
+    }
+}
+
+/// A prompt's top-2 next tokens and their log-probabilities.
+type Top2 = ([i64; 2], [f64; 2]);
+
+/// The policy's top-2 next tokens and their log-probabilities after `prompt`.
+fn top2(lm: &CausalLm, prompt: &[i64]) -> Top2 {
+    let _g = tch::no_grad_guard();
+    let ids = tch::Tensor::from_slice(prompt).unsqueeze(0);
+    let valid = ids.ones_like().to_kind(Kind::Bool);
+    let logits = lm.forward(&ids, &valid, &positions_from_valid(&valid), None).select(1, -1);
+    let (lp, top) = logits.log_softmax(-1, Kind::Float).topk(2, -1, true, true);
+    let lp: Vec<f32> = Vec::try_from(lp.reshape([-1])).unwrap();
+    let top: Vec<i64> = Vec::try_from(top.reshape([-1])).unwrap();
+    ([top[0], top[1]], [f64::from(lp[0]), f64::from(lp[1])])
+}
+
+#[test]
+fn args_weight_in_candidate_sd_units_lets_a_small_reward_spread_change_the_pick() {
+    let lm = policy();
+    // z-scores of two different rewards are ±1, so w = 1 overturns a log-probability gap below 2: take the
+    // first few-token prompts where the fixture's top-2 gap is that close (its logits are often far apart).
+    let (prompts, tops): (Vec<Vec<i64>>, Vec<Top2>) = (4..400)
+        .map(|i| vec![i, (i * 7) % 500 + 4, (i * 13) % 500 + 4])
+        .map(|p| {
+            let top = top2(&lm, &p);
+            (p, top)
+        })
+        .filter(|(_, (_, lp))| lp[0] - lp[1] > 1e-3 && lp[0] - lp[1] < 1.9)
+        .take(2)
+        .unzip();
+    assert_eq!(prompts.len(), 2, "no fixture prompt with a top-2 gap below 2");
+    // A reward of small spread (a cosine-like 0.6 vs 0.6 + gap/2) that prefers each prompt's second token.
+    let mut reward = |ps: &[Vec<i64>], ys: &[Vec<i64>], _: &[bool]| -> Result<Vec<f64>> {
+        Ok(ps
+            .iter()
+            .zip(ys)
+            .map(|(p, y)| {
+                let (top, lp) = tops[prompts.iter().position(|q| q == p).unwrap()];
+                let bonus = if y.last() == Some(&top[1]) { (lp[0] - lp[1]) / 2.0 } else { 0.0 };
+                0.6 + bonus
+            })
+            .collect())
+    };
+    let params = |weight_unit| ArgsParams {
+        top_k: 2,
+        weight: 1.0,
+        weight_unit,
+        max_new_tokens: 1,
+        eos_token_ids: vec![],
+        pad_token_id: 3,
+    };
+    let raw = args_decode(&lm, &prompts, &params(ArgsWeightUnit::Reward), &mut reward).unwrap();
+    let scaled = args_decode(&lm, &prompts, &params(ArgsWeightUnit::CandidateSd), &mut reward).unwrap();
+    for ((top, _), (r, s)) in tops.iter().zip(raw.iter().zip(&scaled)) {
+        assert_eq!(r.tokens, vec![top[0]], "raw w = 1: half the log-probability gap is not enough");
+        assert_eq!(s.tokens, vec![top[1]], "w = 1 in candidate-sd units: the better-rewarded token wins");
     }
 }
 

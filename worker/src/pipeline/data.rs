@@ -31,7 +31,8 @@ pub struct RunData {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptItem {
     pub id: String,
-    /// What people read: AlpacaEval's instruction, or the formatted TL;DR prompt.
+    /// What people read: AlpacaEval's instruction, or the formatted TL;DR prompt. It is also the raw prompt a
+    /// reward model with a chat template of its own formats (`reward.prompt_format`).
     pub display: String,
     pub dataset: Option<String>,
     /// The prompt as the policy sees it (task formatter or chat template applied).

@@ -91,7 +91,12 @@ impl Pipeline {
             let inputs: Vec<RewardInput<'_>> = items
                 .iter()
                 .zip(&texts)
-                .map(|(p, r)| RewardInput { prompt: &p.text, response: r, reference: p.reference.as_deref() })
+                .map(|(p, r)| RewardInput {
+                    prompt: &p.text,
+                    raw_prompt: &p.display,
+                    response: r,
+                    reference: p.reference.as_deref(),
+                })
                 .collect();
             let rewards = self.eval_reward().score(&inputs)?;
             for (i, ((item, mut answer), output)) in items.iter().zip(answers).zip(texts).enumerate() {
@@ -156,7 +161,7 @@ impl Pipeline {
         let inputs: Vec<RewardInput<'_>> = items
             .iter()
             .zip(refs)
-            .map(|(p, r)| RewardInput { prompt: &p.text, response: r, reference: Some(r) })
+            .map(|(p, r)| RewardInput { prompt: &p.text, raw_prompt: &p.display, response: r, reference: Some(r) })
             .collect();
         self.eval_reward().score(&inputs).map(Some)
     }
@@ -202,6 +207,7 @@ impl Pipeline {
                 let params = ArgsParams {
                     top_k: b.args_k,
                     weight: b.args_weight,
+                    weight_unit: b.args_weight_unit,
                     max_new_tokens,
                     eos_token_ids: self.eos.clone(),
                     pad_token_id: self.pad,

@@ -30,9 +30,9 @@ use crate::error::{Error, Result};
 use crate::generate::sampler::SamplingParams;
 use crate::jobs::generate::{pad_token, stop_tokens};
 use crate::model::{CausalLm, ScalarModel};
-use crate::reward::{EmbeddingSimilarityReward, Reward, RewardModel};
+use crate::reward::{EmbeddingSimilarityReward, Reward, RewardModel, RewardPrompt};
 use crate::runtime::{TaskControl, TaskOutput, TaskPhase, TaskRef, TaskRunner};
-use crate::text::{Tokenizer, prompt};
+use crate::text::Tokenizer;
 
 /// A reward the pipeline holds across tasks.
 pub type BoxedReward = Box<dyn Reward>;
@@ -86,12 +86,16 @@ impl Pipeline {
         }
         let pad = pad_token(&policy.config, &eos);
         let data = RunData::load(&config)?;
-        let add_special = !prompt::has_special_tokens(config.policy.prompt_format);
-        let reward = load_reward(config.reward.kind, &config.reward.model, kind, device, add_special)?;
-        let eval_reward = if config.reward.eval_model.as_os_str().is_empty() {
+        let r = &config.reward;
+        // A reward model reads the prompt as the policy saw it, unless it has a chat template of its own.
+        let policy_format = config.policy.prompt_format;
+        let reward_prompt = RewardPrompt::resolve(r.prompt_format, policy_format);
+        let reward = load_reward(r.kind, &r.model, kind, device, reward_prompt)?;
+        let eval_reward = if r.eval_model.as_os_str().is_empty() {
             None
         } else {
-            Some(load_reward(config.reward.kind, &config.reward.eval_model, kind, device, add_special)?)
+            let eval_prompt = RewardPrompt::resolve(r.eval_prompt_format, policy_format);
+            Some(load_reward(r.kind, &r.eval_model, kind, device, eval_prompt)?)
         };
         tracing::info!(
             run = %config.run.id, policy = %policy_dir.display(), device = ?device, dtype = ?kind,
@@ -200,11 +204,11 @@ fn check_paths(config: &RunConfig) -> Result<()> {
     Ok(())
 }
 
-fn load_reward(kind: RewardKind, dir: &Path, dtype: Kind, device: Device, add_special: bool) -> Result<BoxedReward> {
+fn load_reward(kind: RewardKind, dir: &Path, dtype: Kind, device: Device, prompt: RewardPrompt) -> Result<BoxedReward> {
     Ok(match kind {
         // The sentence encoder is tiny: f32 everywhere keeps its similarities comparable across devices.
         RewardKind::EmbeddingSimilarity => Box::new(EmbeddingSimilarityReward::load(dir, Kind::Float, device)?),
-        RewardKind::Model => Box::new(RewardModel::load(dir, dtype, device, add_special)?),
+        RewardKind::Model => Box::new(RewardModel::load(dir, dtype, device, prompt)?),
     })
 }
 

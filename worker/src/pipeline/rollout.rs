@@ -129,15 +129,19 @@ impl Pipeline {
             .iter()
             .zip(&texts)
             .flat_map(|(p, ts)| {
-                ts.iter().map(|r| RewardInput { prompt: &p.text, response: r, reference: p.reference.as_deref() })
+                ts.iter().map(|r| RewardInput {
+                    prompt: &p.text,
+                    raw_prompt: &p.display,
+                    response: r,
+                    reference: p.reference.as_deref(),
+                })
             })
             .collect();
         let mut rewards = self.reward.score(&inputs)?.into_iter();
-        let s = &self.config.select;
         let mut out = Vec::new();
         for ((item, cs), ts) in batch.iter().zip(candidates).zip(texts) {
             let r: Vec<f64> = rewards.by_ref().take(cs.len()).collect();
-            let picks = select::select(&r, s.method, s.per_prompt, s.temperature, item.seed ^ SELECT_SALT);
+            let picks = select::select(&r, &self.config.select, item.seed ^ SELECT_SALT);
             for (j, ((g, score), text)) in cs.into_iter().zip(ts).enumerate() {
                 out.push(RolloutRecord {
                     prompt_id: item.id.clone(),

@@ -33,29 +33,55 @@ impl PrefixScorer for TextRewardScorer<'_> {
                 let item = self.by_ids.get(p.as_slice()).ok_or_else(|| {
                     Error::InvalidRequest(format!("scored a row whose prompt ({} tokens) is not in this task", p.len()))
                 })?;
-                Ok(RewardInput { prompt: &item.text, response, reference: item.reference.as_deref() })
+                Ok(RewardInput {
+                    prompt: &item.text,
+                    raw_prompt: &item.display,
+                    response,
+                    reference: item.reference.as_deref(),
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         self.reward.score(&items)
     }
 }
 
-/// Lets a scorer that reads another tokenizer guide the policy (iro.md: value models may use another tokenizer):
-/// prompt and partial response are decoded to text with the policy's tokenizer and re-encoded with the scorer's.
+/// What a model on another tokenizer than the policy's reads of a policy row (iro.md: value models may use
+/// another tokenizer): the text decoded with the policy's tokenizer, re-encoded with the target's. The one
+/// definition for the guiding scorer (`Retokenized`) and for value training, so a value model trains on exactly
+/// the ids it is fed while guiding.
+#[derive(Clone, Copy)]
+pub struct Retokenizer<'a> {
+    pub policy: &'a Tokenizer,
+    pub target: &'a Tokenizer,
+    /// Whether the target tokenizer adds its own special tokens to the prompt.
+    pub add_special: bool,
+}
+
+impl Retokenizer<'_> {
+    /// The prompt's ids. Special tokens are kept: a chat template's markers are part of what the model reads.
+    pub fn prompt(&self, ids: &[i64]) -> Result<Vec<i64>> {
+        self.target.encode(&self.policy.decode(ids, false)?, self.add_special)
+    }
+
+    /// A (partial) response's ids, encoded on its own so the prompt's ids stay a fixed prefix, and without the
+    /// policy's EOS (skipped as a special token): the value scorer appends the model's own EOS to finished rows.
+    pub fn response(&self, ids: &[i64]) -> Result<Vec<i64>> {
+        self.target.encode(&self.policy.decode(ids, true)?, false)
+    }
+}
+
+/// Lets a scorer that reads another tokenizer guide the policy: every row goes through `Retokenizer`.
 /// Re-encoding an extended text usually extends the old ids, so a caching inner scorer keeps its cache; when a
 /// token boundary moves, it re-encodes that row (it checks for extension itself).
 pub struct Retokenized<'a, S> {
     inner: S,
-    policy: &'a Tokenizer,
-    target: &'a Tokenizer,
-    /// Whether the target tokenizer adds its own special tokens to the prompt.
-    add_special: bool,
+    retokenizer: Retokenizer<'a>,
     prompt_cache: HashMap<Vec<i64>, Vec<i64>>,
 }
 
 impl<'a, S: PrefixScorer> Retokenized<'a, S> {
     pub fn new(inner: S, policy: &'a Tokenizer, target: &'a Tokenizer, add_special: bool) -> Self {
-        Self { inner, policy, target, add_special, prompt_cache: HashMap::new() }
+        Self { inner, retokenizer: Retokenizer { policy, target, add_special }, prompt_cache: HashMap::new() }
     }
 }
 
@@ -65,17 +91,10 @@ impl<S: PrefixScorer> PrefixScorer for Retokenized<'_, S> {
         let mut r_out = Vec::with_capacity(prompts.len());
         for (p, r) in prompts.iter().zip(responses) {
             if !self.prompt_cache.contains_key(p) {
-                // Keep special tokens: a chat template's markers are part of what the value model was trained on.
-                let text = self.policy.decode(p, false)?;
-                self.prompt_cache.insert(p.clone(), self.target.encode(&text, self.add_special)?);
+                self.prompt_cache.insert(p.clone(), self.retokenizer.prompt(p)?);
             }
-            let prompt_ids = self.prompt_cache[p].clone();
-            // The response is encoded on its own, without the policy's EOS (skipped as a special token): the
-            // prompt's ids stay a fixed prefix, and the inner scorer appends its own EOS to finished rows.
-            let text = self.policy.decode(r, true)?;
-            let response_ids = self.target.encode(&text, false)?;
-            p_out.push(prompt_ids);
-            r_out.push(response_ids);
+            p_out.push(self.prompt_cache[p].clone());
+            r_out.push(self.retokenizer.response(r)?);
         }
         self.inner.score(&p_out, &r_out, finished)
     }

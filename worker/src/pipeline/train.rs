@@ -3,6 +3,7 @@
 //! retried task resumes from the newest checkpoint, so a killed training ends with the same weights.
 
 use std::ops::ControlFlow;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use iro_common::config::{ValueKind, ValueTargets};
@@ -11,12 +12,15 @@ use iro_common::records::{RolloutRecord, read_accepted, read_manifest};
 use iro_common::store::sha256_hex;
 use tch::Kind;
 
+use super::scoring::Retokenizer;
 use super::values::MODEL_FILES;
 use super::{Pipeline, gang};
 use crate::collective::{Collective, SingleRank};
 use crate::error::{Error, Result};
+use crate::jobs::generate::pad_token;
+use crate::model::config::ModelConfig;
 use crate::runtime::{TaskControl, TaskOutput, TaskRef};
-use crate::text::prompt;
+use crate::text::{Tokenizer, prompt};
 use crate::train::checkpoint;
 use crate::train::{
     DataParallel, ValueExample, ValueInit, ValueTrainConfig, constant_predictor_loss, mean_target, train_value_ranked,
@@ -26,26 +30,32 @@ pub use iro_common::records::ValueTraining;
 /// Written beside a published V_t: how its training went.
 pub const TRAINING_FILE: &str = "training.json";
 
+/// The tokenizer, EOS ids and pad id of a value model whose tokenizer is not the policy's.
+struct ValueTokens {
+    tokenizer: Tokenizer,
+    eos: Vec<i64>,
+    pad: i64,
+}
+
 impl Pipeline {
     pub(super) fn train(&mut self, t: u32, task: &TaskRef, control: &TaskControl) -> Result<TaskOutput> {
         let start = Instant::now();
         let manifest = self.block_on(read_manifest(&self.store, &self.layout, t, ShardedPhase::Rollout))?;
         let records: Vec<RolloutRecord> = self.block_on(read_accepted(&self.store, &manifest))?;
-        let mut examples = self.value_examples(&records)?;
-        if self.config.value.targets == ValueTargets::PromptCentred {
-            centre_per_prompt(&mut examples);
-        }
         let warm = self.config.value.warm_start && t > 1;
         if warm {
             self.ensure_values(t - 1)?;
         }
         let v = &self.config.value;
         let previous = if warm { Some(self.value_model_dir(t - 1)?) } else { None };
+        let mut value_tokens = None;
         let init = match v.kind {
             ValueKind::Model => {
                 let base = if v.init.as_os_str().is_empty() { self.policy_dir.clone() } else { v.init.clone() };
+                let dir = previous.clone().unwrap_or(base);
+                value_tokens = self.value_tokens(&dir)?;
                 // Training runs in f32 (AdamW moments and small updates need it); decoding uses the run dtype.
-                ValueInit::Model { dir: previous.clone().unwrap_or(base), kind: Kind::Float, device: self.device }
+                ValueInit::Model { dir, kind: Kind::Float, device: self.device }
             }
             ValueKind::Head => ValueInit::Head {
                 backbone: self.policy.backbone.clone(),
@@ -54,8 +64,14 @@ impl Pipeline {
                 from: previous.clone(),
             },
         };
-        // Each V_t gets its own head initialisation stream.
-        let cfg = ValueTrainConfig::new(v, self.config.run.seed ^ u64::from(t), self.pad);
+        let mut examples = self.value_examples(&records, value_tokens.as_ref())?;
+        if self.config.value.targets == ValueTargets::PromptCentred {
+            centre_per_prompt(&mut examples);
+        }
+        // Each V_t gets its own head initialisation stream. Padding uses the value model's own pad id, which
+        // its vocabulary holds (the policy's need not).
+        let pad = value_tokens.as_ref().map_or(self.pad, |vt| vt.pad);
+        let cfg = ValueTrainConfig::new(v, self.config.run.seed ^ u64::from(t), pad);
         let out_dir = self.value_train_dir(t);
         self.download_latest_checkpoint(t, &out_dir)?;
         let mut uploaded = checkpoint::latest(&out_dir);
@@ -149,19 +165,50 @@ impl Pipeline {
         })
     }
 
-    /// One example per selection of a candidate (softmax resampling can pick one several times).
-    fn value_examples(&self, records: &[RolloutRecord]) -> Result<Vec<ValueExample>> {
+    /// What a `model`-kind value starting from `dir` reads, when its tokenizer is not the policy's.
+    fn value_tokens(&self, dir: &Path) -> Result<Option<ValueTokens>> {
+        let Some(tokenizer) = self.own_tokenizer(dir)? else { return Ok(None) };
+        let config = ModelConfig::load(dir)?;
+        // The guiding scorer appends this EOS to finished rows (`value_scorer`: the value model's config.json).
+        let eos = config.eos_token_ids.clone();
+        if eos.is_empty() {
+            return Err(Error::Checkpoint {
+                path: dir.join("config.json"),
+                message: "no eos_token_id: a value model on its own tokenizer needs one to score finished rows".into(),
+            });
+        }
+        let pad = pad_token(&config, &eos);
+        Ok(Some(ValueTokens { tokenizer, eos, pad }))
+    }
+
+    /// One example per selection of a candidate (softmax resampling can pick one several times). A value model
+    /// on its own tokenizer (`value_tokens`) trains on the ids the guiding scorer will feed it: the policy's
+    /// prompt and response re-tokenised by `Retokenizer`, and its own EOS after a response that stopped at EOS
+    /// (where the policy's ids carry the policy's EOS).
+    fn value_examples(
+        &self,
+        records: &[RolloutRecord],
+        value_tokens: Option<&ValueTokens>,
+    ) -> Result<Vec<ValueExample>> {
         let add_special = !prompt::has_special_tokens(self.config.policy.prompt_format);
+        let retokenizer =
+            value_tokens.map(|vt| Retokenizer { policy: &self.tokenizer, target: &vt.tokenizer, add_special });
         let mut out = Vec::new();
         for r in records.iter().filter(|r| r.selected > 0) {
             let reward = r.reward.ok_or_else(|| {
                 Error::InvalidRequest(format!("rollout record {} candidate {} has no reward", r.prompt_id, r.candidate))
             })?;
-            let example = ValueExample {
-                prompt: self.tokenizer.encode(&r.prompt, add_special)?,
-                response: r.token_ids.iter().map(|&x| i64::from(x)).collect(),
-                reward,
-            };
+            let mut prompt = self.tokenizer.encode(&r.prompt, add_special)?;
+            let mut response: Vec<i64> = r.token_ids.iter().map(|&x| i64::from(x)).collect();
+            if let (Some(retok), Some(vt)) = (&retokenizer, value_tokens) {
+                prompt = retok.prompt(&prompt)?;
+                response = retok.response(&response)?;
+                // As the scorer's `full_sequences`: a finished row gets the first EOS unless it ends in one.
+                if r.finished && !response.last().is_some_and(|t| vt.eos.contains(t)) {
+                    response.push(vt.eos[0]);
+                }
+            }
+            let example = ValueExample { prompt, response, reward };
             for _ in 1..r.selected {
                 out.push(example.clone());
             }
@@ -194,7 +241,124 @@ pub(super) fn centre_per_prompt(examples: &mut [ValueExample]) {
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
+    use iro_common::RunConfig;
+    use iro_common::config::{DataFormat, PromptFormat, RewardKind};
+    use tch::Device;
+
     use super::*;
+    use crate::generate::left_pad;
+    use crate::model::ScalarModel;
+    use crate::pipeline::scoring::Retokenized;
+    use crate::search::{CachedValueEnsemble, PrefixScorer};
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    }
+
+    /// `llama_seqcls` with a tokenizer of its own: the same vocabulary with a third of the BPE merges, so the
+    /// same text gets other (more) ids.
+    fn value_init_on_another_tokenizer(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        for name in ["config.json", "model.safetensors"] {
+            std::fs::copy(fixture("llama_seqcls").join(name), dir.join(name)).unwrap();
+        }
+        let text = std::fs::read_to_string(fixture("llama_seqcls/tokenizer.json")).unwrap();
+        let mut tokenizer: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let merges = tokenizer["model"]["merges"].as_array_mut().unwrap();
+        merges.truncate(merges.len() / 3);
+        std::fs::write(dir.join("tokenizer.json"), serde_json::to_string(&tokenizer).unwrap()).unwrap();
+    }
+
+    fn record(prompt: &str, token_ids: Vec<u32>, finished: bool) -> RolloutRecord {
+        RolloutRecord {
+            prompt_id: "p".into(),
+            prompt: prompt.into(),
+            iteration: 1,
+            method: "sample".into(),
+            seed: 0,
+            candidate: 0,
+            response: String::new(),
+            token_ids,
+            logprobs: Vec::new(),
+            finished,
+            reward: Some(0.5),
+            value_score: None,
+            selected: 1,
+        }
+    }
+
+    #[test]
+    fn a_value_model_on_its_own_tokenizer_trains_on_the_ids_the_scorer_feeds_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let init = tmp.path().join("init");
+        value_init_on_another_tokenizer(&init);
+        let mut c = RunConfig::default();
+        c.run.device = "cpu".into();
+        c.run.store = tmp.path().join("store").display().to_string();
+        c.policy.model = fixture("llama_gqa_tied");
+        c.data.format = DataFormat::Tldr;
+        c.data.train = Path::new(env!("CARGO_MANIFEST_DIR")).join("../common/tests/fixtures/tldr_sample.jsonl");
+        c.data.test_prompts = 4;
+        c.reward.kind = RewardKind::Model;
+        c.reward.model = fixture("llama_seqcls");
+        c.value.kind = ValueKind::Model;
+        c.value.init = init.clone();
+        let p = Pipeline::open(c, None, &tmp.path().join("work")).unwrap();
+        let vt = p.value_tokens(&init).unwrap().expect("the init's tokenizer.json differs from the policy's");
+        assert_eq!((vt.eos.as_slice(), vt.pad), ([2].as_slice(), 3), "llama_seqcls's own EOS and pad");
+        assert!(
+            p.value_tokens(&fixture("llama_seqcls")).unwrap().is_none(),
+            "the same tokenizer.json: no re-tokenising"
+        );
+
+        let prompt =
+            "SUBREDDIT: r/tifu\n\nTITLE: The old mill\n\nPOST: The river ran quietly past the old mill.\n\nTL;DR:";
+        let add_special = !prompt::has_special_tokens(PromptFormat::Tldr);
+        let encode = |text: &str| -> Vec<u32> {
+            p.tokenizer.encode(text, false).unwrap().into_iter().map(|t| t as u32).collect()
+        };
+        let mut stopped = encode(" The miller checked the ropes.");
+        stopped.push(p.eos[0] as u32);
+        let records = [record(prompt, stopped, true), record(prompt, encode(" A good summary keeps"), false)];
+        let examples = p.value_examples(&records, Some(&vt)).unwrap();
+
+        // What the guiding scorer feeds a value model on its own tokenizer (`value_scorer`), recorded.
+        let policy_prompt = p.tokenizer.encode(prompt, add_special).unwrap();
+        let prompts = vec![policy_prompt.clone(); 2];
+        let responses: Vec<Vec<i64>> =
+            records.iter().map(|r| r.token_ids.iter().map(|&t| i64::from(t)).collect()).collect();
+        let finished: Vec<bool> = records.iter().map(|r| r.finished).collect();
+        let mut fed = Vec::new();
+        let recorder = |ps: &[Vec<i64>], rs: &[Vec<i64>], _: &[bool]| -> Result<Vec<f64>> {
+            fed.extend(ps.iter().cloned().zip(rs.iter().cloned()));
+            Ok(vec![0.0; ps.len()])
+        };
+        Retokenized::new(recorder, &p.tokenizer, &vt.tokenizer, add_special)
+            .score(&prompts, &responses, &finished)
+            .unwrap();
+        assert_ne!(fed[0].0, policy_prompt, "the two tokenizers must encode the prompt differently");
+        for (e, (fed_prompt, _)) in examples.iter().zip(&fed) {
+            assert_eq!(&e.prompt, fed_prompt);
+        }
+        // The scorer appends the value model's EOS to the finished row; the cut row stays as it is.
+        assert_eq!(examples[0].response, [fed[0].1.as_slice(), &[2]].concat());
+        assert_eq!(examples[1].response, fed[1].1);
+
+        // End to end: V's score of each training sequence is what the real guiding scorer gives that row.
+        let model = ScalarModel::load(&init, Kind::Float, Device::Cpu).unwrap();
+        let inner = CachedValueEnsemble::new(vec![(&model, 1.0)], vt.eos.clone(), 16).unwrap();
+        let guided = Retokenized::new(inner, &p.tokenizer, &vt.tokenizer, add_special)
+            .score(&prompts, &responses, &finished)
+            .unwrap();
+        for (e, g) in examples.iter().zip(&guided) {
+            let ids = [e.prompt.as_slice(), &e.response].concat();
+            let (t, valid) = left_pad(std::slice::from_ref(&ids), ids.len(), 0, Device::Cpu);
+            let trained = model.score(&t, &valid).double_value(&[0]);
+            assert!((trained - g).abs() < 1e-5, "training sequence scores {trained}, the scorer {g}");
+        }
+    }
 
     #[test]
     fn prompt_centred_targets_subtract_each_prompts_mean() {

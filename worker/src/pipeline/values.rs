@@ -1,7 +1,7 @@
 //! The trained value functions V_1..V_t: where V_t is published in the store (an HF-compatible folder at
 //! `iter-{t}/value/model/`), how a worker loads it, and the guiding scorer `Σ_i V_i / beta_i` built from them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use iro_common::config::ValueKind;
 
@@ -67,14 +67,10 @@ impl Pipeline {
                 });
             }
             let loaded = match self.config.value.kind {
-                ValueKind::Model => {
-                    let model = ScalarModel::load(&dir, self.kind, self.device)?;
-                    let tokenizer = match std::fs::read(dir.join("tokenizer.json")) {
-                        Ok(bytes) if !same_tokenizer(&bytes, &self.policy_dir) => Some(Tokenizer::load(&dir)?),
-                        _ => None,
-                    };
-                    LoadedValue { model, tokenizer }
-                }
+                ValueKind::Model => LoadedValue {
+                    model: ScalarModel::load(&dir, self.kind, self.device)?,
+                    tokenizer: self.own_tokenizer(&dir)?,
+                },
                 // The head reads the frozen policy's own hidden states: the backbone is shared, not reloaded.
                 ValueKind::Head => LoadedValue {
                     model: ScalarModel {
@@ -89,6 +85,15 @@ impl Pipeline {
             self.values.push(loaded);
         }
         Ok(())
+    }
+
+    /// The tokenizer of the `model`-kind value function in `dir` when it is not the policy's (its tokenizer.json
+    /// differs); `None` when it is the policy's, or when the folder has none (the policy's is then used).
+    pub(super) fn own_tokenizer(&self, dir: &Path) -> Result<Option<Tokenizer>> {
+        match std::fs::read(dir.join("tokenizer.json")) {
+            Ok(bytes) if !same_tokenizer(&bytes, &self.policy_dir) => Ok(Some(Tokenizer::load(dir)?)),
+            _ => Ok(None),
+        }
     }
 
     /// `Σ_{i ≤ upto} V_i / beta_i`: `head`-kind values read the policy's own hidden states; `model`-kind ones
@@ -135,6 +140,6 @@ impl Pipeline {
     }
 }
 
-fn same_tokenizer(bytes: &[u8], policy_dir: &std::path::Path) -> bool {
+fn same_tokenizer(bytes: &[u8], policy_dir: &Path) -> bool {
     std::fs::read(policy_dir.join("tokenizer.json")).is_ok_and(|p| p == bytes)
 }

@@ -7,7 +7,7 @@ pub mod model;
 pub mod similarity;
 
 pub use encoder::{SentenceEncoder, TokenBatch};
-pub use model::RewardModel;
+pub use model::{RewardModel, RewardPrompt};
 pub use similarity::EmbeddingSimilarityReward;
 
 use crate::error::Result;
@@ -16,7 +16,11 @@ use crate::error::Result;
 /// output, a TL;DR human summary); rewards that need it fail on items without it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RewardInput<'a> {
+    /// The prompt as the policy saw it (its formatter or chat template applied).
     pub prompt: &'a str,
+    /// The prompt before any chat template (the instruction; a TL;DR prompt as formatted), for a reward model
+    /// that applies its own template.
+    pub raw_prompt: &'a str,
     pub response: &'a str,
     pub reference: Option<&'a str>,
 }

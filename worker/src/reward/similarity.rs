@@ -87,7 +87,7 @@ mod tests {
     }
 
     fn item<'a>(response: &'a str, reference: Option<&'a str>) -> RewardInput<'a> {
-        RewardInput { prompt: "Summarise.", response, reference }
+        RewardInput { prompt: "Summarise.", raw_prompt: "Summarise.", response, reference }
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! ARGS (reward-guided search, greedy): at each step the policy's top-k next tokens are rescored by
-//! `log pi(token) + w · r(x ⊕ y ⊕ token)` and the argmax is kept. One scorer call per token covers the
-//! k candidates of every row; a caching scorer is replicated k-fold before the call and collapsed onto
-//! the chosen candidate after it, so it only ever feeds one new token per row.
+//! `log pi(token) + w · term(r(x ⊕ y ⊕ token))` and the argmax is kept. The term is the reward itself
+//! (`ArgsWeightUnit::Reward`, Khanov et al.) or, by default, its z-score among the k candidates of the step
+//! (`CandidateSd`), so that w means the same against any reward scale (see `reward_terms`). One scorer call per
+//! token covers the k candidates of every row; a caching scorer is replicated k-fold before the call and
+//! collapsed onto the chosen candidate after it, so it only ever feeds one new token per row.
 
+use iro_common::config::ArgsWeightUnit;
 use tch::{Device, Kind, Tensor};
 
 use super::PrefixScorer;
@@ -14,8 +17,10 @@ use crate::model::{CausalLm, positions_from_valid};
 pub struct ArgsParams {
     /// k: candidate tokens per step (the policy's top-k by logit).
     pub top_k: usize,
-    /// w: weight of the reward against the log-probability.
+    /// w: weight of the reward term against the log-probability.
     pub weight: f64,
+    /// What w multiplies: the reward, or its z-score among the step's k candidates.
+    pub weight_unit: ArgsWeightUnit,
     pub max_new_tokens: usize,
     pub eos_token_ids: Vec<i64>,
     pub pad_token_id: i64,
@@ -94,10 +99,11 @@ pub fn args_decode(
                 continue;
             }
             // Ties go to the higher-logit candidate (top-k order).
+            let terms = reward_terms(&rewards[i * k..(i + 1) * k], params.weight_unit);
             let mut best = 0;
             let mut best_score = f64::NEG_INFINITY;
             for j in 0..k {
-                let s = top_lp[i * k + j] as f64 + params.weight * rewards[i * k + j];
+                let s = top_lp[i * k + j] as f64 + params.weight * terms[j];
                 if s > best_score {
                     best = j;
                     best_score = s;
@@ -126,4 +132,49 @@ pub fn args_decode(
         .into_iter()
         .map(|r| Generation { tokens: r.tokens, logprobs: r.logprobs, stopped_at_eos: r.stopped_at_eos })
         .collect())
+}
+
+/// What w multiplies for one row's k candidate rewards. `Reward`: the rewards as they are. `CandidateSd`:
+/// (r_j − mean) / sd with the mean and population sd of the k rewards (NaNs left out, and kept as NaN so they
+/// are never picked): the candidates' ranking by reward, in units of their own spread. The shift by the mean
+/// changes no argmax. When the rewards do not differ (sd ≤ 1e-6 · (1 + |mean|), which also absorbs f32 noise
+/// between candidates whose texts score the same), every term is 0: nothing to choose between, and noise
+/// blown up to ±1 would override the log-probability.
+pub fn reward_terms(rewards: &[f64], unit: ArgsWeightUnit) -> Vec<f64> {
+    match unit {
+        ArgsWeightUnit::Reward => rewards.to_vec(),
+        ArgsWeightUnit::CandidateSd => {
+            let numbers: Vec<f64> = rewards.iter().copied().filter(|r| !r.is_nan()).collect();
+            let n = numbers.len().max(1) as f64;
+            let mean = numbers.iter().sum::<f64>() / n;
+            let sd = (numbers.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n).sqrt();
+            if sd <= 1e-6 * (1.0 + mean.abs()) {
+                return rewards.iter().map(|r| if r.is_nan() { f64::NAN } else { 0.0 }).collect();
+            }
+            rewards.iter().map(|r| (r - mean) / sd).collect()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidate_sd_terms_are_z_scores_and_vanish_when_the_rewards_do_not_differ() {
+        let z = reward_terms(&[0.60, 0.62, 0.70, f64::NAN], ArgsWeightUnit::CandidateSd);
+        let (mean, sd) = (0.64, (0.0056f64 / 3.0).sqrt());
+        for (got, r) in z.iter().zip([0.60, 0.62, 0.70]) {
+            assert!((got - (r - mean) / sd).abs() < 1e-9, "{z:?}");
+        }
+        assert!(z[3].is_nan(), "a NaN reward stays NaN, so it is never the argmax");
+        // The same spread on another scale gives the same terms.
+        let stretched = reward_terms(&[6.0, 6.2, 7.0], ArgsWeightUnit::CandidateSd);
+        for (a, b) in z.iter().zip(&stretched) {
+            assert!((a - b).abs() < 1e-9);
+        }
+        assert_eq!(reward_terms(&[0.3, 0.3 + 1e-8, 0.3], ArgsWeightUnit::CandidateSd), vec![0.0; 3]);
+        assert_eq!(reward_terms(&[2.5], ArgsWeightUnit::CandidateSd), vec![0.0]);
+        assert_eq!(reward_terms(&[0.3, 0.7], ArgsWeightUnit::Reward), vec![0.3, 0.7]);
+    }
 }

@@ -10,6 +10,10 @@ use crate::error::{Error, Result};
 /// SmolLM2's chat template inserts this system message when the conversation has none.
 pub const SMOLLM2_DEFAULT_SYSTEM: &str = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
 
+/// The system message of a Llama-3 prompt when none is given: empty, as the official IRO instruction-following
+/// code sends it.
+pub const LLAMA3_DEFAULT_SYSTEM: &str = "";
+
 /// The fields of one TL;DR post.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TldrPost<'a> {
@@ -29,16 +33,16 @@ pub fn chat_prompt(format: PromptFormat, user: &str, system: Option<&str>) -> Re
             ))
         }
         PromptFormat::Llama3 => {
-            // Llama-3-Instruct's template trims each message and prepends BOS to the first one.
-            let mut s = String::from("<|begin_of_text|>");
-            if let Some(sys) = system {
-                s.push_str(&format!("<|start_header_id|>system<|end_header_id|>\n\n{}<|eot_id|>", sys.trim()));
-            }
-            s.push_str(&format!(
-                "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+            // Llama-3-Instruct's template trims each message and prepends BOS to the first one. Without a system
+            // message the turn is still rendered, empty: the official IRO code always sends
+            // `{"role": "system", "content": ""}` first (worker/tests/fixtures/llama3_chat holds transformers'
+            // rendering).
+            let system = system.unwrap_or(LLAMA3_DEFAULT_SYSTEM).trim();
+            Ok(format!(
+                "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>\
+                 <|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
                 user.trim()
-            ));
-            Ok(s)
+            ))
         }
         PromptFormat::Raw => Ok(user.to_owned()),
         PromptFormat::Tldr => {
@@ -97,12 +101,15 @@ mod tests {
     }
 
     #[test]
-    fn llama3_trims_and_adds_the_generation_header() {
+    fn llama3_trims_and_adds_the_empty_system_turn_and_the_generation_header() {
         let s = chat_prompt(PromptFormat::Llama3, "  Hi?\n", None).unwrap();
         assert_eq!(
             s,
-            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|>\
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n<|eot_id|>\
+             <|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|>\
              <|start_header_id|>assistant<|end_header_id|>\n\n"
         );
+        let s = chat_prompt(PromptFormat::Llama3, "Hi?", Some(" Be brief. ")).unwrap();
+        assert!(s.starts_with("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"));
     }
 }

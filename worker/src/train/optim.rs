@@ -41,8 +41,9 @@ pub struct AdamWConfig {
 }
 
 impl Default for AdamWConfig {
+    /// torch's AdamW defaults (weight decay 0.01), except eps: 1e-5 is the paper's.
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-5, weight_decay: 0.0 }
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-5, weight_decay: 0.01 }
     }
 }
 
