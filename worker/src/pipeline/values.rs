@@ -2,6 +2,7 @@
 //! `iter-{t}/value/model/`), how a published folder of either kind is loaded, and the guiding scorer
 //! `Σ_i V_i / beta_i` built from them. The pipeline's rollouts and evaluation and `iro guide` share all three.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use iro_common::config::{PromptFormat, ValueKind};
@@ -64,6 +65,44 @@ pub(crate) async fn published_value_dir(store: &Store, layout: &RunLayout, t: u3
         });
     }
     Ok(dir)
+}
+
+/// The kind of value function in `dir`: `head` when its model.safetensors holds `value_head.dense.weight` (an MLP
+/// on the policy's own backbone), else `model` (a `*ForSequenceClassification` folder). Reads only the header.
+pub(crate) fn value_kind(dir: &Path) -> Result<ValueKind> {
+    let file = dir.join("model.safetensors");
+    if !file.exists() {
+        if dir.join("model.safetensors.index.json").exists() {
+            // Sharded: a full model; heads are always one small file.
+            return Ok(ValueKind::Model);
+        }
+        let message = if dir.is_dir() {
+            "no model.safetensors: a value folder holds model.safetensors and config.json".to_owned()
+        } else {
+            "no such folder".to_owned()
+        };
+        return Err(Error::Checkpoint { path: dir.to_owned(), message });
+    }
+    let names = safetensors_names(&file)?;
+    Ok(if names.iter().any(|n| n == MlpHead::NAMES[0]) { ValueKind::Head } else { ValueKind::Model })
+}
+
+/// The tensor names in a safetensors file's header (8-byte little-endian length, then a JSON object).
+fn safetensors_names(file: &Path) -> Result<Vec<String>> {
+    let bad = |message: String| Error::Checkpoint { path: file.to_owned(), message };
+    let mut f = std::fs::File::open(file).map_err(Error::io(file))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let len = u64::from_le_bytes(len);
+    // Real headers are a few MB at most; a larger length means the file is something else.
+    if len > 100 << 20 {
+        return Err(bad(format!("not a safetensors file: header length {len}")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|e| bad(format!("truncated safetensors header: {e}")))?;
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("malformed safetensors header: {e}")))?;
+    Ok(map.into_iter().map(|(k, _)| k).filter(|k| k != "__metadata__").collect())
 }
 
 /// Loads the value function in `dir` to guide `policy` (loaded from `policy_dir`). A `head` reads the policy's
