@@ -3,6 +3,7 @@
 mod bench;
 mod cluster;
 mod generate;
+mod guide;
 mod info;
 mod progress;
 mod run;
@@ -32,6 +33,9 @@ pub enum Command {
     Run(run::RunArgs),
     /// Sample continuations of raw prompts (JSON Lines with a `prompt` field) with a frozen model.
     Generate(generate::GenerateArgs),
+    /// Decode prompts with the frozen policy guided by trained value functions (chunk-level beam search), from
+    /// explicit folders or a run's published V_1..V_t.
+    Guide(guide::GuideArgs),
     /// Score `prompt` + `output` rows with a reward model's scalar head.
     Score(generate::ScoreArgs),
     /// Benchmarks against the Python reference implementations.
@@ -59,6 +63,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => cluster::status(args),
         Command::Worker(args) => worker::worker(args),
         Command::Generate(args) => generate::generate(args),
+        Command::Guide(args) => guide::guide(args),
         Command::Score(args) => generate::score(args),
         Command::CheckConfig { config } => info::check_config(&config),
     }

@@ -47,6 +47,11 @@ impl Rows {
             None => Err(data_err(&self.path, self.lines[i], format!("missing field `{field}`"))),
         }
     }
+
+    /// An error about row `i`, naming file and line.
+    pub fn row_error(&self, i: usize, message: String) -> Error {
+        data_err(&self.path, self.lines[i], message)
+    }
 }
 
 /// Writes rows to `path` through a temporary sibling and a rename.

@@ -1,8 +1,9 @@
-//! File-to-file jobs behind the CLI (`iro generate`, `iro score`): JSON Lines in, the same rows with new
-//! fields out. Output is written to a temporary file and renamed, so a killed job leaves no half file.
+//! File-to-file jobs behind the CLI (`iro generate`, `iro score`, `iro guide`): JSON Lines in, the same rows with
+//! new fields out. Output is written to a temporary file and renamed, so a killed job leaves no half file.
 
 pub mod bench;
 pub mod generate;
+pub mod guide;
 pub mod jsonl;
 pub mod score;
 

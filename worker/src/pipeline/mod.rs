@@ -16,7 +16,7 @@ mod rollout;
 pub mod scoring;
 pub mod select;
 mod train;
-mod values;
+pub(crate) mod values;
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +29,7 @@ use self::data::RunData;
 use crate::error::{Error, Result};
 use crate::generate::sampler::SamplingParams;
 use crate::jobs::generate::{pad_token, stop_tokens};
-use crate::model::{CausalLm, ScalarModel};
+use crate::model::CausalLm;
 use crate::reward::{EmbeddingSimilarityReward, Reward, RewardModel, RewardPrompt};
 use crate::runtime::{TaskControl, TaskOutput, TaskPhase, TaskRef, TaskRunner};
 use crate::text::Tokenizer;
@@ -237,9 +237,4 @@ impl BlockOn {
             BlockOn::Own(rt) => rt.block_on(f),
         }
     }
-}
-
-/// A `ScalarModel` reference list with betas, for the value ensembles.
-fn members<'a>(values: &'a [values::LoadedValue], config: &RunConfig, upto: usize) -> Vec<(&'a ScalarModel, f64)> {
-    values.iter().take(upto).enumerate().map(|(i, v)| (&v.model, config.beta(i + 1))).collect()
 }

@@ -1,31 +1,205 @@
 //! The trained value functions V_1..V_t: where V_t is published in the store (an HF-compatible folder at
-//! `iter-{t}/value/model/`), how a worker loads it, and the guiding scorer `Σ_i V_i / beta_i` built from them.
+//! `iter-{t}/value/model/`), how a published folder of either kind is loaded, and the guiding scorer
+//! `Σ_i V_i / beta_i` built from them. The pipeline's rollouts and evaluation and `iro guide` share all three.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use iro_common::config::ValueKind;
+use iro_common::config::{PromptFormat, ValueKind};
+use iro_common::layout::RunLayout;
+use iro_common::store::Store;
+use tch::{Device, Kind};
 
 use super::Pipeline;
 use super::scoring::Retokenized;
 use crate::error::{Error, Result};
-use crate::model::ScalarModel;
 use crate::model::heads::{Head, MlpHead};
+use crate::model::{CausalLm, ScalarModel};
 use crate::search::{CachedValueEnsemble, PolicyHeadEnsemble, PrefixScorer};
 use crate::text::Tokenizer;
 
 /// Files of a published value function.
-pub(super) const MODEL_FILES: [&str; 3] = ["model.safetensors", "config.json", "tokenizer.json"];
+pub(crate) const MODEL_FILES: [&str; 3] = ["model.safetensors", "config.json", "tokenizer.json"];
 
-pub(super) struct LoadedValue {
+/// A value function ready to guide a policy.
+pub(crate) struct LoadedValue {
     pub model: ScalarModel,
+    pub kind: ValueKind,
     /// The value model's own tokenizer, when it differs from the policy's.
     pub tokenizer: Option<Tokenizer>,
+}
+
+/// Store key of V_t's published folder.
+pub(crate) fn value_model_key(layout: &RunLayout, t: u32) -> String {
+    format!("{}/model", layout.value_dir(t))
+}
+
+/// A local folder holding V_t's published files: the store's own folder when it is local, else a copy under
+/// `work_dir`, downloaded on first use. Errors when V_t has not been published.
+pub(crate) async fn published_value_dir(store: &Store, layout: &RunLayout, t: u32, work_dir: &Path) -> Result<PathBuf> {
+    let key = value_model_key(layout, t);
+    let dir = match store.local_path(&key) {
+        Some(dir) => dir,
+        None => {
+            let dir = work_dir.join(&key);
+            if !dir.join("model.safetensors").exists() {
+                std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+                // model.safetensors last: a download cut short is fetched again next time.
+                for name in MODEL_FILES.iter().rev() {
+                    if let Some(bytes) = store.get_if_exists(&format!("{key}/{name}")).await? {
+                        let path = dir.join(name);
+                        std::fs::write(&path, &bytes).map_err(Error::io(&path))?;
+                    }
+                }
+            }
+            dir
+        }
+    };
+    if !dir.join("model.safetensors").exists() {
+        return Err(Error::Checkpoint {
+            path: dir,
+            message: format!(
+                "V_{t} has not been published ({} has no model.safetensors): iteration {t}'s train task must finish first",
+                store.describe(&key)
+            ),
+        });
+    }
+    Ok(dir)
+}
+
+/// The kind of value function in `dir`: `head` when its model.safetensors holds `value_head.dense.weight` (an MLP
+/// on the policy's own backbone), else `model` (a `*ForSequenceClassification` folder). Reads only the header.
+pub(crate) fn value_kind(dir: &Path) -> Result<ValueKind> {
+    let file = dir.join("model.safetensors");
+    if !file.exists() {
+        if dir.join("model.safetensors.index.json").exists() {
+            // Sharded: a full model; heads are always one small file.
+            return Ok(ValueKind::Model);
+        }
+        let message = if dir.is_dir() {
+            "no model.safetensors: a value folder holds model.safetensors and config.json".to_owned()
+        } else {
+            "no such folder".to_owned()
+        };
+        return Err(Error::Checkpoint { path: dir.to_owned(), message });
+    }
+    let names = safetensors_names(&file)?;
+    Ok(if names.iter().any(|n| n == MlpHead::NAMES[0]) { ValueKind::Head } else { ValueKind::Model })
+}
+
+/// The tensor names in a safetensors file's header (8-byte little-endian length, then a JSON object).
+fn safetensors_names(file: &Path) -> Result<Vec<String>> {
+    let bad = |message: String| Error::Checkpoint { path: file.to_owned(), message };
+    let mut f = std::fs::File::open(file).map_err(Error::io(file))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    let len = u64::from_le_bytes(len);
+    // Real headers are a few MB at most; a larger length means the file is something else.
+    if len > 100 << 20 {
+        return Err(bad(format!("not a safetensors file: header length {len}")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|e| bad(format!("truncated safetensors header: {e}")))?;
+    let map: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("malformed safetensors header: {e}")))?;
+    Ok(map.into_iter().map(|(k, _)| k).filter(|k| k != "__metadata__").collect())
+}
+
+/// Loads the value function in `dir` to guide `policy` (loaded from `policy_dir`). A `head` reads the policy's
+/// own hidden states, so it shares the policy's backbone instead of loading one; a `model` brings its own, and
+/// its tokenizer when that differs from the policy's.
+pub(crate) fn load_value(
+    dir: &Path,
+    kind: ValueKind,
+    policy: &CausalLm,
+    policy_dir: &Path,
+    dtype: Kind,
+    device: Device,
+) -> Result<LoadedValue> {
+    Ok(match kind {
+        ValueKind::Model => {
+            let model = ScalarModel::load(dir, dtype, device)?;
+            let tokenizer = match std::fs::read(dir.join("tokenizer.json")) {
+                Ok(bytes) if !same_tokenizer(&bytes, policy_dir) => Some(Tokenizer::load(dir)?),
+                _ => None,
+            };
+            LoadedValue { model, kind, tokenizer }
+        }
+        ValueKind::Head => {
+            let head = MlpHead::load(dir, device)?;
+            let (width, policy_width) = (head.dense_weight.size()[1], policy.config.hidden_size());
+            if width != policy_width {
+                return Err(Error::Checkpoint {
+                    path: dir.to_owned(),
+                    message: format!(
+                        "a head-kind value reads hidden states of width {width}, but the policy {} has {policy_width}: \
+                         it was trained on another policy",
+                        policy_dir.display()
+                    ),
+                });
+            }
+            let model =
+                ScalarModel { config: policy.config.clone(), backbone: policy.backbone.clone(), head: Head::Mlp(head) };
+            LoadedValue { model, kind, tokenizer: None }
+        }
+    })
+}
+
+/// `Σ_i V_i / betas[i]` over `values`, guiding `policy`: `head`-kind values read the policy's own hidden states;
+/// `model`-kind ones keep each value model's KV state across CBS chunks (`max_new_tokens` sizes it). Value models
+/// on another tokenizer than the policy's are fed re-tokenised text (they must then all share that tokenizer);
+/// `prompt_format` says whether prompts already carry their special tokens.
+pub(crate) fn guiding_scorer<'a>(
+    policy: &'a CausalLm,
+    policy_tokenizer: &'a Tokenizer,
+    values: &'a [LoadedValue],
+    betas: &[f64],
+    eos: &[i64],
+    max_new_tokens: usize,
+    prompt_format: PromptFormat,
+) -> Result<Box<dyn PrefixScorer + 'a>> {
+    if values.len() != betas.len() {
+        return Err(Error::InvalidRequest(format!("{} value functions, {} betas", values.len(), betas.len())));
+    }
+    let members: Vec<(&ScalarModel, f64)> = values.iter().zip(betas).map(|(v, &b)| (&v.model, b)).collect();
+    let heads = values.iter().filter(|v| v.kind == ValueKind::Head).count();
+    if heads == values.len() {
+        // Heads on the policy's own backbone: a search hands them the decoder's hidden states.
+        return Ok(Box::new(PolicyHeadEnsemble::new(policy, members, eos.to_vec())?));
+    }
+    if heads > 0 {
+        return Err(Error::InvalidRequest(format!(
+            "{heads} of {} value functions are head-kind and the others model-kind: one ensemble guides with one kind",
+            values.len()
+        )));
+    }
+    let headroom = max_new_tokens + 1;
+    match values.iter().find_map(|v| v.tokenizer.as_ref()) {
+        None => Ok(Box::new(CachedValueEnsemble::new(members, eos.to_vec(), headroom)?)),
+        Some(target) => {
+            if values.iter().any(|v| v.tokenizer.is_none()) {
+                return Err(Error::InvalidRequest(
+                    "value functions on different tokenizers cannot be mixed in one ensemble".into(),
+                ));
+            }
+            let eos = values[0].model.config.eos_token_ids.clone();
+            // Re-tokenised responses can be longer than the policy's; the cache re-encodes if they overflow.
+            let inner = CachedValueEnsemble::new(members, eos, 2 * headroom)?;
+            // Same rule as for the policy: a chat-templated prompt already carries its special tokens.
+            let add_special = !crate::text::prompt::has_special_tokens(prompt_format);
+            Ok(Box::new(Retokenized::new(inner, policy_tokenizer, target, add_special)))
+        }
+    }
+}
+
+fn same_tokenizer(bytes: &[u8], policy_dir: &Path) -> bool {
+    std::fs::read(policy_dir.join("tokenizer.json")).is_ok_and(|p| p == bytes)
 }
 
 impl Pipeline {
     /// Store key of a published value function's folder.
     pub(super) fn value_model_key(&self, t: u32) -> String {
-        format!("{}/model", self.layout.value_dir(t))
+        value_model_key(&self.layout, t)
     }
 
     /// Where V_t trains: inside a local store (so a restarted worker resumes from its checkpoints), else in
@@ -37,22 +211,7 @@ impl Pipeline {
 
     /// A local folder holding V_t's published files, downloading them from a remote store on first use.
     pub(super) fn value_model_dir(&self, t: u32) -> Result<PathBuf> {
-        let key = self.value_model_key(t);
-        if let Some(dir) = self.store.local_path(&key) {
-            return Ok(dir);
-        }
-        let dir = self.work_dir.join(&key);
-        if !dir.join("model.safetensors").exists() {
-            std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
-            for name in MODEL_FILES {
-                let object = format!("{key}/{name}");
-                if let Some(bytes) = self.block_on(self.store.get_if_exists(&object))? {
-                    let path = dir.join(name);
-                    std::fs::write(&path, &bytes).map_err(Error::io(&path))?;
-                }
-            }
-        }
-        Ok(dir)
+        self.block_on(published_value_dir(&self.store, &self.layout, t, &self.work_dir))
     }
 
     /// Makes sure V_1..V_upto are loaded.
@@ -60,27 +219,8 @@ impl Pipeline {
         while (self.values.len() as u32) < upto {
             let t = self.values.len() as u32 + 1;
             let dir = self.value_model_dir(t)?;
-            if !dir.join("model.safetensors").exists() {
-                return Err(Error::Checkpoint {
-                    path: dir,
-                    message: format!("V_{t} has not been published: iteration {t}'s train task must finish first"),
-                });
-            }
-            let loaded = match self.config.value.kind {
-                ValueKind::Model => LoadedValue {
-                    model: ScalarModel::load(&dir, self.kind, self.device)?,
-                    tokenizer: self.own_tokenizer(&dir)?,
-                },
-                // The head reads the frozen policy's own hidden states: the backbone is shared, not reloaded.
-                ValueKind::Head => LoadedValue {
-                    model: ScalarModel {
-                        config: self.policy.config.clone(),
-                        backbone: self.policy.backbone.clone(),
-                        head: Head::Mlp(MlpHead::load(&dir, self.device)?),
-                    },
-                    tokenizer: None,
-                },
-            };
+            let loaded =
+                load_value(&dir, self.config.value.kind, &self.policy, &self.policy_dir, self.kind, self.device)?;
             tracing::info!(value = t, dir = %dir.display(), retokenize = loaded.tokenizer.is_some(), "value function loaded");
             self.values.push(loaded);
         }
@@ -96,50 +236,30 @@ impl Pipeline {
         }
     }
 
-    /// `Σ_{i ≤ upto} V_i / beta_i`: `head`-kind values read the policy's own hidden states; `model`-kind ones
-    /// keep each value model's KV state across CBS chunks. Value models on another
-    /// tokenizer than the policy's are fed re-tokenised text (they must then all share that tokenizer).
+    /// `Σ_{i ≤ upto} V_i / beta_i` (see `guiding_scorer`).
     pub(super) fn value_scorer(&self, upto: u32) -> Result<Box<dyn PrefixScorer + '_>> {
-        let values = &self.values[..upto as usize];
-        self.scorer_of(values, super::members(values, &self.config, upto as usize))
+        let betas: Vec<f64> = (1..=upto as usize).map(|i| self.config.beta(i)).collect();
+        guiding_scorer(
+            &self.policy,
+            &self.tokenizer,
+            &self.values[..upto as usize],
+            &betas,
+            &self.eos,
+            self.config.sampling.max_new_tokens,
+            self.config.policy.prompt_format,
+        )
     }
 
-    /// V_t alone, unweighted (for diagnostics).
+    /// V_t alone, unweighted (for the report's diagnostics).
     pub(super) fn single_value_scorer(&self, t: u32) -> Result<Box<dyn PrefixScorer + '_>> {
-        let values = &self.values[t as usize - 1..t as usize];
-        self.scorer_of(values, vec![(&values[0].model, 1.0)])
+        guiding_scorer(
+            &self.policy,
+            &self.tokenizer,
+            &self.values[t as usize - 1..t as usize],
+            &[1.0],
+            &self.eos,
+            self.config.sampling.max_new_tokens,
+            self.config.policy.prompt_format,
+        )
     }
-
-    /// The weighted sum of `members` (drawn from `values`), fed the way each kind reads its input.
-    fn scorer_of<'a>(
-        &'a self,
-        values: &'a [LoadedValue],
-        members: Vec<(&'a ScalarModel, f64)>,
-    ) -> Result<Box<dyn PrefixScorer + 'a>> {
-        let headroom = self.config.sampling.max_new_tokens + 1;
-        if self.config.value.kind == ValueKind::Head {
-            // Heads on the policy's own backbone: a search hands them the decoder's hidden states.
-            return Ok(Box::new(PolicyHeadEnsemble::new(&self.policy, members, self.eos.clone())?));
-        }
-        match values.iter().find_map(|v| v.tokenizer.as_ref()) {
-            None => Ok(Box::new(CachedValueEnsemble::new(members, self.eos.clone(), headroom)?)),
-            Some(target) => {
-                if values.iter().any(|v| v.tokenizer.is_none()) {
-                    return Err(Error::InvalidRequest(
-                        "value functions on different tokenizers cannot be mixed in one ensemble".into(),
-                    ));
-                }
-                let eos = values[0].model.config.eos_token_ids.clone();
-                // Re-tokenised responses can be longer than the policy's; the cache re-encodes if they overflow.
-                let inner = CachedValueEnsemble::new(members, eos, 2 * headroom)?;
-                // Same rule as for the policy: a chat-templated prompt already carries its special tokens.
-                let add_special = !crate::text::prompt::has_special_tokens(self.config.policy.prompt_format);
-                Ok(Box::new(Retokenized::new(inner, &self.tokenizer, target, add_special)))
-            }
-        }
-    }
-}
-
-fn same_tokenizer(bytes: &[u8], policy_dir: &Path) -> bool {
-    std::fs::read(policy_dir.join("tokenizer.json")).is_ok_and(|p| p == bytes)
 }

@@ -3,7 +3,7 @@
 //! ("diversity-first") and each is replicated K times, with the policy's KV cache (and the scorer's)
 //! reordered to match.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use super::{Candidate, PrefixScorer, repeat_prompts, replicated_decoder};
 use crate::error::{Error, Result};
@@ -38,9 +38,20 @@ pub enum FinalPick {
 /// The rows to keep out of one prompt's rows: the `w` best distinct responses by score, then, when fewer
 /// than `w` are distinct, the best remaining rows (duplicates of kept ones). Ties go to the lower row
 /// index; a NaN score ranks last. Returns row indices in the order picked.
+///
+/// Copies of one response rank as one: each is ranked by the best score among them, so the lowest-indexed copy
+/// goes first. Their true scores are equal, but libtorch can give identical sequences in different batch rows
+/// scores that differ in the last bits, and which copy is kept decides whose random stream samples on: ranking
+/// by the noise made a prompt's answer depend on the rows it was batched with.
 pub fn select_diverse(responses: &[&[i64]], scores: &[f64], w: usize) -> Vec<usize> {
     assert_eq!(responses.len(), scores.len(), "one score per response");
-    let key = |i: usize| if scores[i].is_nan() { f64::NEG_INFINITY } else { scores[i] };
+    let raw = |i: usize| if scores[i].is_nan() { f64::NEG_INFINITY } else { scores[i] };
+    let mut best: HashMap<&[i64], f64> = HashMap::new();
+    for (i, r) in responses.iter().enumerate() {
+        let b = best.entry(r).or_insert(f64::NEG_INFINITY);
+        *b = b.max(raw(i));
+    }
+    let key = |i: usize| best[responses[i]];
     let mut order: Vec<usize> = (0..scores.len()).collect();
     // Stable sort: equal scores keep index order.
     order.sort_by(|&a, &b| key(b).total_cmp(&key(a)));
@@ -257,9 +268,21 @@ mod tests {
     #[test]
     fn fewer_distinct_than_w_fills_with_the_best_duplicates() {
         let items: [(&[i64], f64); 4] = [(&[7], 0.2), (&[8], 0.8), (&[8], 0.6), (&[7], 0.3)];
-        // Distinct: [8] (row 1), [7] (row 3, its best copy); then the best remaining rows 2, 0.
-        assert_eq!(sel(&items, 4), vec![1, 3, 2, 0]);
-        assert_eq!(sel(&items, 3), vec![1, 3, 2]);
+        // Distinct: [8] (row 1), [7] (row 0, its first copy, ranked by its copies' best 0.3); then the
+        // remaining copies, [8]'s before [7]'s.
+        assert_eq!(sel(&items, 4), vec![1, 0, 2, 3]);
+        assert_eq!(sel(&items, 3), vec![1, 0, 2]);
+    }
+
+    #[test]
+    fn copies_of_a_response_whose_scores_differ_in_the_last_bits_keep_the_first_copy() {
+        // Rows 0 and 2 are one response; its score came out a hair higher in row 2. The pick must not follow
+        // that noise: row 0 first, whichever copy scored higher.
+        let items: [(&[i64], f64); 4] = [(&[1, 2], 0.5), (&[3], 0.1), (&[1, 2], 0.5 + 1e-9), (&[4], 0.3)];
+        assert_eq!(sel(&items, 2), vec![0, 3]);
+        assert_eq!(sel(&items, 4), vec![0, 3, 1, 2]);
+        let swapped: [(&[i64], f64); 4] = [(&[1, 2], 0.5 + 1e-9), (&[3], 0.1), (&[1, 2], 0.5), (&[4], 0.3)];
+        assert_eq!(sel(&swapped, 2), vec![0, 3]);
     }
 
     #[test]
