@@ -223,3 +223,43 @@ fn a_missing_model_folder_or_w2s_pair_is_named_by_its_config_field() {
     let err = Pipeline::open(c, None, dir.path()).err().expect("missing reward model");
     assert!(err.to_string().contains("reward.model") && err.to_string().contains("no-such-folder"), "{err}");
 }
+
+#[test]
+fn the_sample_efficiency_benchmark_pairs_cbs_with_best_of_n_and_counts_sampled_tokens() {
+    use iro_worker::pipeline::efficiency::{EfficiencySpec, Guide, efficiency_markdown, efficiency_png};
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), ValueKind::Head, 1, vec![Baseline::Base]);
+    c.baselines.best_of_n = 2;
+    run(&c, &dir.path().join("work"));
+    let mut p = Pipeline::open(c.clone(), None, &dir.path().join("work")).unwrap();
+    let spec = EfficiencySpec {
+        iteration: 1,
+        prompts: 3,
+        best_of: vec![1, 4],
+        shapes: vec![(2, 2)],
+        chunk_lengths: vec![2],
+        guides: vec![Guide::Constant, Guide::Value, Guide::Oracle],
+    };
+    let mut calls = 0;
+    let rows = p.sample_efficiency(&spec, |done, total| {
+        calls += 1;
+        assert!(done <= total && total == 5);
+    })
+    .unwrap();
+    assert_eq!(calls, 5);
+    assert_eq!(rows.len(), 5);
+    let max = c.sampling.max_new_tokens as f64;
+    for r in &rows {
+        assert!(r.prompts > 0 && r.reward.mean.is_finite(), "{r:?}");
+        // At most rows × max_new_tokens sampled per prompt, at least one token per row.
+        assert!(r.tokens_per_prompt <= r.rows as f64 * max && r.tokens_per_prompt >= r.rows as f64, "{r:?}");
+    }
+    // CBS at W·K = 4 is paired with Best-of-4 (the same prompts), Best-of-N with nothing.
+    assert!(rows.iter().filter(|r| r.method == "cbs").all(|r| r.rows == 4 && r.diff_vs_best_of_n.is_some()));
+    assert!(rows.iter().filter(|r| r.method == "best_of_n").all(|r| r.diff_vs_best_of_n.is_none()));
+    // Best-of-4 picks the reward argmax of 4 samples whose first is Best-of-1's: never below it on any prompt,
+    // so never below it on average.
+    assert!(rows[1].reward.mean >= rows[0].reward.mean - 1e-9);
+    assert!(efficiency_markdown(&rows).contains("cbs oracle W2 K2 L2"));
+    assert!(efficiency_png(&rows).starts_with(b"\x89PNG"));
+}

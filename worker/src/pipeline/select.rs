@@ -89,7 +89,7 @@ mod tests {
     use super::*;
 
     fn config(method: SelectMethod, per_prompt: usize, temperature: f64, unit: TemperatureUnit) -> SelectSection {
-        SelectSection { method, temperature, temperature_unit: unit, per_prompt }
+        SelectSection { method, temperature, temperature_unit: unit, per_prompt, first_samples: 1 }
     }
 
     fn argmax(per_prompt: usize) -> SelectSection {

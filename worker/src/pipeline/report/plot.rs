@@ -278,6 +278,8 @@ mod tests {
             kl_bound: None,
             tokens: 40,
             seconds: 1.0,
+            diff_vs_base: None,
+            diff_vs_best_of_n: None,
         }
     }
 
