@@ -77,10 +77,9 @@ fn head_kind_learns_on_frozen_policy() {
     let embed_before = backbone.embeddings().copy();
     let data = examples(8, 3);
     let report = train(&config(1e-2, 30), &data, &init, dir.path());
-    // A fresh head starts at the mean target, so its first loss is about the best constant's; it must end
-    // well below that (it learned which sequences score higher), not merely below its start.
+    // A fresh head starts at the mean target, so falling below its first loss is not enough: it must end well
+    // below the best constant's loss (it learned which sequences score higher).
     let constant = constant_predictor_loss(&data);
-    assert!((report.losses[0] - constant).abs() < 0.25 * constant, "first {} vs constant {constant}", report.losses[0]);
     assert!(report.final_loss * 5.0 <= constant, "final {} vs constant {constant}", report.final_loss);
     assert!(backbone.embeddings().equal(&embed_before), "the frozen backbone must not change");
 }

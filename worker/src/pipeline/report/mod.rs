@@ -418,7 +418,7 @@ mod tests {
     #[test]
     fn concordance_counts_pairs_ordered_like_the_reward() {
         // Pairs (0,1) agree, (0,2) disagree, (1,2) tie in V: (1 + 0 + ½) / 3.
-        assert!((concordance(&[0.0, 1.0, 1.0], &[0.1, 0.5, 0.2]).unwrap() - 0.5).abs() < 1e-12);
+        assert!((concordance(&[0.5, 1.0, 1.0], &[0.3, 0.5, 0.2]).unwrap() - 0.5).abs() < 1e-12);
         assert_eq!(concordance(&[1.0, 2.0, 3.0], &[0.1, 0.2, 0.3]), Some(1.0));
         assert_eq!(concordance(&[3.0, 2.0, 1.0], &[0.1, 0.2, 0.3]), Some(0.0));
         // Equal rewards give no pair.
@@ -427,9 +427,9 @@ mod tests {
         with.diagnostics = Some(ValueDiagnostics {
             rewards: vec![0.1, 0.5, 0.2],
             value: vec![1.0, 3.0, 2.0],
-            guide: vec![3.0, 2.0, 1.0],
+            guide: vec![3.0, 1.0, 2.0],
             prefix_tokens: 8,
-            value_prefix: vec![0.0, 1.0, 1.0],
+            value_prefix: vec![1.0, 1.0, 0.0],
             guide_prefix: vec![0.0, 0.0, 0.0],
         });
         let v = summarize_values(&[with], &HashMap::new());
