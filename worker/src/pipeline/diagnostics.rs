@@ -11,7 +11,6 @@ use super::Pipeline;
 use super::data::PromptItem;
 use super::scoring::TextRewardScorer;
 use crate::error::Result;
-use crate::generate::GenerateOptions;
 use crate::search::{Candidate, PrefixScorer, best_of_n};
 
 impl Pipeline {
@@ -25,53 +24,52 @@ impl Pipeline {
         drawn: &HashMap<String, Vec<Candidate>>,
     ) -> Result<Vec<ValueDiagnostics>> {
         let n = self.config.baselines.best_of_n;
-        let opts = GenerateOptions {
-            max_new_tokens: self.config.sampling.max_new_tokens,
-            sampling: self.sampling(),
-            eos_token_ids: self.eos.clone(),
-            pad_token_id: self.pad,
-        };
+        let opts = self.generate_options();
         let per_batch = (self.config.sampling.batch_size / n).max(1);
-        let mut candidates: Vec<Vec<Candidate>> = Vec::with_capacity(items.len());
+        let prefix = self.config.search.chunk_length.min(self.config.sampling.max_new_tokens);
+        let (mut value, mut guide) = (self.single_value_scorer(t)?, self.value_scorer(t)?);
+        let mut rows = Vec::with_capacity(items.len());
         for batch in items.chunks(per_batch) {
             let missing: Vec<&PromptItem> = batch.iter().filter(|p| !drawn.contains_key(&p.id)).collect();
             let mut fresh = HashMap::new();
             if !missing.is_empty() {
                 let prompts: Vec<Vec<i64>> = missing.iter().map(|p| p.ids.clone()).collect();
                 let seeds: Vec<u64> = missing.iter().map(|p| p.seed).collect();
-                let owned: Vec<PromptItem> = missing.iter().map(|p| (*p).clone()).collect();
-                let mut reward = TextRewardScorer::new(self.reward.as_ref(), &self.tokenizer, &owned);
+                let mut reward = TextRewardScorer::new(self.reward.as_ref(), &self.tokenizer, batch);
                 for (p, found) in missing.iter().zip(best_of_n(&self.policy, &prompts, &seeds, n, &opts, &mut reward)?) {
-                    fresh.insert(p.id.clone(), found.candidates);
+                    fresh.insert(p.id.as_str(), found.candidates);
                 }
             }
-            for p in batch {
-                candidates.push(drawn.get(&p.id).or_else(|| fresh.get(&p.id)).cloned().unwrap_or_default());
-            }
-        }
-        let prefix = self.config.search.chunk_length.min(self.config.sampling.max_new_tokens);
-        let mut rows = Vec::with_capacity(items.len());
-        let (mut value, mut guide) = (self.single_value_scorer(t)?, self.value_scorer(t)?);
-        for (item, cands) in items.iter().zip(&candidates) {
-            let prompts = vec![item.ids.clone(); cands.len()];
-            let full: Vec<Vec<i64>> = cands.iter().map(|c| c.generation.tokens.clone()).collect();
-            let done: Vec<bool> = cands.iter().map(|c| c.generation.stopped_at_eos).collect();
+            let candidates: Vec<&[Candidate]> = batch
+                .iter()
+                .map(|p| drawn.get(&p.id).or_else(|| fresh.get(p.id.as_str())).map_or(&[][..], Vec::as_slice))
+                .collect();
+            // Every candidate of the batch in one call per scorer and length.
+            let all = || batch.iter().zip(&candidates).flat_map(|(p, cs)| cs.iter().map(move |c| (p, c)));
+            let prompts: Vec<Vec<i64>> = all().map(|(p, _)| p.ids.clone()).collect();
+            let full: Vec<Vec<i64>> = all().map(|(_, c)| c.generation.tokens.clone()).collect();
+            let done: Vec<bool> = all().map(|(_, c)| c.generation.stopped_at_eos).collect();
             let cut: Vec<Vec<i64>> = full.iter().map(|r| r[..r.len().min(prefix)].to_vec()).collect();
             // A cut row is finished only when the whole response fit in the prefix.
             let cut_done: Vec<bool> = full.iter().zip(&done).map(|(r, &d)| d && r.len() <= prefix).collect();
             let score = |s: &mut Box<dyn PrefixScorer + '_>, r: &[Vec<i64>], d: &[bool]| {
                 s.reset();
-                s.score(&prompts, r, d)
+                s.score(&prompts, r, d).map(Vec::into_iter)
             };
-            rows.push(ValueDiagnostics {
-                // Best-of-N scored its candidates with the training reward.
-                rewards: cands.iter().map(|c| c.score).collect(),
-                value: score(&mut value, &full, &done)?,
-                guide: score(&mut guide, &full, &done)?,
-                prefix_tokens: prefix as u32,
-                value_prefix: score(&mut value, &cut, &cut_done)?,
-                guide_prefix: score(&mut guide, &cut, &cut_done)?,
-            });
+            let (mut v, mut g) = (score(&mut value, &full, &done)?, score(&mut guide, &full, &done)?);
+            let (mut vp, mut gp) = (score(&mut value, &cut, &cut_done)?, score(&mut guide, &cut, &cut_done)?);
+            for cs in candidates {
+                let n = cs.len();
+                rows.push(ValueDiagnostics {
+                    // Best-of-N scored its candidates with the training reward.
+                    rewards: cs.iter().map(|c| c.score).collect(),
+                    value: v.by_ref().take(n).collect(),
+                    guide: g.by_ref().take(n).collect(),
+                    prefix_tokens: prefix as u32,
+                    value_prefix: vp.by_ref().take(n).collect(),
+                    guide_prefix: gp.by_ref().take(n).collect(),
+                });
+            }
         }
         Ok(rows)
     }

@@ -16,11 +16,10 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::Pipeline;
-use super::data::{PromptItem, phase_seed, prompt_items};
+use super::data::PromptItem;
 use super::report::{Estimate, estimate};
 use super::scoring::TextRewardScorer;
 use crate::error::{Error, Result};
-use crate::generate::GenerateOptions;
 use crate::search::{self, CbsParams, best_of_n, chunk_beam_search};
 
 /// Which guidance a CBS row used.
@@ -97,16 +96,8 @@ impl Pipeline {
         } else if spec.guides.contains(&Guide::Value) {
             return Err(Error::InvalidRequest("the `value` guide needs --iteration ≥ 1 (a trained V_t)".into()));
         }
-        let c = &self.config;
         let picked: Vec<usize> = self.data.test_prompts().iter().copied().take(spec.prompts).collect();
-        let items = prompt_items(
-            &self.data.test,
-            &picked,
-            c.policy.prompt_format,
-            c.policy.max_prompt_tokens,
-            &self.tokenizer,
-            phase_seed(c.run.seed, None),
-        )?;
+        let items = self.test_items(&picked)?;
         let total = spec.best_of.len() + spec.shapes.len() * spec.chunk_lengths.len() * spec.guides.len();
         let mut done = 0;
         let mut rows = Vec::new();
@@ -131,15 +122,6 @@ impl Pipeline {
         Ok(rows)
     }
 
-    fn bench_options(&self) -> GenerateOptions {
-        GenerateOptions {
-            max_new_tokens: self.config.sampling.max_new_tokens,
-            sampling: self.sampling(),
-            eos_token_ids: self.eos.clone(),
-            pad_token_id: self.pad,
-        }
-    }
-
     /// Per prompt, the reward of Best-of-N's answer; and the tokens sampled in all.
     fn bench_best_of(&self, items: &[PromptItem], n: usize) -> Result<(Vec<f64>, u64)> {
         let (mut rewards, mut tokens) = (Vec::new(), 0u64);
@@ -147,7 +129,7 @@ impl Pipeline {
             let prompts: Vec<Vec<i64>> = batch.iter().map(|p| p.ids.clone()).collect();
             let seeds: Vec<u64> = batch.iter().map(|p| p.seed).collect();
             let mut reward = TextRewardScorer::new(self.reward.as_ref(), &self.tokenizer, batch);
-            for b in best_of_n(&self.policy, &prompts, &seeds, n, &self.bench_options(), &mut reward)? {
+            for b in best_of_n(&self.policy, &prompts, &seeds, n, &self.generate_options(), &mut reward)? {
                 tokens += b.candidates.iter().map(|c| c.generation.tokens.len() as u64).sum::<u64>();
                 rewards.push(b.candidates[b.best].score);
             }

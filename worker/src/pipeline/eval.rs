@@ -12,7 +12,7 @@ use super::Pipeline;
 use super::data::{self, PromptItem, phase_seed, prompt_items};
 use super::scoring::TextRewardScorer;
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, generate};
+use crate::generate::generate;
 use crate::model::CausalLm;
 use crate::reward::RewardInput;
 use crate::runtime::{TaskControl, TaskOutput};
@@ -49,16 +49,8 @@ struct Answer {
 
 impl Pipeline {
     pub(super) fn eval(&mut self, t: u32, shard: u32, attempt: u32, control: &TaskControl) -> Result<TaskOutput> {
-        let c = &self.config;
-        let picked = data::shard_of(self.data.test_prompts(), shard, c.cluster.shard_size)?.to_vec();
-        let items = prompt_items(
-            &self.data.test,
-            &picked,
-            c.policy.prompt_format,
-            c.policy.max_prompt_tokens,
-            &self.tokenizer,
-            phase_seed(c.run.seed, None),
-        )?;
+        let picked = data::shard_of(self.data.test_prompts(), shard, self.config.cluster.shard_size)?.to_vec();
+        let items = self.test_items(&picked)?;
         self.ensure_values(t)?;
         let mut methods = vec![Method::Iro];
         if t == 1 {
@@ -136,6 +128,20 @@ impl Pipeline {
         Ok(TaskOutput { key: entry.key, sha256: entry.sha256, records: entry.records, tokens })
     }
 
+    /// The test prompts at `picked`, formatted and seeded as every evaluation (and the benchmark) sees them: the
+    /// seed depends on the run seed and the prompt only, so every method and iteration shares a prompt's draws.
+    pub(super) fn test_items(&self, picked: &[usize]) -> Result<Vec<PromptItem>> {
+        let c = &self.config;
+        prompt_items(
+            &self.data.test,
+            picked,
+            c.policy.prompt_format,
+            c.policy.max_prompt_tokens,
+            &self.tokenizer,
+            phase_seed(c.run.seed, None),
+        )
+    }
+
     /// Prompts per forward batch: searches run W·K (or N) rows per prompt.
     fn eval_batch(&self, method: Method) -> usize {
         let s = &self.config.search;
@@ -170,12 +176,7 @@ impl Pipeline {
         let prompts: Vec<Vec<i64>> = batch.iter().map(|p| p.ids.clone()).collect();
         let seeds: Vec<u64> = batch.iter().map(|p| p.seed).collect();
         let max_new_tokens = self.config.sampling.max_new_tokens;
-        let opts = GenerateOptions {
-            max_new_tokens,
-            sampling: self.sampling(),
-            eos_token_ids: self.eos.clone(),
-            pad_token_id: self.pad,
-        };
+        let opts = self.generate_options();
         match method {
             Method::Base(Baseline::Base) => Ok(generate(&self.policy, &prompts, &seeds, &opts)?
                 .into_iter()

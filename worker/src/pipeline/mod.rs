@@ -27,6 +27,7 @@ use tch::{Device, Kind};
 
 use self::data::RunData;
 use crate::error::{Error, Result};
+use crate::generate::GenerateOptions;
 use crate::generate::sampler::SamplingParams;
 use crate::jobs::generate::{pad_token, stop_tokens};
 use crate::model::CausalLm;
@@ -138,6 +139,16 @@ impl Pipeline {
     fn sampling(&self) -> SamplingParams {
         let s = &self.config.sampling;
         SamplingParams { temperature: s.temperature, top_k: s.top_k, top_p: s.top_p }
+    }
+
+    /// How the frozen model samples a plain response here (rollouts, baselines, diagnostics, the benchmark).
+    fn generate_options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens: self.config.sampling.max_new_tokens,
+            sampling: self.sampling(),
+            eos_token_ids: self.eos.clone(),
+            pad_token_id: self.pad,
+        }
     }
 
     fn eval_reward(&self) -> &dyn Reward {

@@ -10,10 +10,10 @@ use iro_common::records::{RolloutRecord, ShardAttempt, write_shard};
 use super::data::{self, PromptItem, phase_seed, prompt_items};
 use super::{Pipeline, select};
 use crate::error::Result;
-use crate::generate::{GenerateOptions, Generation, generate};
+use crate::generate::{Generation, generate};
 use crate::reward::RewardInput;
 use crate::runtime::{TaskControl, TaskOutput};
-use crate::search::{CbsParams, chunk_beam_search, replicated_decoder};
+use crate::search::{CbsParams, chunk_beam_search, sample_replicas};
 
 /// A prompt's candidates, each with its guiding score (None for plain samples).
 type Candidates = Vec<(Generation, Option<f64>)>;
@@ -66,32 +66,16 @@ impl Pipeline {
         let prompts: Vec<Vec<i64>> = batch.iter().map(|p| p.ids.clone()).collect();
         let seeds: Vec<u64> = batch.iter().map(|p| p.seed).collect();
         if t == 1 {
-            let opts = GenerateOptions {
-                max_new_tokens: self.config.sampling.max_new_tokens,
-                sampling: self.sampling(),
-                eos_token_ids: self.eos.clone(),
-                pad_token_id: self.pad,
-            };
+            let opts = self.generate_options();
             let n = self.config.select.first_samples;
-            let out = if n == 1 {
-                generate(&self.policy, &prompts, &seeds, &opts)?
+            let grouped: Vec<Vec<Generation>> = if n == 1 {
+                generate(&self.policy, &prompts, &seeds, &opts)?.into_iter().map(|g| vec![g]).collect()
             } else {
                 // Seeded as Best-of-N seeds its rows: replica j of a prompt samples from its seed forked with j.
-                let _g = tch::no_grad_guard();
-                let mut dec = replicated_decoder(&self.policy, &prompts, &seeds, n, opts.max_new_tokens, self.pad)?;
-                while !dec.all_finished() {
-                    dec.step(&opts.sampling, &opts.eos_token_ids, opts.max_new_tokens);
-                }
-                dec.finish()
+                sample_replicas(&self.policy, &prompts, &seeds, n, &opts)?
             };
-            let sampled = out.iter().map(|g| g.tokens.len() as u64).sum();
-            let mut grouped: Vec<Candidates> = Vec::with_capacity(prompts.len());
-            for (r, g) in out.into_iter().enumerate() {
-                if r % n == 0 {
-                    grouped.push(Vec::with_capacity(n));
-                }
-                grouped.last_mut().expect("pushed above").push((g, None));
-            }
+            let sampled = grouped.iter().flatten().map(|g| g.tokens.len() as u64).sum();
+            let grouped = grouped.into_iter().map(|gs| gs.into_iter().map(|g| (g, None)).collect()).collect();
             return Ok((grouped, sampled));
         }
         let mut scorer = self.value_scorer(t - 1)?;

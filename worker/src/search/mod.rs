@@ -10,7 +10,7 @@ pub mod implicit;
 pub mod scorer;
 
 pub use self::args::{ArgsParams, args_decode};
-pub use self::best_of_n::best_of_n;
+pub use self::best_of_n::{best_of_n, sample_replicas};
 pub use self::cbs::{CbsOutput, argmax, CbsParams, FinalPick, chunk_beam_search, pick_final, select_diverse};
 pub use self::implicit::{ImplicitReward, response_logprob};
 pub use self::scorer::{CachedValueEnsemble, PolicyHeadEnsemble, PrefixScorer, ValueEnsemble};
@@ -31,7 +31,7 @@ pub struct Candidate {
 /// prompt prefilled once and then replicated through the cache. Replica `j` of prompt `p` samples from
 /// `RowRng::new(seeds[p]).fork(j)`: CBS and Best-of-N both start here, which is what makes
 /// CBS(W = 1, K = N, L = ∞) draw exactly Best-of-N's samples.
-pub fn replicated_decoder<'m>(
+pub(crate) fn replicated_decoder<'m>(
     policy: &'m CausalLm,
     prompts: &[Vec<i64>],
     seeds: &[u64],

@@ -69,6 +69,19 @@ impl Canvas {
     }
 }
 
+/// Both axes, with five labelled horizontal grid lines from `lo` to `hi` (`y_of` maps a value to its row).
+fn y_axis(c: &mut Canvas, lo: f64, hi: f64, y_of: impl Fn(f64) -> i32) {
+    for k in 0..=4 {
+        let v = lo + (hi - lo) * f64::from(k) / 4.0;
+        let y = y_of(v);
+        c.line((LEFT, y), (RIGHT, y), GREY, 0);
+        let label = format!("{v:.3}");
+        c.text(LEFT - 8 - text_width(&label, 2), y - 5, &label, 2, BLACK);
+    }
+    c.line((LEFT, TOP), (LEFT, BOTTOM), BLACK, 0);
+    c.line((LEFT, BOTTOM), (RIGHT, BOTTOM), BLACK, 0);
+}
+
 fn text_width(s: &str, scale: i32) -> i32 {
     s.chars().count() as i32 * 4 * scale
 }
@@ -99,15 +112,7 @@ pub fn reward_plot(rows: &[SummaryRow]) -> Vec<u8> {
     let x_of = |t: i32| LEFT + 30 + (t - 1) * (RIGHT - LEFT - 60) / (iterations - 1).max(1);
 
     // Axes, y grid with labels, x ticks at the iterations.
-    for k in 0..=4 {
-        let v = lo + (hi - lo) * f64::from(k) / 4.0;
-        let y = y_of(v);
-        c.line((LEFT, y), (RIGHT, y), GREY, 0);
-        let label = format!("{v:.3}");
-        c.text(LEFT - 8 - text_width(&label, 2), y - 5, &label, 2, BLACK);
-    }
-    c.line((LEFT, TOP), (LEFT, BOTTOM), BLACK, 0);
-    c.line((LEFT, BOTTOM), (RIGHT, BOTTOM), BLACK, 0);
+    y_axis(&mut c, lo, hi, y_of);
     for t in 1..=iterations {
         let x = x_of(t);
         c.line((x, BOTTOM), (x, BOTTOM + 6), BLACK, 0);
@@ -170,15 +175,7 @@ pub fn efficiency_plot(title: &str, series: &[Series]) -> Vec<u8> {
     let (x_lo, x_hi) = if x_hi > x_lo { (x_lo - 0.2, x_hi + 0.2) } else { (x_lo - 1.0, x_lo + 1.0) };
     let y_of = |v: f64| BOTTOM - ((v - lo) / (hi - lo) * f64::from(BOTTOM - TOP)).round() as i32;
     let x_of = |v: f64| LEFT + ((v.max(1.0).log2() - x_lo) / (x_hi - x_lo) * f64::from(RIGHT - LEFT)).round() as i32;
-    for k in 0..=4 {
-        let v = lo + (hi - lo) * f64::from(k) / 4.0;
-        let y = y_of(v);
-        c.line((LEFT, y), (RIGHT, y), GREY, 0);
-        let label = format!("{v:.3}");
-        c.text(LEFT - 8 - text_width(&label, 2), y - 5, &label, 2, BLACK);
-    }
-    c.line((LEFT, TOP), (LEFT, BOTTOM), BLACK, 0);
-    c.line((LEFT, BOTTOM), (RIGHT, BOTTOM), BLACK, 0);
+    y_axis(&mut c, lo, hi, y_of);
     let mut tick = 2f64.powi(x_lo.ceil() as i32);
     while tick.log2() <= x_hi {
         let x = x_of(tick);
