@@ -81,7 +81,9 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 
 fn search(a: BenchSearchArgs) -> anyhow::Result<()> {
     use iro_worker::pipeline::Pipeline;
-    use iro_worker::pipeline::efficiency::{EfficiencySpec, Guide, efficiency_json, efficiency_markdown, efficiency_png};
+    use iro_worker::pipeline::efficiency::{
+        EfficiencySpec, Guide, efficiency_json, efficiency_markdown, efficiency_png,
+    };
     let config = iro_common::RunConfig::load(&a.config)?;
     let shapes = a
         .shapes
@@ -111,8 +113,14 @@ fn search(a: BenchSearchArgs) -> anyhow::Result<()> {
     };
     let chunk_lengths =
         if a.chunk_lengths.is_empty() { vec![config.search.chunk_length] } else { a.chunk_lengths.clone() };
-    let spec =
-        EfficiencySpec { iteration: a.iteration, prompts: a.prompts, best_of: a.best_of, shapes, chunk_lengths, guides };
+    let spec = EfficiencySpec {
+        iteration: a.iteration,
+        prompts: a.prompts,
+        best_of: a.best_of,
+        shapes,
+        chunk_lengths,
+        guides,
+    };
     let mut pipeline = Pipeline::open(config, a.device.as_deref(), &a.work_dir)?;
     let mut bar = super::progress::Bar::new("bench search");
     let rows = pipeline.sample_efficiency(&spec, |done, total| bar.update(done, total))?;

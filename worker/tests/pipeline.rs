@@ -241,11 +241,12 @@ fn the_sample_efficiency_benchmark_pairs_cbs_with_best_of_n_and_counts_sampled_t
         guides: vec![Guide::Constant, Guide::Value, Guide::Oracle],
     };
     let mut calls = 0;
-    let rows = p.sample_efficiency(&spec, |done, total| {
-        calls += 1;
-        assert!(done <= total && total == 5);
-    })
-    .unwrap();
+    let rows = p
+        .sample_efficiency(&spec, |done, total| {
+            calls += 1;
+            assert!(done <= total && total == 5);
+        })
+        .unwrap();
     assert_eq!(calls, 5);
     assert_eq!(rows.len(), 5);
     let max = c.sampling.max_new_tokens as f64;

@@ -122,7 +122,8 @@ fn cbs_with_one_beam_n_successors_and_unbounded_chunks_is_best_of_n() {
     let mut reward = ValueEnsemble::new(vec![(&rm, 1.0)], EOS.to_vec()).unwrap();
     let n = 4;
     let seeds = [21, 22];
-    let cbs = chunk_beam_search(&lm, &prompts(), &seeds, &cbs_params(1, n, usize::MAX, 10), &mut reward).unwrap().candidates;
+    let cbs =
+        chunk_beam_search(&lm, &prompts(), &seeds, &cbs_params(1, n, usize::MAX, 10), &mut reward).unwrap().candidates;
     let opts = GenerateOptions { max_new_tokens: 10, sampling: SAMPLING, eos_token_ids: EOS.to_vec(), pad_token_id: 3 };
     let bon = best_of_n(&lm, &prompts(), &seeds, n, &opts, &mut reward).unwrap();
     for (c, b) in cbs.iter().zip(&bon) {
@@ -149,7 +150,8 @@ fn cached_value_scorer_equals_re_encoding_through_cbs_reorders() {
             cached: CachedValueEnsemble::new(members(), EOS.to_vec(), headroom).unwrap(),
             calls: 0,
         };
-        let out = chunk_beam_search(&lm, &prompts(), &[31, 32], &cbs_params(2, 3, 3, 10), &mut both).unwrap().candidates;
+        let out =
+            chunk_beam_search(&lm, &prompts(), &[31, 32], &cbs_params(2, 3, 3, 10), &mut both).unwrap().candidates;
         assert!(both.calls >= 3, "only {} chunks", both.calls);
         assert_eq!(out.iter().map(Vec::len).collect::<Vec<_>>(), vec![6, 6]);
         let prefills = both.cached.prefills();
@@ -410,12 +412,7 @@ fn many_eos() -> Vec<i64> {
 }
 
 /// CBS(W = 2, K = 2, L = 2) over a set of prompts with the many-EOS set, one re-encoding value as the guide.
-fn cbs_many_eos(
-    lm: &CausalLm,
-    v: &ScalarModel,
-    prompts: &[Vec<i64>],
-    seeds: &[u64],
-) -> iro_worker::search::CbsOutput {
+fn cbs_many_eos(lm: &CausalLm, v: &ScalarModel, prompts: &[Vec<i64>], seeds: &[u64]) -> iro_worker::search::CbsOutput {
     let mut values = ValueEnsemble::new(vec![(v, 1.0)], many_eos()).unwrap();
     let mut params = cbs_params(2, 2, 2, 16);
     params.eos_token_ids = many_eos();

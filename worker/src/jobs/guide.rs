@@ -156,7 +156,9 @@ pub fn run(job: &GuideJob, progress: Progress) -> Result<GuideSummary> {
         })
         .collect::<Result<_>>()?;
     let reward = match (job.final_pick, &job.reward) {
-        (FinalPick::RewardArgmax, Some(dir)) => Some(RewardModel::load(dir, kind, device, RewardPrompt::Policy { add_special })?),
+        (FinalPick::RewardArgmax, Some(dir)) => {
+            Some(RewardModel::load(dir, kind, device, RewardPrompt::Policy { add_special })?)
+        }
         _ => None,
     };
     let betas: Vec<f64> = job.values.iter().map(|v| v.beta).collect();
@@ -268,7 +270,9 @@ fn candidate_rewards<'a>(
 ) -> Result<Vec<Vec<f64>>> {
     let inputs: Vec<RewardInput<'_>> = prompts
         .zip(outputs)
-        .flat_map(|(p, os)| os.iter().map(move |o| RewardInput { prompt: p, raw_prompt: p, response: o, reference: None }))
+        .flat_map(|(p, os)| {
+            os.iter().map(move |o| RewardInput { prompt: p, raw_prompt: p, response: o, reference: None })
+        })
         .collect();
     let mut flat = reward.score(&inputs)?.into_iter();
     Ok(outputs.iter().map(|os| flat.by_ref().take(os.len()).collect()).collect())

@@ -36,7 +36,8 @@ impl Pipeline {
                 let prompts: Vec<Vec<i64>> = missing.iter().map(|p| p.ids.clone()).collect();
                 let seeds: Vec<u64> = missing.iter().map(|p| p.seed).collect();
                 let mut reward = TextRewardScorer::new(self.reward.as_ref(), &self.tokenizer, batch);
-                for (p, found) in missing.iter().zip(best_of_n(&self.policy, &prompts, &seeds, n, &opts, &mut reward)?) {
+                for (p, found) in missing.iter().zip(best_of_n(&self.policy, &prompts, &seeds, n, &opts, &mut reward)?)
+                {
                     fresh.insert(p.id.as_str(), found.candidates);
                 }
             }

@@ -226,10 +226,11 @@ pub fn efficiency_markdown(rows: &[EfficiencyRow]) -> String {
 /// The benchmark as a PNG: Best-of-N as a line, each CBS guide (all its shapes and chunk lengths) as points.
 pub fn efficiency_png(rows: &[EfficiencyRow]) -> Vec<u8> {
     let mut series: Vec<super::report::Series> = Vec::new();
-    let mut push = |label: String, point: (f64, f64, f64), line: bool| match series.iter_mut().find(|s| s.label == label) {
-        Some(s) => s.points.push(point),
-        None => series.push(super::report::Series { label, points: vec![point], line }),
-    };
+    let mut push =
+        |label: String, point: (f64, f64, f64), line: bool| match series.iter_mut().find(|s| s.label == label) {
+            Some(s) => s.points.push(point),
+            None => series.push(super::report::Series { label, points: vec![point], line }),
+        };
     for r in rows {
         let point = (r.tokens_per_prompt, r.reward.mean, r.reward.se);
         match r.guide {

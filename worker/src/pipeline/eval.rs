@@ -216,7 +216,12 @@ impl Pipeline {
                 let mut reward = TextRewardScorer::new(self.reward.as_ref(), &self.tokenizer, batch);
                 Ok(args_decode(&self.policy, &prompts, &params, &mut reward)?
                     .into_iter()
-                    .map(|g| Answer { sampled: g.tokens.len() as u64, tokens: g.tokens, kl_bound: None, candidates: None })
+                    .map(|g| Answer {
+                        sampled: g.tokens.len() as u64,
+                        tokens: g.tokens,
+                        kl_bound: None,
+                        candidates: None,
+                    })
                     .collect())
             }
             Method::Base(Baseline::WeakToStrong) => {
@@ -236,12 +241,7 @@ impl Pipeline {
         }
     }
 
-    fn pick(
-        &self,
-        found: search::CbsOutput,
-        batch: &[PromptItem],
-        pick: FinalPick,
-    ) -> Result<Vec<Answer>> {
+    fn pick(&self, found: search::CbsOutput, batch: &[PromptItem], pick: FinalPick) -> Result<Vec<Answer>> {
         let (w, k, l) = (self.config.search.beams, self.config.search.successors, self.config.search.chunk_length);
         let prompts: Vec<Vec<i64>> = batch.iter().map(|p| p.ids.clone()).collect();
         let mut reward = TextRewardScorer::new(self.reward.as_ref(), &self.tokenizer, batch);

@@ -11,7 +11,7 @@ pub mod scorer;
 
 pub use self::args::{ArgsParams, args_decode};
 pub use self::best_of_n::{best_of_n, sample_replicas};
-pub use self::cbs::{CbsOutput, argmax, CbsParams, FinalPick, chunk_beam_search, pick_final, select_diverse};
+pub use self::cbs::{CbsOutput, CbsParams, FinalPick, argmax, chunk_beam_search, pick_final, select_diverse};
 pub use self::implicit::{ImplicitReward, response_logprob};
 pub use self::scorer::{CachedValueEnsemble, PolicyHeadEnsemble, PrefixScorer, ValueEnsemble};
 

@@ -12,10 +12,10 @@ use tch::{Device, Kind, Tensor};
 
 use super::batch::ValueExample;
 use crate::error::Error;
-use crate::generate::{left_pad, right_pad};
-use crate::model::positions_from_valid;
 use crate::error::Result;
+use crate::generate::{left_pad, right_pad};
 use crate::model::Backbone;
+use crate::model::positions_from_valid;
 
 /// Per example index, its [targets, H] hidden states (f32, detached).
 #[derive(Default)]
@@ -44,7 +44,9 @@ impl FeatureCache {
         let missing: Vec<(usize, &ValueExample)> =
             examples.iter().copied().filter(|(i, _)| !self.by_example.contains_key(i)).collect();
         if !missing.is_empty() {
-            for (i, states) in missing.iter().map(|(i, _)| *i).zip(shared_prompt_states(backbone, &missing, pad_id, device)?) {
+            for (i, states) in
+                missing.iter().map(|(i, _)| *i).zip(shared_prompt_states(backbone, &missing, pad_id, device)?)
+            {
                 self.by_example.insert(i, states);
             }
         }

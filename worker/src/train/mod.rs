@@ -300,7 +300,8 @@ pub fn train_value_ranked(
 
 /// The mean reward over every target position (the token-weighted mean the loss regresses onto).
 pub fn mean_target(examples: &[ValueExample]) -> f64 {
-    let (sum, n) = examples.iter().fold((0.0, 0usize), |(s, n), e| (s + e.reward * e.targets() as f64, n + e.targets()));
+    let (sum, n) =
+        examples.iter().fold((0.0, 0usize), |(s, n), e| (s + e.reward * e.targets() as f64, n + e.targets()));
     if n == 0 { 0.0 } else { sum / n as f64 }
 }
 

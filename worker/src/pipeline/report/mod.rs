@@ -324,11 +324,8 @@ pub async fn write_report(store: &Store, layout: &RunLayout, run_id: &str, itera
             }
         }
     }
-    let summary = Summary {
-        run_id: run_id.to_owned(),
-        rows: summarize(&records),
-        values: summarize_values(&records, &training),
-    };
+    let summary =
+        Summary { run_id: run_id.to_owned(), rows: summarize(&records), values: summarize_values(&records, &training) };
     let dir = layout.report_dir();
     store.put_json(&format!("{dir}/summary.json"), &summary).await?;
     store.put(&format!("{dir}/summary.md"), markdown(&summary).into_bytes()).await?;

@@ -161,9 +161,12 @@ pub struct Series {
 pub fn efficiency_plot(title: &str, series: &[Series]) -> Vec<u8> {
     let mut c = Canvas::new();
     c.text(LEFT, 16, title, 2, BLACK);
-    let all: Vec<(f64, f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).filter(|p| p.1.is_finite()).collect();
+    let all: Vec<(f64, f64, f64)> =
+        series.iter().flat_map(|s| s.points.iter().copied()).filter(|p| p.1.is_finite()).collect();
     let fold = |f: fn(&(f64, f64, f64)) -> f64, min: bool| {
-        all.iter().map(f).fold(if min { f64::INFINITY } else { f64::NEG_INFINITY }, |a, v| if min { a.min(v) } else { a.max(v) })
+        all.iter()
+            .map(f)
+            .fold(if min { f64::INFINITY } else { f64::NEG_INFINITY }, |a, v| if min { a.min(v) } else { a.max(v) })
     };
     let (x_lo, x_hi) = (fold(|p| p.0.max(1.0).log2(), true), fold(|p| p.0.max(1.0).log2(), false));
     let (mut lo, mut hi) = (fold(|p| p.1 - p.2, true), fold(|p| p.1 + p.2, false));
