@@ -15,6 +15,47 @@ pub enum BenchCommand {
     /// Reward against tokens sampled: Best-of-N at several N, CBS at W·K rows guided by a constant, the run's
     /// trained values and the reward itself (the oracle), on the run's test prompts and seeds.
     Search(BenchSearchArgs),
+    /// Which value-training settings learn here: head-kind V_1s trained over a grid (training prompts, samples
+    /// per prompt, targets, epochs, lr, weight decay, width) on iteration 1's plain samples, each ranked on held-out
+    /// Best-of-N candidates of the test prompts (concordance with the reward, complete and after the first chunk).
+    Value(BenchValueArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchValueArgs {
+    /// The run config: policy, reward, data, sampling and the `[value]` settings the grid does not vary.
+    pub config: PathBuf,
+    /// Training prompts (prefixes of iteration 1's rollout prompts).
+    #[arg(long, value_delimiter = ',', default_value = "24")]
+    pub train_prompts: Vec<usize>,
+    /// Plain samples per training prompt; default: the config's select.first_samples.
+    #[arg(long, value_delimiter = ',')]
+    pub samples: Vec<usize>,
+    /// Held-out prompts (the first test prompts), baselines.best_of_n candidates each.
+    #[arg(long, default_value_t = 32)]
+    pub test_prompts: usize,
+    /// Default: the config's value.epochs.
+    #[arg(long, value_delimiter = ',')]
+    pub epochs: Vec<usize>,
+    /// Default: the config's value.lr.
+    #[arg(long, value_delimiter = ',')]
+    pub lr: Vec<f64>,
+    /// Default: the config's value.weight_decay.
+    #[arg(long, value_delimiter = ',')]
+    pub weight_decay: Vec<f64>,
+    /// Head widths; default: the config's value.head_width.
+    #[arg(long, value_delimiter = ',')]
+    pub width: Vec<usize>,
+    /// Among reward, prompt_centred; default: the config's value.targets.
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Vec<String>,
+    /// Where the table (.md) and rows (.json) go.
+    #[arg(long, default_value = "runs/bench-value")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub device: Option<String>,
+    #[arg(long, default_value = ".iro-work")]
+    pub work_dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -76,7 +117,50 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Generate(a) => generate(a),
         BenchCommand::Search(a) => search(a),
+        BenchCommand::Value(a) => value(a),
     }
+}
+
+fn value(a: BenchValueArgs) -> anyhow::Result<()> {
+    use iro_common::config::ValueTargets;
+    use iro_worker::pipeline::Pipeline;
+    use iro_worker::pipeline::value_bench::{ValueBenchSpec, value_bench_json, value_bench_markdown};
+    let config = iro_common::RunConfig::load(&a.config)?;
+    let v = &config.value;
+    let or = |xs: Vec<usize>, d: usize| if xs.is_empty() { vec![d] } else { xs };
+    let targets = if a.targets.is_empty() {
+        vec![v.targets]
+    } else {
+        a.targets
+            .iter()
+            .map(|t| match t.as_str() {
+                "reward" => Ok(ValueTargets::Reward),
+                "prompt_centred" => Ok(ValueTargets::PromptCentred),
+                other => anyhow::bail!("--targets: `{other}` is not reward or prompt_centred"),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    let spec = ValueBenchSpec {
+        train_prompts: a.train_prompts,
+        samples: or(a.samples, config.select.first_samples),
+        test_prompts: a.test_prompts,
+        epochs: or(a.epochs, v.epochs),
+        lrs: if a.lr.is_empty() { vec![v.lr] } else { a.lr },
+        weight_decays: if a.weight_decay.is_empty() { vec![v.weight_decay] } else { a.weight_decay },
+        widths: or(a.width, v.head_width),
+        targets,
+    };
+    let pipeline = Pipeline::open(config, a.device.as_deref(), &a.work_dir)?;
+    let mut bar = super::progress::Bar::new("bench value");
+    let rows = pipeline.value_bench(&spec, |done, total| bar.update(done, total))?;
+    bar.finish();
+    std::fs::create_dir_all(&a.out)?;
+    let md = value_bench_markdown(&rows);
+    std::fs::write(a.out.join("value.md"), &md)?;
+    std::fs::write(a.out.join("value.json"), value_bench_json(&rows)?)?;
+    println!("{md}");
+    println!("written: {}/value.{{md,json}}", a.out.display());
+    Ok(())
 }
 
 fn search(a: BenchSearchArgs) -> anyhow::Result<()> {

@@ -264,3 +264,68 @@ fn the_sample_efficiency_benchmark_pairs_cbs_with_best_of_n_and_counts_sampled_t
     assert!(efficiency_markdown(&rows).contains("cbs oracle W2 K2 L2"));
     assert!(efficiency_png(&rows).starts_with(b"\x89PNG"));
 }
+
+#[test]
+fn the_value_benchmark_retrains_the_runs_own_v1_and_ranks_its_diagnostic_candidates_alike() {
+    use iro_common::config::ValueTargets;
+    use iro_common::records::ValueTraining;
+    use iro_worker::pipeline::report::summarize_values;
+    use iro_worker::pipeline::value_bench::{ValueBenchSpec, value_bench_markdown};
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir.path().join("store"), ValueKind::Head, 1, vec![Baseline::Base, Baseline::BestOfN]);
+    // V_1 learns from every one of 2 plain samples per prompt, as the benchmark's examples are.
+    c.select.first_samples = 2;
+    c.select.per_prompt = 2;
+    c.value.targets = ValueTargets::PromptCentred;
+    run(&c, &dir.path().join("work"));
+    let store = Store::open(&c.run.store).unwrap();
+    let layout = RunLayout::new("tiny").unwrap();
+    let training: ValueTraining =
+        block_on(store.get_json(&format!("{}/model/training.json", layout.value_dir(1)))).unwrap();
+    let report = summarize_values(&evals(&store, 1), &[(1, training.clone())].into_iter().collect());
+
+    let p = Pipeline::open(c.clone(), None, &dir.path().join("work")).unwrap();
+    let spec = ValueBenchSpec {
+        train_prompts: vec![c.data.prompts_per_iteration],
+        samples: vec![1, 2],
+        test_prompts: c.data.test_prompts,
+        epochs: vec![c.value.epochs, 3 * c.value.epochs],
+        lrs: vec![c.value.lr],
+        weight_decays: vec![c.value.weight_decay],
+        widths: vec![c.value.head_width],
+        targets: vec![ValueTargets::PromptCentred, ValueTargets::Reward],
+    };
+    let mut last = (0, 0);
+    let rows = p.value_bench(&spec, |done, total| last = (done, total)).unwrap();
+    assert_eq!(rows.len(), 8);
+    assert_eq!(last, (8, 8));
+    // The run's own settings (2 samples, centred, the config's epochs) train the run's V_1 again: the same examples
+    // in the same order, seed and schedule, so the same fit and the same ranking of the report's candidates.
+    let own = rows
+        .iter()
+        .find(|r| r.samples == 2 && r.targets == ValueTargets::PromptCentred && r.epochs == c.value.epochs)
+        .unwrap();
+    assert_eq!((own.examples, own.steps), (training.examples, training.steps));
+    assert!((own.constant_loss - training.constant_loss).abs() < 1e-9, "{own:?} vs {training:?}");
+    assert!((own.final_loss - training.final_loss).abs() < 1e-5, "{own:?} vs {training:?}");
+    let v1 = &report[0];
+    assert!((own.concordance.mean - v1.concordance.mean).abs() < 1e-9, "{own:?} vs {v1:?}");
+    assert!((own.prefix_concordance.mean - v1.prefix_concordance.mean).abs() < 1e-9, "{own:?} vs {v1:?}");
+    assert!((own.argmax_agreement.mean - v1.argmax_agreement.mean).abs() < 1e-9, "{own:?} vs {v1:?}");
+    // One sample per prompt leaves nothing to centre: every centred target is 0, and so is the best constant's loss.
+    for r in rows.iter().filter(|r| r.samples == 1) {
+        assert_eq!(r.examples, c.data.prompts_per_iteration);
+        if r.targets == ValueTargets::PromptCentred {
+            assert!(r.constant_loss.abs() < 1e-12, "{r:?}");
+        }
+    }
+    // Centring removes the between-prompt spread, so the constant's loss can only drop.
+    for r in rows.iter().filter(|r| r.targets == ValueTargets::Reward) {
+        let centred = rows
+            .iter()
+            .find(|x| x.targets == ValueTargets::PromptCentred && x.samples == r.samples && x.epochs == r.epochs)
+            .unwrap();
+        assert!(centred.constant_loss <= r.constant_loss + 1e-12, "{centred:?} vs {r:?}");
+    }
+    assert!(value_bench_markdown(&rows).contains("prompt_centred"));
+}

@@ -65,7 +65,6 @@ impl Pipeline {
         let total = (methods.len() * items.len()) as u64;
         let mut records = Vec::new();
         let mut tokens = 0u64;
-        let mut drawn = std::collections::HashMap::new();
         control.set_progress(0, total);
         for &method in &methods {
             let per_batch = self.eval_batch(method);
@@ -94,7 +93,7 @@ impl Pipeline {
             for (i, ((item, mut answer), output)) in items.iter().zip(answers).zip(texts).enumerate() {
                 tokens += answer.sampled;
                 if let Some(c) = answer.candidates.take() {
-                    drawn.insert(item.id.clone(), c);
+                    self.drawn.insert(item.id.clone(), c);
                 }
                 records.push(EvalRecord {
                     instruction: item.display.clone(),
@@ -118,7 +117,7 @@ impl Pipeline {
         }
         if self.config.baselines.best_of_n >= 2 {
             // How V_t ranks held-out candidates, on IRO's rows (Best-of-N's own candidates where it ran).
-            let found = self.value_diagnostics(t, &items, &drawn)?;
+            let found = self.value_diagnostics(t, &items, &self.drawn)?;
             for (r, d) in records.iter_mut().filter(|r| r.method == Method::Iro.name()).zip(found) {
                 r.diagnostics = Some(d);
             }

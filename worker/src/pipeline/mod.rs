@@ -16,6 +16,7 @@ mod rollout;
 pub mod scoring;
 pub mod select;
 mod train;
+pub mod value_bench;
 pub(crate) mod values;
 
 use std::path::{Path, PathBuf};
@@ -60,6 +61,9 @@ pub struct Pipeline {
     values: Vec<values::LoadedValue>,
     /// The weak-to-strong pair, loaded on first use.
     w2s: Option<(CausalLm, CausalLm)>,
+    /// Best-of-N's candidates by test prompt id, kept from iteration 1's eval for the value diagnostics of later
+    /// iterations (the same seeds draw the same candidates, so a worker without them samples them again).
+    drawn: std::collections::HashMap<String, Vec<crate::search::Candidate>>,
     /// Local scratch space (value checkpoints of a remote store live here while training).
     work_dir: PathBuf,
     /// This rank's ring listener between publishing its gang endpoint and the gang forming.
@@ -118,6 +122,7 @@ impl Pipeline {
             eval_reward,
             values: Vec::new(),
             w2s: None,
+            drawn: Default::default(),
             work_dir: work_dir.to_owned(),
             gang_listener: None,
             config,

@@ -32,6 +32,17 @@ impl FeatureCache {
         self.by_example.is_empty()
     }
 
+    /// A cache whose example `j` is this one's example `keep[j]` (the same tensors, not copies): the states of a
+    /// subset of the examples, indexed as that subset.
+    pub fn select(&self, keep: &[usize]) -> FeatureCache {
+        let by_example = keep
+            .iter()
+            .enumerate()
+            .filter_map(|(j, i)| self.by_example.get(i).map(|t| (j, t.shallow_clone())))
+            .collect();
+        FeatureCache { by_example }
+    }
+
     /// The micro-batch's target states [N, H] (N = Σ targets, in the order given) and the reward each target
     /// regresses onto [N], computing the states of examples seen for the first time in one forward pass.
     pub fn micro_batch(

@@ -162,6 +162,36 @@ pub fn train_value_ranked(
     out_dir: &Path,
     resume: bool,
     gang: DataParallel<'_>,
+    progress: impl FnMut(&Progress) -> ControlFlow<()>,
+) -> Result<TrainReport> {
+    train_loop(config, examples, init, out_dir, resume, gang, &mut FeatureCache::default(), progress)
+}
+
+/// [`train_value`] on one rank, fresh (no resume), reading and filling `features` — the frozen-backbone states of
+/// a `head` by example index — so several trainings on the same examples (`iro bench value`'s grid) run the
+/// backbone once. Every index of `examples` must hold the same prompt and response in each call that shares
+/// `features` (the rewards may differ: they are read from `examples`).
+pub fn train_value_sharing_features(
+    config: &ValueTrainConfig,
+    examples: &[ValueExample],
+    init: &ValueInit,
+    out_dir: &Path,
+    features: &mut FeatureCache,
+) -> Result<TrainReport> {
+    let mut single = SingleRank;
+    let gang = DataParallel { collective: &mut single, bucket_bytes: DEFAULT_BUCKET_BYTES };
+    train_loop(config, examples, init, out_dir, false, gang, features, |_| ControlFlow::Continue(()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_loop(
+    config: &ValueTrainConfig,
+    examples: &[ValueExample],
+    init: &ValueInit,
+    out_dir: &Path,
+    resume: bool,
+    gang: DataParallel<'_>,
+    features: &mut FeatureCache,
     mut progress: impl FnMut(&Progress) -> ControlFlow<()>,
 ) -> Result<TrainReport> {
     let DataParallel { collective, bucket_bytes } = gang;
@@ -229,7 +259,6 @@ pub fn train_value_ranked(
         )?;
     }
     let mut order = (usize::MAX, Vec::new());
-    let mut features = FeatureCache::default();
 
     while state.step < total_steps {
         let (epoch, start) = (state.step / steps_per_epoch, (state.step % steps_per_epoch) * batch);
@@ -246,7 +275,7 @@ pub fn train_value_ranked(
         let micros: Vec<&[(usize, &ValueExample)]> = picked.chunks(config.micro_batch_size).collect();
         let mine: Vec<&[(usize, &ValueExample)]> = micros.iter().copied().skip(rank).step_by(world).collect();
         for micro in &mine {
-            let sum = micro_loss_sum(&value, micro, &mut features, config.pad_id, device)?;
+            let sum = micro_loss_sum(&value, micro, features, config.pad_id, device)?;
             loss += sum.double_value(&[]) * scale;
             optim::accumulate(&sum, scale);
         }
@@ -255,7 +284,7 @@ pub fn train_value_ranked(
                 // This rank has no micro-batch in this (short, last-of-epoch) batch and has never backpropagated:
                 // a zero-weighted pass over the first micro-batch defines its gradients exactly where the other
                 // ranks' are defined, so the buckets line up, and adds nothing to the sum.
-                let sum = micro_loss_sum(&value, micros[0], &mut features, config.pad_id, device)?;
+                let sum = micro_loss_sum(&value, micros[0], features, config.pad_id, device)?;
                 optim::accumulate(&sum, 0.0);
             }
             let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();

@@ -170,7 +170,7 @@ pub fn summarize(records: &[EvalRecord]) -> Vec<SummaryRow> {
 
 /// Per-prompt share of candidate pairs with different rewards that `v` orders as `r` does (ties in `v` half);
 /// `None` when every candidate has the same reward.
-fn concordance(v: &[f64], r: &[f64]) -> Option<f64> {
+pub(crate) fn concordance(v: &[f64], r: &[f64]) -> Option<f64> {
     let (mut agree, mut pairs) = (0.0, 0usize);
     for a in 0..r.len().min(v.len()) {
         for b in a + 1..r.len().min(v.len()) {
