@@ -5,7 +5,9 @@
 //! runs/{run_id}/config.toml
 //! runs/{run_id}/iter-{t}/rollout/shard-{s:05}.attempt-{a}.jsonl
 //! runs/{run_id}/iter-{t}/rollout/manifest.json
-//! runs/{run_id}/iter-{t}/value/...
+//! runs/{run_id}/iter-{t}/value/attempt-{a}/model/...      V_t as attempt a of the train task published it
+//! runs/{run_id}/iter-{t}/value/attempt-{a}/train/...      that attempt's training checkpoints
+//! runs/{run_id}/iter-{t}/value/manifest.json              which attempt was accepted, and its files' sha256
 //! runs/{run_id}/iter-{t}/eval/shard-{s:05}.attempt-{a}.jsonl, summary.json
 //! runs/{run_id}/report/...
 //! ```
@@ -81,6 +83,32 @@ impl RunLayout {
         format!("{}/value", self.iteration(t))
     }
 
+    /// Everything one attempt of V_t's train task writes: attempts never share a key, so a late attempt
+    /// cannot overwrite the accepted one's model or checkpoints.
+    pub fn value_attempt(&self, t: u32, attempt: u32) -> String {
+        format!("{}/attempt-{attempt}", self.value_dir(t))
+    }
+
+    /// The HF folder attempt `attempt` published V_t as.
+    pub fn value_model(&self, t: u32, attempt: u32) -> String {
+        format!("{}/model", self.value_attempt(t, attempt))
+    }
+
+    /// The list of that folder's files with their sha256, written last: what the train task reports.
+    pub fn value_files(&self, t: u32, attempt: u32) -> String {
+        format!("{}/files.json", self.value_model(t, attempt))
+    }
+
+    /// That attempt's training checkpoints.
+    pub fn value_checkpoints(&self, t: u32, attempt: u32) -> String {
+        format!("{}/train", self.value_attempt(t, attempt))
+    }
+
+    /// Which attempt of V_t was accepted; the only way a loader finds V_t.
+    pub fn value_manifest(&self, t: u32) -> String {
+        format!("{}/manifest.json", self.value_dir(t))
+    }
+
     pub fn eval_summary(&self, t: u32) -> String {
         format!("{}/eval/summary.json", self.iteration(t))
     }
@@ -101,6 +129,10 @@ mod tests {
         assert_eq!(l.shard(2, ShardedPhase::Rollout, 7, 1), "runs/demo-1/iter-2/rollout/shard-00007.attempt-1.jsonl");
         assert_eq!(l.manifest(1, ShardedPhase::Eval), "runs/demo-1/iter-1/eval/manifest.json");
         assert_eq!(l.value_dir(3), "runs/demo-1/iter-3/value");
+        assert_eq!(l.value_model(3, 2), "runs/demo-1/iter-3/value/attempt-2/model");
+        assert_eq!(l.value_files(3, 2), "runs/demo-1/iter-3/value/attempt-2/model/files.json");
+        assert_eq!(l.value_checkpoints(3, 2), "runs/demo-1/iter-3/value/attempt-2/train");
+        assert_eq!(l.value_manifest(3), "runs/demo-1/iter-3/value/manifest.json");
         assert_eq!(l.eval_summary(3), "runs/demo-1/iter-3/eval/summary.json");
         assert_eq!(l.report_dir(), "runs/demo-1/report");
     }

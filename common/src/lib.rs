@@ -7,6 +7,7 @@ pub mod error;
 pub mod layout;
 pub mod records;
 pub mod store;
+pub mod values;
 
 pub use config::RunConfig;
 pub use error::{Error, Result};

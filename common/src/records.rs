@@ -86,7 +86,7 @@ pub struct EvalRecord {
     pub diagnostics: Option<ValueDiagnostics>,
 }
 
-/// How V_t's training went (`iter-{t}/value/model/training.json`): a final loss not below the constant
+/// How V_t's training went (`iter-{t}/value/attempt-{a}/model/training.json`): a final loss not below the constant
 /// predictor's (0.5·Var of the targets) means V_t learned nothing beyond the mean.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ValueTraining {
@@ -243,7 +243,7 @@ impl Manifest {
                     e.shard, e.attempt, e.key
                 )));
             }
-            if e.sha256.len() != 64 || !e.sha256.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            if !is_sha256_hex(&e.sha256) {
                 return Err(self.invalid(format!("shard {}: `{}` is not a lower-case hex sha256", e.shard, e.sha256)));
             }
         }
@@ -360,6 +360,11 @@ pub async fn read_accepted<T: DeserializeOwned>(store: &Store, manifest: &Manife
     let shards: Vec<Vec<T>> =
         futures::stream::iter(&manifest.shards).map(|e| read_shard::<T>(store, e)).buffered(8).try_collect().await?;
     Ok(shards.into_iter().flatten().collect())
+}
+
+/// A lower-case hex sha256, as `sha256_hex` writes it.
+pub(crate) fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 /// Names the store in a validation error about a manifest that is (or is about to be) in it.

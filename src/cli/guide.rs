@@ -253,11 +253,6 @@ mod tests {
     /// A run config with V_1 and V_2 published (head kind) in a local store under `dir`.
     fn run_config(dir: &std::path::Path) -> PathBuf {
         let store = dir.join("store");
-        for t in 1..=2 {
-            let v = store.join(format!("runs/g/iter-{t}/value/model"));
-            std::fs::create_dir_all(&v).unwrap();
-            std::fs::write(v.join("model.safetensors"), b"stand-in: only its presence is checked here").unwrap();
-        }
         let path = dir.join("run.toml");
         let toml = format!(
             "[run]\nid = \"g\"\nseed = 11\niterations = 2\nstore = \"{}\"\ndevice = \"cpu\"\n\
@@ -268,6 +263,13 @@ mod tests {
             store.display()
         );
         std::fs::write(&path, toml).unwrap();
+        let config = iro_common::RunConfig::load(&path).unwrap();
+        for t in 1..=2 {
+            let v = dir.join(format!("v{t}"));
+            std::fs::create_dir_all(&v).unwrap();
+            std::fs::write(v.join("model.safetensors"), format!("stand-in {t}: only its checksum is checked")).unwrap();
+            iro_worker::jobs::guide::publish_value_folder(&config, t, &v).unwrap();
+        }
         path
     }
 
@@ -280,7 +282,7 @@ mod tests {
         let from_run = job(parse(&["--run", c, "--iteration", "2", "--work-dir", w])).unwrap();
         assert_eq!(from_run.policy, PathBuf::from("policy-dir"));
         assert_eq!(from_run.values.iter().map(|v| v.beta).collect::<Vec<_>>(), vec![1.0, 2.0]);
-        assert!(from_run.values[1].dir.ends_with("runs/g/iter-2/value/model"));
+        assert!(from_run.values[1].dir.ends_with("runs/g/iter-2/value/attempt-1/model"));
         assert_eq!((from_run.beams, from_run.successors, from_run.chunk_len), (2, 3, 5));
         assert_eq!((from_run.max_new_tokens, from_run.sampling.temperature, from_run.seed), (20, 0.5, 11));
         assert_eq!((from_run.final_pick, from_run.prompt_format), (FinalPick::ValueArgmax, PromptFormat::Chatml));

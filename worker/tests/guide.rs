@@ -240,8 +240,10 @@ fn a_runs_published_values_guide_as_the_same_folders_named_by_hand() {
     config.value.kind = ValueKind::Head;
     config.value.betas = vec![1.0, 3.0];
     // V_1 and V_2 as the pipeline publishes them.
-    for t in 1..=2 {
-        write_head(&store.join(format!("runs/guided/iter-{t}/value/model")), 48, 10 + t);
+    for t in 1..=2u32 {
+        let head = dir.path().join(format!("head-{t}"));
+        write_head(&head, 48, 10 + u64::from(t));
+        guide::publish_value_folder(&config, t, &head).unwrap();
     }
     // TL;DR rows (formatted as the run's training prompts are) and a ready-made prompt.
     let posts = std::fs::read_to_string(&config.data.test).unwrap();
@@ -257,9 +259,8 @@ fn a_runs_published_values_guide_as_the_same_folders_named_by_hand() {
     from_run.values = guide::published_values(&config, 2, &dir.path().join("work")).unwrap();
     assert_eq!(from_run.values.iter().map(|v| v.beta).collect::<Vec<_>>(), vec![1.0, 3.0]);
     let mut by_hand = from_run.clone();
-    by_hand.values = (1..=2)
-        .map(|t| ValueSpec { dir: store.join(format!("runs/guided/iter-{t}/value/model")), beta: config.beta(t) })
-        .collect();
+    by_hand.values =
+        (1..=2).map(|t| ValueSpec { dir: dir.path().join(format!("head-{t}")), beta: config.beta(t) }).collect();
     by_hand.output = dir.path().join("hand.jsonl");
     let (a, b) = (run(&from_run), run(&by_hand));
     assert_eq!(a.len(), rows.len());
@@ -272,6 +273,49 @@ fn a_runs_published_values_guide_as_the_same_folders_named_by_hand() {
     // V_3 was never published.
     let err = guide::published_values(&config, 3, &dir.path().join("work")).unwrap_err().to_string();
     assert!(err.contains("V_3 has not been published"), "{err}");
+}
+
+/// Review A1: a late attempt of V_1's train task (a partitioned gang finishing after attempt 2 was accepted) writes
+/// only its own folder, so loaders keep reading the accepted bytes; an accepted file changed afterwards is refused.
+#[test]
+fn a_late_train_attempt_cannot_replace_the_accepted_value_and_a_changed_file_is_refused() {
+    use iro_common::layout::RunLayout;
+    use iro_common::store::{Store, sha256_hex};
+    use iro_common::values::{ValueManifest, write_value_folder, write_value_manifest};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store_dir = dir.path().join("store");
+    let config = tiny_run::tiny_run("fenced", &store_dir.display().to_string(), 1);
+    let (store, layout) = (Store::open(&config.run.store).unwrap(), RunLayout::new("fenced").unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let head = |seed: u64| {
+        let d = dir.path().join(format!("head-{seed}"));
+        write_head(&d, 48, seed);
+        std::fs::read(d.join("model.safetensors")).unwrap()
+    };
+    let (accepted, late) = (head(2), head(1));
+    // Attempt 2 publishes and is accepted.
+    let (_, sha) = rt
+        .block_on(write_value_folder(&store, &layout, 1, 2, vec![("model.safetensors".into(), accepted.clone())]))
+        .unwrap();
+    rt.block_on(write_value_manifest(&store, &layout, &ValueManifest::new(&layout, "fenced", 1, 2, &sha))).unwrap();
+    // Attempt 1 finishes late and publishes what it trained.
+    rt.block_on(write_value_folder(&store, &layout, 1, 1, vec![("model.safetensors".into(), late.clone())])).unwrap();
+
+    let loaded = guide::published_values(&config, 1, &dir.path().join("work")).unwrap();
+    assert!(loaded[0].dir.ends_with("runs/fenced/iter-1/value/attempt-2/model"), "{:?}", loaded[0].dir);
+    let bytes = std::fs::read(loaded[0].dir.join("model.safetensors")).unwrap();
+    assert_eq!(sha256_hex(&bytes), sha256_hex(&accepted), "the accepted attempt's weights");
+
+    // A V that was never accepted is "not published", whatever folders exist.
+    let err = guide::published_values(&config, 2, &dir.path().join("work")).unwrap_err().to_string();
+    assert!(err.contains("V_2 has not been published"), "{err}");
+
+    // Someone writes over the accepted file: loading names the file and the accepted attempt.
+    let file = store_dir.join("runs/fenced/iter-1/value/attempt-2/model/model.safetensors");
+    std::fs::write(&file, &late).unwrap();
+    let err = guide::published_values(&config, 1, &dir.path().join("work")).unwrap_err().to_string();
+    assert!(err.contains("attempt-2/model/model.safetensors") && err.contains("accepted attempt 2"), "{err}");
 }
 
 #[test]

@@ -141,7 +141,7 @@ fn model_kind_values_are_published_as_hf_seqcls_folders_and_guide_the_next_rollo
     let c = config(&dir.path().join("store"), ValueKind::Model, 2, vec![Baseline::Base]);
     let summary = run(&c, &dir.path().join("work"));
     for t in 1..=2 {
-        let folder = dir.path().join(format!("store/runs/tiny/iter-{t}/value/model"));
+        let folder = dir.path().join(format!("store/runs/tiny/iter-{t}/value/attempt-1/model"));
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap()).unwrap();
         assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
@@ -149,7 +149,9 @@ fn model_kind_values_are_published_as_hf_seqcls_folders_and_guide_the_next_rollo
         ScalarModel::load(&folder, Kind::Float, Device::Cpu).unwrap();
     }
     // V_1 warm-starts V_2: the published weights differ (V_2 trained further on new data).
-    let w = |t: u32| std::fs::read(dir.path().join(format!("store/runs/tiny/iter-{t}/value/model/model.safetensors")));
+    let w = |t: u32| {
+        std::fs::read(dir.path().join(format!("store/runs/tiny/iter-{t}/value/attempt-1/model/model.safetensors")))
+    };
     assert_ne!(w(1).unwrap(), w(2).unwrap());
     assert_eq!(summary.rows.len(), 3);
 }
@@ -187,7 +189,7 @@ fn a_two_rank_gang_through_the_embedded_cluster_trains_the_single_rank_value_fun
     rt.block_on(run_embedded(gang.clone(), 2, &state, factory, CancellationToken::new())).unwrap();
 
     let weights = |root: &Path| {
-        let file = root.join("runs/tiny/iter-1/value/model/model.safetensors");
+        let file = root.join("runs/tiny/iter-1/value/attempt-1/model/model.safetensors");
         let mut t = tch::Tensor::read_safetensors(&file).unwrap();
         t.sort_by(|a, b| a.0.cmp(&b.0));
         t
@@ -281,7 +283,7 @@ fn the_value_benchmark_retrains_the_runs_own_v1_and_ranks_its_diagnostic_candida
     let store = Store::open(&c.run.store).unwrap();
     let layout = RunLayout::new("tiny").unwrap();
     let training: ValueTraining =
-        block_on(store.get_json(&format!("{}/model/training.json", layout.value_dir(1)))).unwrap();
+        block_on(store.get_json(&format!("{}/training.json", layout.value_model(1, 1)))).unwrap();
     let report = summarize_values(&evals(&store, 1), &[(1, training.clone())].into_iter().collect());
 
     let p = Pipeline::open(c.clone(), None, &dir.path().join("work")).unwrap();

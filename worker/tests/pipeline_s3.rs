@@ -13,6 +13,7 @@ use std::path::Path;
 
 use iro_common::RunConfig;
 use iro_common::config::Baseline;
+use iro_common::layout::RunLayout;
 use iro_common::store::Store;
 use iro_worker::pipeline::{Pipeline, local};
 
@@ -51,25 +52,47 @@ fn a_run_on_s3_keeps_everything_in_the_bucket_and_resumes_training_from_it() {
     for want in [
         "runs/s3run/iter-1/rollout/manifest.json",
         "runs/s3run/iter-1/eval/manifest.json",
-        "runs/s3run/iter-1/value/model/model.safetensors",
+        "runs/s3run/iter-1/value/manifest.json",
+        "runs/s3run/iter-1/value/attempt-1/model/model.safetensors",
+        "runs/s3run/iter-1/value/attempt-1/model/files.json",
         "runs/s3run/report/summary.json",
         "runs/s3run/report/reward.png",
     ] {
         assert!(keys.iter().any(|k| k == want), "{want} missing from {keys:?}");
     }
     // 4 examples, batch 2, 2 epochs: 4 steps, a checkpoint after each, the newest complete in the bucket.
-    let marker = "runs/s3run/iter-1/value/train/checkpoint-00000004/train_state.json";
+    let marker = "runs/s3run/iter-1/value/attempt-1/train/checkpoint-00000004/train_state.json";
     assert!(keys.iter().any(|k| k == marker), "{keys:?}");
-    let published = rt.block_on(store.get("runs/s3run/iter-1/value/model/model.safetensors")).unwrap();
+    let published = rt.block_on(store.get("runs/s3run/iter-1/value/attempt-1/model/model.safetensors")).unwrap();
 
-    // The published value function is lost; a worker on another machine (empty work dir) fetches the newest
-    // checkpoint from the bucket, finds training complete, and publishes the same weights again.
-    rt.block_on(store.delete("runs/s3run/iter-1/value/model/model.safetensors")).unwrap();
+    // V_1 was never accepted (its value manifest is gone); a worker on another machine (empty work dir) trains it
+    // as attempt 2, fetches attempt 1's newest checkpoint from the bucket, finds training complete, and publishes
+    // the same weights in attempt 2's own folder.
+    rt.block_on(store.delete("runs/s3run/iter-1/value/manifest.json")).unwrap();
     let work_b = dir.path().join("work-b");
     let mut q = Pipeline::open(c, None, &work_b).unwrap();
     local::run_local(&mut q, &mut |_, _, _| {}).unwrap();
-    assert!(work_b.join("runs/s3run/iter-1/value/train/checkpoint-00000004/train_state.json").exists());
-    let again = rt.block_on(store.get("runs/s3run/iter-1/value/model/model.safetensors")).unwrap();
+    let found: Vec<_> = walk(&work_b);
+    assert!(
+        work_b.join("runs/s3run/iter-1/value/attempt-2/train/checkpoint-00000004/train_state.json").exists(),
+        "{found:#?}"
+    );
+    let again = rt.block_on(store.get("runs/s3run/iter-1/value/attempt-2/model/model.safetensors")).unwrap();
     assert_eq!(published, again);
+    let accepted = rt.block_on(iro_common::values::read_value_manifest(&store, &RunLayout::new("s3run").unwrap(), 1));
+    assert_eq!(accepted.unwrap().unwrap().attempt, 2);
     drop(server);
+}
+
+fn walk(d: &std::path::Path) -> Vec<String> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
 }

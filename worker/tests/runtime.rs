@@ -168,10 +168,15 @@ impl TaskRunner for Double {
         let (phase, prompts) = match task.phase {
             TaskPhase::Train => {
                 self.expect_manifest(task, task.iteration, ShardedPhase::Rollout);
-                let key = format!("{}/model.safetensors", self.layout.value_dir(task.iteration));
                 let bytes = format!("weights of {} attempt {}", task.task_id, task.attempt).into_bytes();
-                let sha256 = sha256_hex(&bytes);
-                self.rt.block_on(self.store.put(&key, bytes))?;
+                let files = vec![("model.safetensors".to_owned(), bytes)];
+                let (key, sha256) = self.rt.block_on(iro_common::values::write_value_folder(
+                    &self.store,
+                    &self.layout,
+                    task.iteration,
+                    task.attempt,
+                    files,
+                ))?;
                 return Ok(TaskOutput { key, sha256, records: 1, tokens: 0 });
             }
             TaskPhase::Rollout => {
@@ -217,6 +222,13 @@ async fn check_outputs(store: &Store, layout: &RunLayout, iterations: u32) -> BT
                 attempts.insert((iteration, phase.to_string(), entry.shard), entry.attempt);
             }
         }
+        // V_t is found only through its value manifest, which names the attempt whose files.json it checked.
+        let value = iro_common::values::read_value_manifest(store, layout, iteration).await.unwrap();
+        let value = value.unwrap_or_else(|| panic!("iteration {iteration}: no value manifest"));
+        let files = iro_common::values::read_value_files(store, &value).await.unwrap();
+        let weights = store.get(&format!("{}/model.safetensors", value.model_key())).await.unwrap();
+        assert_eq!(files.files[0].sha256, sha256_hex(&weights), "iteration {iteration}: the accepted weights");
+        attempts.insert((iteration, "train".to_owned(), 0), value.attempt);
     }
     attempts
 }

@@ -28,6 +28,21 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// Lower-case hex sha256 of a file, read in 1 MiB pieces (a 7B model's weights never sit in memory whole).
+pub fn file_sha256_hex(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex::encode(hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
 /// How a store connects and retries. The defaults suit a real run; tests shorten them to fail fast.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {

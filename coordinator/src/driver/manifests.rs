@@ -5,9 +5,9 @@
 //! stage's accepted outputs into a `Manifest`, writes it (retrying with backoff while the store fails),
 //! and then raises a watermark: the number of stages, from the first, whose manifests are durable. The
 //! actor answers LeaseTask with "retry later" while the watermark is behind the active stage, so no task
-//! of a stage can be leased before the manifest of the stage it reads has been written. Train stages
-//! publish nothing (their completion carries the checkpoint's key) but pass through the same queue so
-//! the watermark stays a plain count.
+//! of a stage can be leased before the manifest of the stage it reads has been written. A train stage
+//! publishes V_t's value manifest (`iro_common::values`): the accepted attempt and the sha256 of its
+//! `files.json`, the only way a loader finds V_t.
 //!
 //! Writes are idempotent (the same accepted attempts always give the same manifest), so a coordinator
 //! that restarts simply queues every stage it has moved past again.
@@ -17,6 +17,7 @@ use std::time::Duration;
 use iro_common::layout::{RunLayout, ShardedPhase};
 use iro_common::records::{Manifest, ShardEntry, write_manifest};
 use iro_common::store::Store;
+use iro_common::values::{ValueManifest, write_value_manifest};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -28,15 +29,16 @@ use crate::state::{RunState, RunStatus, StageManifest};
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// One stage, in run order; `publish` is None for a train stage.
+/// One stage, in run order.
 struct Job {
     stage: usize,
-    publish: Option<Publish>,
+    publish: Publish,
 }
 
-/// A rollout or eval stage's manifest to write.
+/// A stage's manifest to write: a rollout or eval stage's shard manifest, or a train stage's value manifest.
 struct Publish {
-    phase: ShardedPhase,
+    /// None for a train stage.
+    phase: Option<ShardedPhase>,
     shard_count: u32,
     accepted: StageManifest,
 }
@@ -75,19 +77,14 @@ impl Publisher {
                 Phase::Rollout => Some(ShardedPhase::Rollout),
                 Phase::Eval => Some(ShardedPhase::Eval),
             };
-            let publish = match sharded {
-                None => None,
-                Some(sharded) => match state.manifest(iteration, phase) {
-                    Ok(accepted) => {
-                        Some(Publish { phase: sharded, shard_count: state.plan().tasks_in(phase), accepted })
-                    }
-                    Err(e) => {
-                        // Cannot happen for a stage of the plan; skipping would open the gate on a
-                        // missing manifest, so stop queueing (leases stay held back) and say why.
-                        tracing::error!(iteration, error = %e, "cannot build the manifest of a finished stage");
-                        return;
-                    }
-                },
+            let publish = match state.manifest(iteration, phase) {
+                Ok(accepted) => Publish { phase: sharded, shard_count: state.plan().tasks_in(phase), accepted },
+                Err(e) => {
+                    // Cannot happen for a stage of the plan; skipping would open the gate on a
+                    // missing manifest, so stop queueing (leases stay held back) and say why.
+                    tracing::error!(iteration, error = %e, "cannot build the manifest of a finished stage");
+                    return;
+                }
             };
             if self.jobs.send(Job { stage: self.queued, publish }).is_err() {
                 tracing::error!("the manifest writer has stopped; leases stay held back");
@@ -144,17 +141,18 @@ struct Writer {
 impl Writer {
     async fn run(self, mut jobs: mpsc::UnboundedReceiver<Job>) {
         while let Some(job) = jobs.recv().await {
-            if let Some(publish) = &job.publish {
-                self.publish(publish).await;
-            }
+            self.publish(&job.publish).await;
             self.published.send_replace(job.stage + 1);
         }
     }
 
     /// Writes one stage's manifest, retrying until it succeeds: the run cannot go on without it.
     async fn publish(&self, publish: &Publish) {
-        let (phase, iteration) = (publish.phase, publish.accepted.iteration);
-        let key = self.layout.manifest(iteration, phase);
+        let iteration = publish.accepted.iteration;
+        let (phase, key) = match publish.phase {
+            Some(phase) => (phase.to_string(), self.layout.manifest(iteration, phase)),
+            None => ("train".to_owned(), self.layout.value_manifest(iteration)),
+        };
         let mut backoff = FIRST_BACKOFF;
         for attempt in 1u32.. {
             match self.write(publish).await {
@@ -182,7 +180,14 @@ impl Writer {
 
     async fn write(&self, publish: &Publish) -> iro_common::Result<usize> {
         let stage = &publish.accepted;
-        let mut manifest = Manifest::new(&self.run_id, stage.iteration, publish.phase, publish.shard_count);
+        let Some(phase) = publish.phase else {
+            // The train task's one output: rank 0's `files.json`, checked against its sha256 before it is named.
+            let Some(out) = stage.shards.first() else { return Ok(0) };
+            let manifest = ValueManifest::new(&self.layout, &self.run_id, stage.iteration, out.attempt, &out.sha256);
+            write_value_manifest(&self.store, &self.layout, &manifest).await?;
+            return Ok(1);
+        };
+        let mut manifest = Manifest::new(&self.run_id, stage.iteration, phase, publish.shard_count);
         for shard in &stage.shards {
             // The task reports no size; ask the store, which also proves the accepted object is there.
             let bytes = self.store.size(&shard.key).await?;

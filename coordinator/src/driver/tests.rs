@@ -249,8 +249,9 @@ fn task_payloads_give_prompt_ranges_and_attempt_specific_keys() {
     assert_eq!(json["prompt_start"], 64);
     assert_eq!(json["prompt_end"], 100);
     assert_eq!(json["output_key"], "runs/demo/iter-2/rollout/shard-00001.attempt-3.jsonl");
-    let json: serde_json::Value = serde_json::from_str(&payloads.json(TaskId::new(1, Phase::Train, 0), 1)).unwrap();
-    assert_eq!(json["value_dir"], "runs/demo/iter-1/value");
+    let json: serde_json::Value = serde_json::from_str(&payloads.json(TaskId::new(1, Phase::Train, 0), 2)).unwrap();
+    assert_eq!(json["value_dir"], "runs/demo/iter-1/value/attempt-2");
+    assert_eq!(json["output_key"], "runs/demo/iter-1/value/attempt-2/model/files.json");
 }
 
 /// Completes the leased rollout shard with an output at its layout key (the object is not written).

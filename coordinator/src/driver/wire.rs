@@ -117,14 +117,18 @@ pub fn complete(req: pb::CompleteTaskRequest) -> Result<Command, Status> {
 /// accepts no other); a train task's output is V_t's folder, which the layout does not fix to one key.
 pub fn check_output_key(command: &Command, layout: &iro_common::layout::RunLayout) -> Result<(), Status> {
     let Command::CompleteTask { task_id, attempt, output, .. } = command else { return Ok(()) };
-    let phase = match task_id.phase {
-        crate::plan::Phase::Rollout => iro_common::layout::ShardedPhase::Rollout,
-        crate::plan::Phase::Eval => iro_common::layout::ShardedPhase::Eval,
-        crate::plan::Phase::Train => return Ok(()),
+    let want = match task_id.phase {
+        crate::plan::Phase::Rollout => {
+            layout.shard(task_id.iteration, iro_common::layout::ShardedPhase::Rollout, task_id.shard, *attempt)
+        }
+        crate::plan::Phase::Eval => {
+            layout.shard(task_id.iteration, iro_common::layout::ShardedPhase::Eval, task_id.shard, *attempt)
+        }
+        // Every rank reports its attempt's `files.json`; rank 0's is the one the value manifest names.
+        crate::plan::Phase::Train => layout.value_files(task_id.iteration, *attempt),
     };
-    let want = layout.shard(task_id.iteration, phase, task_id.shard, *attempt);
     if output.key != want {
-        return Err(invalid("output_key", format!("`{}` is not this attempt's shard key `{want}`", output.key)));
+        return Err(invalid("output_key", format!("`{}` is not this attempt's output key `{want}`", output.key)));
     }
     Ok(())
 }
@@ -262,7 +266,10 @@ impl Payloads {
         let value = match task.phase {
             Phase::Rollout => sharded(ShardedPhase::Rollout, self.prompts_per_iteration),
             Phase::Eval => sharded(ShardedPhase::Eval, self.test_prompts),
-            Phase::Train => serde_json::json!({ "value_dir": self.layout.value_dir(task.iteration) }),
+            Phase::Train => serde_json::json!({
+                "output_key": self.layout.value_files(task.iteration, attempt),
+                "value_dir": self.layout.value_attempt(task.iteration, attempt),
+            }),
         };
         value.to_string()
     }
@@ -388,7 +395,13 @@ mod tests {
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
             assert!(err.message().contains("output_key") && err.message().contains(key), "{}", err.message());
         }
-        // The train task publishes V_t's folder: any key.
-        assert!(check_output_key(&complete_with("iter-2/train/0", 1, "runs/r1/iter-2/value/model"), &layout).is_ok());
+        // The train task reports its own attempt's files.json, nothing else.
+        let files = "runs/r1/iter-2/value/attempt-3/model/files.json";
+        assert!(check_output_key(&complete_with("iter-2/train/0", 3, files), &layout).is_ok());
+        for (attempt, key) in [(2, files), (3, "runs/r1/iter-2/value/model"), (3, "runs/r1/iter-2/value/manifest.json")]
+        {
+            let err = check_output_key(&complete_with("iter-2/train/0", attempt, key), &layout).unwrap_err();
+            assert!(err.message().contains("output_key") && err.message().contains(key), "{}", err.message());
+        }
     }
 }

@@ -102,8 +102,35 @@ impl GuideJob {
     }
 }
 
-/// V_1..V_`iteration` of a run, as published in its store (`iter-{t}/value/model/`), with the run's betas. A
-/// remote store's folders are downloaded under `work_dir` on first use.
+/// Publishes the files of the folder `dir` as V_`t` of the run, the way an accepted train task is: as attempt 1's
+/// folder with its `files.json`, then the value manifest naming it. For a V trained elsewhere, and for tests.
+pub fn publish_value_folder(config: &RunConfig, t: u32, dir: &Path) -> Result<()> {
+    let store = Store::open(&config.run.store)?;
+    let layout = RunLayout::new(&config.run.id)?;
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(Error::io(dir))? {
+        let path = entry.map_err(Error::io(dir))?.path();
+        if path.is_file() {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            files.push((name, std::fs::read(&path).map_err(Error::io(&path))?));
+        }
+    }
+    files.sort();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::InvalidRequest(format!("cannot start an async runtime for the store: {e}")))?;
+    rt.block_on(async {
+        let (_, sha) = iro_common::values::write_value_folder(&store, &layout, t, 1, files).await?;
+        let manifest = iro_common::values::ValueManifest::new(&layout, &config.run.id, t, 1, &sha);
+        iro_common::values::write_value_manifest(&store, &layout, &manifest).await
+    })?;
+    Ok(())
+}
+
+/// V_1..V_`iteration` of a run, as published in its store (the accepted attempt's folder, every file checked
+/// against the value manifest), with the run's betas. A remote store's folders are downloaded under `work_dir`
+/// on first use.
 pub fn published_values(config: &RunConfig, iteration: u32, work_dir: &Path) -> Result<Vec<ValueSpec>> {
     if iteration == 0 {
         return Err(Error::InvalidRequest("iteration must be at least 1: pi_t is guided by V_1..V_t".into()));

@@ -1,25 +1,44 @@
-//! Value-training checkpoints on a remote store. With a local-folder store the trainer writes its checkpoints
-//! inside the store already; with S3 it writes them to the work dir, and rank 0 copies each finished checkpoint
-//! to `iter-{t}/value/train/checkpoint-*/` so that a gang restarted on other machines resumes from it: before
-//! training, every rank fetches the newest complete one it does not have.
+//! Value-training checkpoints across attempts of V_t's train task. Each attempt trains in its own folder
+//! (`iter-{t}/value/attempt-{a}/train/`): inside a local-folder store, or in the work dir with rank 0 copying
+//! each finished checkpoint to the remote store, so that a gang restarted on other machines resumes from it.
+//! Before training, an attempt takes the newest complete checkpoint of any earlier attempt into its own
+//! folder. It only reads those: an earlier attempt may still be running (partitioned, its lease gone), and
+//! whatever it writes stays in its own folder. Its complete checkpoints are safe to resume from, since
+//! training is deterministic given the accepted rollouts, the seed and the step.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::Pipeline;
 use crate::error::{Error, Result};
+use crate::train::checkpoint;
 
 /// Written last: a checkpoint folder in the store is complete when it has this file.
 const MARKER: &str = "train_state.json";
+const PREFIX: &str = "checkpoint-";
+
+/// Where an earlier attempt's newest complete checkpoint is.
+enum Found {
+    /// A folder on this machine (a local store).
+    Local(PathBuf),
+    /// A key prefix in a remote store, with the keys of its files.
+    Remote { name: String, keys: Vec<String> },
+}
+
+fn step_of(name: &str) -> Option<usize> {
+    name.strip_prefix(PREFIX)?.parse().ok()
+}
 
 impl Pipeline {
-    fn remote_train_prefix(&self, t: u32) -> Option<String> {
-        let key = format!("{}/train", self.layout.value_dir(t));
+    fn remote_train_prefix(&self, t: u32, attempt: u32) -> Option<String> {
+        let key = self.layout.value_checkpoints(t, attempt);
         self.store.local_path(&key).is_none().then_some(key)
     }
 
-    /// Uploads a checkpoint folder the trainer just finished (remote stores only).
-    pub(super) fn upload_checkpoint(&self, t: u32, dir: &Path) -> Result<()> {
-        let (Some(prefix), Some(name)) = (self.remote_train_prefix(t), dir.file_name()) else { return Ok(()) };
+    /// Uploads a checkpoint folder attempt `attempt` just finished (remote stores only).
+    pub(super) fn upload_checkpoint(&self, t: u32, attempt: u32, dir: &Path) -> Result<()> {
+        let (Some(prefix), Some(name)) = (self.remote_train_prefix(t, attempt), dir.file_name()) else {
+            return Ok(());
+        };
         let name = name.to_string_lossy();
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .map_err(Error::io(dir))?
@@ -37,31 +56,87 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Fetches the newest complete checkpoint of V_t's training from a remote store into `out_dir`, unless
-    /// `out_dir` has it already.
-    pub(super) fn download_latest_checkpoint(&self, t: u32, out_dir: &Path) -> Result<()> {
-        let Some(prefix) = self.remote_train_prefix(t) else { return Ok(()) };
-        let keys = self.block_on(self.store.list(&prefix))?;
-        let newest = keys
-            .iter()
-            .filter_map(|k| k.strip_prefix(&format!("{prefix}/"))?.strip_suffix(&format!("/{MARKER}")))
-            .filter(|name| name.starts_with("checkpoint-"))
-            .max()
-            .map(str::to_owned);
-        let Some(name) = newest else { return Ok(()) };
-        let local = out_dir.join(&name);
-        if local.join(MARKER).exists() {
+    /// Makes `out_dir` (attempt `attempt`'s training folder) hold the newest complete checkpoint of this or any
+    /// earlier attempt of V_t, so the trainer resumes from it. Does nothing when none has one. The ranks of a
+    /// gang on a local store share `out_dir`: each fills its own hidden folder and the first rename wins.
+    pub(super) fn resume_checkpoint(&self, t: u32, attempt: u32, rank: u32, out_dir: &Path) -> Result<()> {
+        let own = checkpoint::latest(out_dir).and_then(|p| step_of(&p.file_name()?.to_string_lossy()));
+        let mut best: Option<(usize, u32, Found)> = None;
+        for earlier in 1..attempt {
+            if let Some((step, found)) = self.newest_checkpoint(t, earlier)? {
+                if best.as_ref().is_none_or(|(s, _, _)| step > *s) {
+                    best = Some((step, earlier, found));
+                }
+            }
+        }
+        let Some((step, from, found)) = best else { return Ok(()) };
+        if own.is_some_and(|s| s >= step) {
             return Ok(());
         }
-        std::fs::create_dir_all(&local).map_err(Error::io(&local))?;
-        let wanted = format!("{prefix}/{name}/");
-        for key in keys.iter().filter(|k| k.starts_with(&wanted)) {
-            let file = &key[wanted.len()..];
-            let bytes = self.block_on(self.store.get(key))?;
-            let path = local.join(file);
-            std::fs::write(&path, &bytes).map_err(Error::io(&path))?;
+        // The copy keeps the trainer's own folder name (zero-padded), which `checkpoint::latest` orders by.
+        let name = match &found {
+            Found::Local(dir) => dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            Found::Remote { name, .. } => name.clone(),
+        };
+        let local = out_dir.join(&name);
+        // Filled under a hidden name and renamed: `checkpoint::latest` never sees half a copy.
+        let part = out_dir.join(format!(".{name}.rank-{rank}.part"));
+        if part.exists() {
+            std::fs::remove_dir_all(&part).map_err(Error::io(&part))?;
         }
-        tracing::info!(checkpoint = %name, "resuming from a checkpoint fetched from the store");
+        std::fs::create_dir_all(&part).map_err(Error::io(&part))?;
+        match found {
+            Found::Local(dir) => {
+                for entry in std::fs::read_dir(&dir).map_err(Error::io(&dir))? {
+                    let src = entry.map_err(Error::io(&dir))?.path();
+                    let Some(file) = src.file_name() else { continue };
+                    let dst = part.join(file);
+                    // A hard link costs nothing for a 7B model's optimizer state; another filesystem gets a copy.
+                    if std::fs::hard_link(&src, &dst).is_err() {
+                        std::fs::copy(&src, &dst).map_err(Error::io(&dst))?;
+                    }
+                }
+            }
+            Found::Remote { keys, .. } => {
+                for key in keys {
+                    let file = key.rsplit('/').next().unwrap_or_default();
+                    let bytes = self.block_on(self.store.get(&key))?;
+                    let path = part.join(file);
+                    std::fs::write(&path, &bytes).map_err(Error::io(&path))?;
+                }
+                tracing::debug!(checkpoint = %name, "fetched from the store");
+            }
+        }
+        if let Err(e) = std::fs::rename(&part, &local) {
+            if !local.join(MARKER).exists() {
+                return Err(Error::io(&local)(e));
+            }
+            // Another rank brought the same checkpoint in first.
+            std::fs::remove_dir_all(&part).map_err(Error::io(&part))?;
+            return Ok(());
+        }
+        tracing::info!(t, attempt, from_attempt = from, step, "resuming from an earlier attempt's checkpoint");
         Ok(())
+    }
+
+    /// The newest complete checkpoint attempt `attempt` of V_t left, and its step.
+    fn newest_checkpoint(&self, t: u32, attempt: u32) -> Result<Option<(usize, Found)>> {
+        let key = self.layout.value_checkpoints(t, attempt);
+        if let Some(dir) = self.store.local_path(&key) {
+            return Ok(checkpoint::latest(&dir)
+                .and_then(|p| Some((step_of(&p.file_name()?.to_string_lossy())?, Found::Local(p)))));
+        }
+        let keys = self.block_on(self.store.list(&key))?;
+        // Steps compare as numbers: `checkpoint-10` is newer than `checkpoint-9`.
+        let newest = keys
+            .iter()
+            .filter_map(|k| k.strip_prefix(&format!("{key}/"))?.strip_suffix(&format!("/{MARKER}")))
+            .filter_map(|name| Some((step_of(name)?, name.to_owned())))
+            .max_by_key(|(step, _)| *step);
+        Ok(newest.map(|(step, name)| {
+            let wanted = format!("{key}/{name}/");
+            let files = keys.iter().filter(|k| k.starts_with(&wanted)).cloned().collect();
+            (step, Found::Remote { name, keys: files })
+        }))
     }
 }

@@ -1,7 +1,7 @@
 //! The single-process driver: runs a run's tasks in plan order (per iteration: rollout shards, train, eval
 //! shards) on one `Pipeline`, recording each accepted shard in the phase's manifest as soon as it is written.
-//! A killed run resumes where it stopped: accepted shards are skipped, a published value function is not
-//! retrained, and a training cut short resumes from its newest checkpoint. Attempts never overwrite each other:
+//! A killed run resumes where it stopped: accepted shards are skipped, a published value function (one with a
+//! value manifest) is not retrained, and a training cut short resumes from its newest checkpoint. Attempts never overwrite each other:
 //! a resumed shard is written under the next attempt number.
 
 use std::time::Duration;
@@ -9,6 +9,7 @@ use std::time::Duration;
 use iro_common::layout::ShardedPhase;
 use iro_common::records::{Manifest, ShardEntry, write_manifest};
 use iro_common::store::sha256_hex;
+use iro_common::values::{ValueManifest, read_value_manifest, write_value_manifest};
 
 use super::Pipeline;
 use super::report::{Summary, write_report};
@@ -23,12 +24,21 @@ pub fn run_local(pipeline: &mut Pipeline, on_progress: OnProgress<'_>) -> Result
     let iterations = pipeline.config.run.iterations;
     for t in 1..=iterations {
         sharded_phase(pipeline, t, ShardedPhase::Rollout, on_progress)?;
-        let published = format!("{}/model.safetensors", pipeline.value_model_key(t));
-        if pipeline.block_on(pipeline.store.exists(&published))? {
+        if pipeline.block_on(read_value_manifest(&pipeline.store, &pipeline.layout, t))?.is_some() {
             tracing::info!(t, "V_{t} already published; skipping training");
         } else {
-            let task = task_ref(t, TaskPhase::Train, 0, 1);
-            run_with_progress(pipeline, &task, &format!("iter {t} train V_{t} (steps)"), on_progress)?;
+            // A new attempt, as for shards: it resumes from the newest checkpoint an earlier one left.
+            let attempt = next_train_attempt(pipeline, t)?;
+            let task = task_ref(t, TaskPhase::Train, 0, attempt);
+            let out = run_with_progress(pipeline, &task, &format!("iter {t} train V_{t} (steps)"), on_progress)?;
+            let accepted = ValueManifest::new(&pipeline.layout, &pipeline.config.run.id, t, attempt, &out.sha256);
+            if out.key != accepted.key {
+                return Err(Error::InvalidRequest(format!(
+                    "the train task reported `{}`, not attempt {attempt}'s `{}`",
+                    out.key, accepted.key
+                )));
+            }
+            pipeline.block_on(write_value_manifest(&pipeline.store, &pipeline.layout, &accepted))?;
         }
         sharded_phase(pipeline, t, ShardedPhase::Eval, on_progress)?;
     }
@@ -81,6 +91,17 @@ fn sharded_phase(pipeline: &mut Pipeline, t: u32, phase: ShardedPhase, on_progre
     }
     on_progress(&label, u64::from(shards), u64::from(shards));
     Ok(())
+}
+
+/// One more than the highest attempt of V_t's training already in the store.
+fn next_train_attempt(pipeline: &Pipeline, t: u32) -> Result<u32> {
+    let prefix = format!("{}/", pipeline.layout.value_dir(t));
+    let keys = pipeline.block_on(pipeline.store.list(&prefix))?;
+    let highest = keys
+        .iter()
+        .filter_map(|k| k.strip_prefix(&prefix)?.strip_prefix("attempt-")?.split('/').next()?.parse::<u32>().ok())
+        .max();
+    Ok(highest.map_or(1, |a| a + 1))
 }
 
 /// One more than the highest attempt of `shard` already in the store.

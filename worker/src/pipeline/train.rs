@@ -1,6 +1,7 @@
 //! The train task (iro.md step 4): fit V_t on the selected candidates of iteration t's accepted rollout shards,
-//! then publish it as an HF-compatible folder at `iter-{t}/value/model/`. Training checkpoints as it goes and a
-//! retried task resumes from the newest checkpoint, so a killed training ends with the same weights.
+//! then publish it as an HF-compatible folder at `iter-{t}/value/attempt-{a}/model/` (with `files.json`, each
+//! file's sha256; `iro_common::values`). Training checkpoints as it goes and a retried task resumes from the
+//! newest checkpoint of an earlier attempt, so a killed training ends with the same weights.
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -10,6 +11,7 @@ use iro_common::config::{ValueKind, ValueTargets};
 use iro_common::layout::ShardedPhase;
 use iro_common::records::{RolloutRecord, read_accepted, read_manifest};
 use iro_common::store::sha256_hex;
+use iro_common::values::write_value_folder;
 use tch::Kind;
 
 use super::scoring::Retokenizer;
@@ -72,8 +74,8 @@ impl Pipeline {
         // its vocabulary holds (the policy's need not).
         let pad = value_tokens.as_ref().map_or(self.pad, |vt| vt.pad);
         let cfg = ValueTrainConfig::new(v, self.config.run.seed ^ u64::from(t), pad);
-        let out_dir = self.value_train_dir(t);
-        self.download_latest_checkpoint(t, &out_dir)?;
+        let out_dir = self.value_train_dir(t, task.attempt);
+        self.resume_checkpoint(t, task.attempt, task.rank, &out_dir)?;
         let mut uploaded = checkpoint::latest(&out_dir);
         // One rank trains alone; a gang sums its gradients through the collective its ranks agreed on. Every
         // rank reads the same accepted rollouts and takes its own micro-batches of each effective batch.
@@ -95,7 +97,7 @@ impl Pipeline {
             // Rank 0 copies each new checkpoint to a remote store, for a gang restarted elsewhere.
             let newest = checkpoint::latest(&out_dir);
             if task.rank == 0 && newest.is_some() && newest != uploaded {
-                if let Err(e) = self.upload_checkpoint(t, newest.as_deref().unwrap_or(&out_dir)) {
+                if let Err(e) = self.upload_checkpoint(t, task.attempt, newest.as_deref().unwrap_or(&out_dir)) {
                     tracing::warn!(error = %e, "checkpoint upload failed; training goes on");
                 }
                 uploaded = newest;
@@ -110,13 +112,12 @@ impl Pipeline {
         }
         if task.rank != 0 {
             // Rank 0 publishes V_t; the others only report that their share is done.
-            let key = format!("{}/model.safetensors", self.value_model_key(t));
             let what = format!(
                 "rank {} of {}: {} steps, final loss {}",
                 task.rank, task.world, report.steps, report.final_loss
             );
             return Ok(TaskOutput {
-                key,
+                key: self.layout.value_files(t, task.attempt),
                 sha256: sha256_hex(what.as_bytes()),
                 records: report.steps as u64,
                 tokens: 0,
@@ -128,8 +129,7 @@ impl Pipeline {
             ValueKind::Model => previous.unwrap_or_else(|| self.policy_dir.clone()),
             ValueKind::Head => self.policy_dir.clone(),
         };
-        let key = self.value_model_key(t);
-        let mut weights_sha = String::new();
+        let mut files = Vec::new();
         for name in MODEL_FILES {
             let path = if name == "tokenizer.json" { tokenizer_from.join(name) } else { report.checkpoint.join(name) };
             let bytes = match std::fs::read(&path) {
@@ -137,10 +137,7 @@ impl Pipeline {
                 Err(_) if name == "tokenizer.json" => continue,
                 Err(e) => return Err(Error::Io { path, source: e }),
             };
-            if name == "model.safetensors" {
-                weights_sha = sha256_hex(&bytes);
-            }
-            self.block_on(self.store.put(&format!("{key}/{name}"), bytes))?;
+            files.push((name.to_owned(), bytes));
         }
         // What the report sets beside V_t: did it fit better than the best constant?
         let training = ValueTraining {
@@ -151,18 +148,18 @@ impl Pipeline {
             constant_loss: constant_predictor_loss(&examples),
             mean_target: mean_target(&examples),
         };
-        self.block_on(self.store.put_json(&format!("{key}/{TRAINING_FILE}"), &training))?;
+        let training_json = serde_json::to_vec_pretty(&training)
+            .map_err(|e| Error::InvalidRequest(format!("cannot encode {TRAINING_FILE}: {e}")))?;
+        files.push((TRAINING_FILE.to_owned(), training_json));
+        // This attempt's own folder, `files.json` (every file's sha256) last: what the task reports, and what the
+        // value manifest names once the attempt is accepted. A late attempt writes beside it, never over it.
+        let (key, sha256) = self.block_on(write_value_folder(&self.store, &self.layout, t, task.attempt, files))?;
         tracing::info!(
             examples = examples.len(), steps = report.steps, final_loss = report.final_loss,
             constant_loss = training.constant_loss,
             seconds = start.elapsed().as_secs_f64(), key = %key, "value function published"
         );
-        Ok(TaskOutput {
-            key: format!("{key}/model.safetensors"),
-            sha256: weights_sha,
-            records: report.steps as u64,
-            tokens: 0,
-        })
+        Ok(TaskOutput { key, sha256, records: report.steps as u64, tokens: 0 })
     }
 
     /// What a `model`-kind value starting from `dir` reads, when its tokenizer is not the policy's.

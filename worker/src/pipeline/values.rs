@@ -1,5 +1,5 @@
 //! The trained value functions V_1..V_t: where V_t is published in the store (an HF-compatible folder at
-//! `iter-{t}/value/model/`), how a published folder of either kind is loaded, and the guiding scorer
+//! `iter-{t}/value/attempt-{a}/model/`, found through `iter-{t}/value/manifest.json`), how a published folder of either kind is loaded, and the guiding scorer
 //! `Σ_i V_i / beta_i` built from them. The pipeline's rollouts and evaluation and `iro guide` share all three.
 
 use std::io::Read;
@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use iro_common::config::{PromptFormat, ValueKind};
 use iro_common::layout::RunLayout;
-use iro_common::store::Store;
+use iro_common::store::{Store, file_sha256_hex};
+use iro_common::values::{read_value_files, read_value_manifest};
 use tch::{Device, Kind};
 
 use super::Pipeline;
@@ -29,40 +30,49 @@ pub(crate) struct LoadedValue {
     pub tokenizer: Option<Tokenizer>,
 }
 
-/// Store key of V_t's published folder.
-pub(crate) fn value_model_key(layout: &RunLayout, t: u32) -> String {
-    format!("{}/model", layout.value_dir(t))
-}
-
-/// A local folder holding V_t's published files: the store's own folder when it is local, else a copy under
-/// `work_dir`, downloaded on first use. Errors when V_t has not been published.
+/// A local folder holding V_t's accepted files, every one checked against the sha256 its value manifest lists:
+/// the store's own folder when it is local, else a copy under `work_dir` (keyed by the attempt, so two attempts'
+/// files never mix), downloaded on first use. Errors when V_t has not been published, and names the file when
+/// one does not hash as listed (overwritten, or cut short).
 pub(crate) async fn published_value_dir(store: &Store, layout: &RunLayout, t: u32, work_dir: &Path) -> Result<PathBuf> {
-    let key = value_model_key(layout, t);
-    let dir = match store.local_path(&key) {
-        Some(dir) => dir,
-        None => {
-            let dir = work_dir.join(&key);
-            if !dir.join("model.safetensors").exists() {
-                std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
-                // model.safetensors last: a download cut short is fetched again next time.
-                for name in MODEL_FILES.iter().rev() {
-                    if let Some(bytes) = store.get_if_exists(&format!("{key}/{name}")).await? {
-                        let path = dir.join(name);
-                        std::fs::write(&path, &bytes).map_err(Error::io(&path))?;
-                    }
-                }
-            }
-            dir
-        }
-    };
-    if !dir.join("model.safetensors").exists() {
+    let Some(manifest) = read_value_manifest(store, layout, t).await? else {
         return Err(Error::Checkpoint {
-            path: dir,
+            path: PathBuf::from(layout.value_manifest(t)),
             message: format!(
-                "V_{t} has not been published ({} has no model.safetensors): iteration {t}'s train task must finish first",
-                store.describe(&key)
+                "V_{t} has not been published ({} does not exist): iteration {t}'s train task must finish first",
+                store.describe(&layout.value_manifest(t))
             ),
         });
+    };
+    let listed = read_value_files(store, &manifest).await?;
+    let key = manifest.model_key();
+    let local = store.local_path(&key);
+    let dir = local.clone().unwrap_or_else(|| work_dir.join(&key));
+    std::fs::create_dir_all(&dir).map_err(Error::io(&dir))?;
+    for file in &listed.files {
+        let path = dir.join(&file.name);
+        let sha = |path: &Path| file_sha256_hex(path).map_err(Error::io(path));
+        if local.is_none() && !(path.exists() && sha(&path)? == file.sha256) {
+            let object = format!("{key}/{}", file.name);
+            let bytes = store.get(&object).await?;
+            // Written aside and renamed: a download cut short never sits under the real name.
+            let part = dir.join(format!(".{}.part", file.name));
+            std::fs::write(&part, &bytes).map_err(Error::io(&part))?;
+            std::fs::rename(&part, &path).map_err(Error::io(&path))?;
+        }
+        let actual = sha(&path)?;
+        if actual != file.sha256 {
+            return Err(Error::Checkpoint {
+                path,
+                message: format!(
+                    "sha256 {actual}, but V_{t}'s accepted attempt {} lists {} ({}): the file was overwritten or \
+                     is incomplete",
+                    manifest.attempt,
+                    file.sha256,
+                    store.describe(&manifest.key)
+                ),
+            });
+        }
     }
     Ok(dir)
 }
@@ -197,15 +207,10 @@ fn same_tokenizer(bytes: &[u8], policy_dir: &Path) -> bool {
 }
 
 impl Pipeline {
-    /// Store key of a published value function's folder.
-    pub(super) fn value_model_key(&self, t: u32) -> String {
-        value_model_key(&self.layout, t)
-    }
-
-    /// Where V_t trains: inside a local store (so a restarted worker resumes from its checkpoints), else in
-    /// the work dir.
-    pub(super) fn value_train_dir(&self, t: u32) -> PathBuf {
-        let key = format!("{}/train", self.layout.value_dir(t));
+    /// Where attempt `attempt` of V_t trains: inside a local store (so a restarted worker resumes from its
+    /// checkpoints), else in the work dir.
+    pub(super) fn value_train_dir(&self, t: u32, attempt: u32) -> PathBuf {
+        let key = self.layout.value_checkpoints(t, attempt);
         self.store.local_path(&key).unwrap_or_else(|| self.work_dir.join(key))
     }
 

@@ -16,6 +16,7 @@ use iro_common::store::Store;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
+use crate::pipeline::train::TRAINING_FILE;
 
 /// A mean and its standard error.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -314,7 +315,9 @@ pub async fn write_report(store: &Store, layout: &RunLayout, run_id: &str, itera
     }
     let mut training = HashMap::new();
     for t in 1..=iterations {
-        let key = format!("{}/model/training.json", layout.value_dir(t));
+        // The accepted attempt's summary only: a late attempt's never reaches the report.
+        let Some(accepted) = iro_common::values::read_value_manifest(store, layout, t).await? else { continue };
+        let key = format!("{}/{TRAINING_FILE}", accepted.model_key());
         if let Some(bytes) = store.get_if_exists(&key).await? {
             match serde_json::from_slice::<ValueTraining>(&bytes) {
                 Ok(v) => {
