@@ -91,7 +91,7 @@ impl CoordinatorConfig {
             state_dir: None,
             token: None,
             status_requires_token: false,
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(SystemClock::new()),
             driver: DriverOptions::default(),
             write_manifests: true,
         })
