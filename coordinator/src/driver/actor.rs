@@ -5,13 +5,14 @@
 //! queue up while a write is in flight form the next batch, which shares one fsync (group commit).
 //! Between messages it sleeps until the state's next deadline and then, once the queue is drained,
 //! applies `ExpireLeases`. When the driver itself could not run for a while (a stalled fsync, a paused
-//! VM), nothing expires until workers have had time to heartbeat again, as after a restart.
+//! VM), nothing expires until workers have had time to heartbeat again, as after a restart. After a
+//! failed log write it refuses every command, reports itself unhealthy, and ends with the error.
 //! With a manifest `Publisher`, it queues every stage it moves past for publishing once the move is
 //! durable, and holds LeaseTask back ("retry later") until the stages before the active one are
 //! published, so no worker can start a stage before the manifest it reads exists.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -36,6 +37,9 @@ const MAX_DEFERRED_TICKS: u32 = (QUEUE / MAX_BATCH) as u32;
 /// While anything can expire the driver wakes at least this often, so that a wake-up much later than
 /// asked for shows that it did not run in between (a paused VM).
 const PULSE_MS: u64 = 1_000;
+/// How long a driver whose log write failed keeps answering (refusals, status, failing probes) before
+/// it ends, so that callers and probes see why before the process exits.
+const LOG_ERROR_EXIT_MS: u64 = 5_000;
 
 #[derive(Debug, Clone, Default)]
 pub struct DriverOptions {
@@ -43,6 +47,21 @@ pub struct DriverOptions {
     /// passed: workers that kept working while the coordinator was down get to heartbeat first.
     /// None: one worker timeout of the plan.
     pub restart_grace_ms: Option<u64>,
+    /// After a failed log write, how long the driver keeps answering (refusing commands, failing its
+    /// health checks) before its task ends with the error. None: 5 s.
+    pub log_error_exit_ms: Option<u64>,
+}
+
+/// What `/livez` and `/readyz` report; published by the driver as it changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// The log is replayed and every write so far succeeded.
+    Serving,
+    /// A log write failed: the state may run ahead of the log, so the driver refuses every command and
+    /// ends shortly; a restart replays the log.
+    LogFailed { error: String },
+    /// The driver task has ended.
+    Stopped,
 }
 
 /// What a read sees: the state, the driver's counters, and the time of the read.
@@ -81,6 +100,7 @@ enum Msg {
 pub struct Handle {
     tx: mpsc::Sender<Msg>,
     run: watch::Receiver<RunStatus>,
+    health: watch::Receiver<Health>,
     clock: Arc<dyn Clock>,
     /// Stages whose manifests are published, counted from the first, and how many stages there are;
     /// None when the driver publishes no manifests.
@@ -153,6 +173,14 @@ impl Handle {
         &self.clock
     }
 
+    /// The driver's health, without queueing behind its work (probes must answer during a slow write).
+    pub fn health(&self) -> Health {
+        if self.tx.is_closed() {
+            return Health::Stopped;
+        }
+        self.health.borrow().clone()
+    }
+
     /// Flushes and stops the driver; later calls answer `Unavailable`.
     pub async fn stop(&self) {
         let (reply, rx) = oneshot::channel();
@@ -171,7 +199,7 @@ pub async fn start(
     clock: Arc<dyn Clock>,
     options: DriverOptions,
     mut publisher: Option<Publisher>,
-) -> Result<(Handle, JoinHandle<()>)> {
+) -> Result<(Handle, JoinHandle<Result<()>>)> {
     let grace = options.restart_grace_ms.unwrap_or(plan.worker_timeout_ms);
     // Loading and replaying a long log is blocking work: keep it off the async workers.
     let (log, state, recovered) = tokio::task::spawn_blocking(move || -> Result<_> {
@@ -197,6 +225,7 @@ pub async fn start(
     });
     let (tx, rx) = mpsc::channel(QUEUE);
     let (run_tx, run_rx) = watch::channel(state.status().clone());
+    let (health_tx, health_rx) = watch::channel(Health::Serving);
     let worker_timeout_ms = state.plan().worker_timeout_ms;
     let actor = Actor {
         state,
@@ -210,9 +239,13 @@ pub async fn start(
         last_tick_ms: None,
         deferred_ticks: 0,
         publisher,
+        health: health_tx,
+        log_failure: None,
+        exit_at: None,
+        exit_after: Duration::from_millis(options.log_error_exit_ms.unwrap_or(LOG_ERROR_EXIT_MS)),
     };
     let task = tokio::spawn(actor.run(rx));
-    Ok((Handle { tx, run: run_rx, clock, published }, task))
+    Ok((Handle { tx, run: run_rx, health: health_rx, clock, published }, task))
 }
 
 struct Actor {
@@ -235,17 +268,25 @@ struct Actor {
     deferred_ticks: u32,
     /// Writes the manifests of finished stages; None: no manifests (tests, benchmarks).
     publisher: Option<Publisher>,
+    health: watch::Sender<Health>,
+    /// The failed log write the driver ends with.
+    log_failure: Option<Error>,
+    /// When a driver whose log write failed ends.
+    exit_at: Option<tokio::time::Instant>,
+    exit_after: Duration,
 }
 
 enum Next {
     Msg(Msg),
     /// The timer (or the pulse) fired.
     Wake,
+    /// The delay after a failed log write is over.
+    Exit,
     Closed,
 }
 
 impl Actor {
-    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) -> Result<()> {
         let mut stop: Option<oneshot::Sender<()>> = None;
         while stop.is_none() {
             let deadline = self.timer_deadline();
@@ -261,9 +302,17 @@ impl Actor {
                         None => std::future::pending().await,
                     }
                 };
+                let exit_at = self.exit_at;
+                let exit = async move {
+                    match exit_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let next = tokio::select! {
                     msg = rx.recv() => msg.map_or(Next::Closed, Next::Msg),
                     () = sleep => Next::Wake,
+                    () = exit => Next::Exit,
                 };
                 if let Some(at) = wake {
                     // Woken well after the time asked for: the driver was not running in between.
@@ -271,7 +320,7 @@ impl Actor {
                     self.note_gap(late, "waiting");
                 }
                 match next {
-                    Next::Closed => break,
+                    Next::Closed | Next::Exit => break,
                     // The clock may wake a sleeper early, and the pulse fires before the deadline:
                     // whether to tick is decided below, after the queue is drained.
                     Next::Wake => {}
@@ -306,8 +355,20 @@ impl Actor {
         if let Some(publisher) = self.publisher.take() {
             publisher.stop();
         }
+        self.health.send_replace(Health::Stopped);
         if let Some(stop) = stop {
             let _ = stop.send(());
+        }
+        match self.log_failure.take() {
+            Some(error) => {
+                tracing::error!(
+                    path = error.path().unwrap_or_default(),
+                    error = %error,
+                    "coordinator driver ended after a failed command log write; a restart replays the log"
+                );
+                Err(error)
+            }
+            None => Ok(()),
         }
     }
 
@@ -438,8 +499,12 @@ impl Actor {
             };
             if let Err(error) = written {
                 // The state now runs ahead of the log: serving it could acknowledge what a restart
-                // would forget. Refuse everything until an operator restarts from the log.
+                // would forget. Refuse everything, fail the health checks, and end shortly, so the
+                // process exits and its restart replays the log.
                 self.telemetry.note_log_error(&error);
+                self.health.send_replace(Health::LogFailed { error: error.to_string() });
+                self.exit_at = Some(tokio::time::Instant::now() + self.exit_after);
+                self.log_failure = Some(error.clone());
                 let unavailable = Error::Unavailable { message: format!("could not persist the command: {error}") };
                 for (_, result) in &mut batch.replies {
                     if result.is_ok() {

@@ -610,3 +610,73 @@ async fn a_state_rebuilt_from_the_log_equals_the_live_state_in_everything_durabl
     let restarted = start_with(plan, &log, &clock).await;
     assert_eq!(restarted.read(|v| v.state.durable_digest()).await.unwrap(), live.0, "a restart resumes it");
 }
+
+/// A `CommandLog` on a disk that fills up: once `full`, every append fails as `write_all` would.
+#[derive(Clone, Default)]
+struct FillingDisk {
+    inner: MemoryLog,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+const LOG_PATH: &str = "/var/lib/iro/state/commands.jsonl";
+
+impl CommandLog for FillingDisk {
+    fn load(&mut self) -> crate::error::Result<Vec<Command>> {
+        self.inner.load()
+    }
+
+    fn append(&mut self, commands: &[Command]) -> crate::error::Result<()> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            let enospc = std::io::Error::from_raw_os_error(28);
+            return Err(Error::Storage { path: LOG_PATH.into(), message: enospc.to_string() });
+        }
+        self.inner.append(commands)
+    }
+}
+
+#[tokio::test]
+async fn a_failed_log_write_fails_the_probes_and_ends_the_driver_with_the_error() {
+    // A10: the disk fills. The coordinator must not stay up refusing everything while looking healthy.
+    let (log, clock) = (FillingDisk::default(), ManualClock::new(T0));
+    let options = DriverOptions { restart_grace_ms: Some(0), log_error_exit_ms: Some(300) };
+    let (handle, mut driver) =
+        actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options, None).await.unwrap();
+    let context = crate::status::StatusContext {
+        handle: handle.clone(),
+        rpc: Arc::default(),
+        run_id: "full".into(),
+        token: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, crate::status::router(context)).await });
+    let get = |path: &'static str| {
+        let url = url.clone();
+        async move { crate::status::client::get(&url, path, None).await.unwrap() }
+    };
+    assert_eq!((get("/livez").await.status, get("/readyz").await.status), (200, 200));
+
+    let worker = register(&handle, "w-a").await;
+    log.full.store(true, std::sync::atomic::Ordering::SeqCst);
+    let refused = handle.apply(Command::LeaseTask { worker_id: worker.clone(), now_ms: 0 }).await;
+    assert!(matches!(refused, Err(Error::Unavailable { .. })), "{refused:?}");
+    let ready = get("/readyz").await;
+    assert_eq!(ready.status, 503);
+    assert!(ready.body.contains("No space left on device") && ready.body.contains(LOG_PATH), "{}", ready.body);
+    assert_eq!(get("/livez").await.status, 503);
+    let status = get("/status").await;
+    assert_eq!(status.status, 200, "the status page still says what happened");
+    assert!(status.body.contains("No space left on device"), "{}", status.body);
+    assert!(!driver.is_finished(), "the driver answers for a moment before it ends");
+
+    let ended = tokio::time::timeout(Duration::from_secs(10), &mut driver).await.expect("the driver did not end");
+    match ended.unwrap() {
+        Err(Error::Storage { path, message }) => {
+            assert_eq!(path, LOG_PATH);
+            assert!(message.contains("No space left on device"), "{message}");
+        }
+        other => panic!("the driver should end with the write error: {other:?}"),
+    }
+    assert_eq!(get("/readyz").await.status, 503, "and stays unready once it has ended");
+    assert_eq!(get("/livez").await.status, 503);
+}
