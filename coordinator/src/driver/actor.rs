@@ -112,7 +112,8 @@ fn stopped() -> Error {
 }
 
 impl Handle {
-    /// Applies `command` with its time replaced by the driver's clock; returns once it is durable.
+    /// Applies `command` with its time replaced by the clock's reading now, as it arrives; returns once
+    /// it is durable (or, when it changed nothing durable, once everything before it is).
     pub async fn apply(&self, mut command: Command) -> Result<Applied> {
         // Stamped on arrival, not when the driver gets to it: a heartbeat that waited in the queue behind
         // a slow log write still counts from when the worker sent it.
@@ -429,7 +430,9 @@ impl Actor {
         batch.len += 1;
         if let Some(message) = &self.telemetry.log_error {
             let error = Error::Unavailable {
-                message: format!("the command log could not be written ({message}); restart the coordinator"),
+                message: format!(
+                    "the command log could not be written ({message}); the coordinator exits, and its restart replays the log"
+                ),
             };
             batch.replies.push((reply, Err(error)));
             return;

@@ -233,8 +233,10 @@ impl RunState {
     /// (these exceptions all require the worker to hold none), so a holder's last-seen time is the same
     /// replayed as live, and the same holders die at each logged ExpireLeases. An idle worker's
     /// liveness may differ after a replay (it can even be replayed as dead), but dying without a lease
-    /// changes nothing durable, and its next logged command revives it as the live one was. Progress is
-    /// set only by a heartbeat naming the worker's lease, which extends that lease and is logged anyway.
+    /// changes nothing durable, and its next logged command revives it as the live one was. Progress (the
+    /// status page's done/total) is display only, no rule reads it, so it alone would not need logging;
+    /// but only a heartbeat naming the worker's lease sets it, and that heartbeat extends the lease's
+    /// deadline, which is durable (a replay must not expire the lease earlier), so it is logged anyway.
     /// The driver stamps each logged command with at least the state's time, so the commands skipped
     /// here cannot make a replay use an earlier time than the live state did. After a restart the
     /// driver's grace lets idle workers poll again before anything expires.
