@@ -294,7 +294,7 @@ impl Actor {
             let mut batch = Batch::default();
             let now = self.clock.now_ms();
             // A due deadline skips the wait: a steady stream of requests cannot starve expiry.
-            if !deadline.is_some_and(|at| at <= now) {
+            if deadline.is_none_or(|at| at > now) {
                 let wake = deadline.map(|at| at.min(now.saturating_add(PULSE_MS)));
                 let clock = self.clock.clone();
                 let sleep = async move {
