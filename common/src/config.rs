@@ -383,7 +383,15 @@ pub struct ClusterSection {
     pub shard_size: usize,
     pub lease_timeout_s: u64,
     pub heartbeat_interval_s: u64,
+    /// Distinct workers that may fail a task before it, and the run, fail (a repeat on the same worker counts
+    /// only when no other worker could take it; released leases, store outages and gang join timeouts never count).
     pub max_attempts: u32,
+    /// A worker that fails this many tasks in a row gets no new task for `quarantine_s` (0: never quarantine).
+    /// The last healthy worker is never quarantined, so a one-worker run still fails on a poison task.
+    pub quarantine_after: u32,
+    pub quarantine_s: u64,
+    /// A lost task waits 1 s, 2 s, 4 s, ... (at most this long) before it is leased again.
+    pub retry_backoff_max_s: u64,
     /// Ranks of the data-parallel value-training gang.
     pub train_ranks: usize,
     /// Gradients are summed across the gang in buckets of this many bytes (PyTorch DDP's 25 MiB by default).
@@ -400,6 +408,9 @@ impl Default for ClusterSection {
             lease_timeout_s: 120,
             heartbeat_interval_s: 10,
             max_attempts: 3,
+            quarantine_after: 3,
+            quarantine_s: 900,
+            retry_backoff_max_s: 60,
             train_ranks: 1,
             bucket_bytes: 25 * 1024 * 1024,
             collective_deadline_s: 300,

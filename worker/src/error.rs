@@ -76,6 +76,13 @@ impl Error {
         }
     }
 
+    /// Whether the error is the infrastructure's rather than the task's: the object store did not answer
+    /// within its retry window. The coordinator then retries the task without counting a failure, so an
+    /// outage longer than that window does not fail the run (review A2).
+    pub fn is_infrastructure(&self) -> bool {
+        matches!(self, Error::Common(iro_common::Error::StoreUnreachable { .. }))
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
         move |source| Error::Io { path, source }

@@ -599,6 +599,8 @@ async fn a_state_rebuilt_from_the_log_equals_the_live_state_in_everything_durabl
     clock.advance(4_000);
     handle.apply(heartbeat(&b, t1, b1)).await.unwrap();
     assert_eq!(eventually(&handle, t0, |s| *s == TaskState::Pending).await, TaskState::Pending, "a died");
+    // The lost task waits out its first backoff (one retry hint) before anyone takes it.
+    clock.advance(1_000);
     let Lease::Task { task_id, attempt, .. } = lease(&handle, &idle).await else { panic!() };
     assert_eq!((task_id, attempt), (t0, a0 + 1));
     let live = handle.read(|v| (v.state.durable_digest(), v.telemetry.applied.values().sum::<u64>())).await.unwrap();

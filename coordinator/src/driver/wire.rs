@@ -140,6 +140,7 @@ pub fn fail(req: pb::FailTaskRequest) -> Result<Command, Status> {
         attempt: attempt(req.attempt)?,
         error: text("error", req.error, true)?,
         released: req.released,
+        retryable: req.retryable,
         now_ms: 0,
     })
 }
@@ -306,6 +307,8 @@ pub fn lease_response(reply: Reply, payloads: &Payloads) -> Result<pb::LeaseTask
             match reason {
                 WaitReason::PhaseBarrier => "phase_barrier",
                 WaitReason::GangFull => "gang_full",
+                WaitReason::Backoff => "backoff",
+                WaitReason::Quarantined => "quarantined",
             },
         ),
         Lease::RunFinished => (Outcome::RunFinished(true), ""),

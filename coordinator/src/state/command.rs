@@ -72,13 +72,16 @@ pub enum Command {
         now_ms: u64,
     },
     /// `released`: the worker gives the lease back (SIGTERM, preemption); the task is retried without
-    /// counting a failure.
+    /// counting a failure. `retryable`: the error was the infrastructure's, not the task's (the object
+    /// store unreachable); the task is retried after a backoff without counting a failure either.
     FailTask {
         worker_id: WorkerId,
         task_id: TaskId,
         attempt: u32,
         error: String,
         released: bool,
+        #[serde(default)]
+        retryable: bool,
         now_ms: u64,
     },
     /// The driver's timer tick: reap expired leases, dead workers and gangs that did not gather in time.
@@ -239,6 +242,11 @@ pub enum WaitReason {
     PhaseBarrier,
     /// The train gang already has all its ranks.
     GangFull,
+    /// The only pending tasks lost a lease lately and wait out their backoff (or for a worker that has not
+    /// failed them).
+    Backoff,
+    /// This worker failed too many tasks in a row and gets none for a while.
+    Quarantined,
 }
 
 /// Why a command about a lease was ignored.
@@ -297,6 +305,9 @@ pub enum LossCause {
     Released,
     /// The worker reported an error.
     Failed,
+    /// The worker reported an error of the infrastructure (the object store did not answer within its
+    /// retry window): retried after a backoff, never counted.
+    Infrastructure,
     LeaseExpired,
     WorkerDead,
     /// The worker registered again: its old process, and its work, are gone.
@@ -308,16 +319,18 @@ pub enum LossCause {
 }
 
 impl LossCause {
-    /// Only a voluntary release is free: everything else may be the task's fault and counts toward
-    /// `max_attempts`, so a poison task fails the run instead of looping forever.
+    /// Whether the loss may be the task's (or its worker's) fault, and so counts toward `max_attempts`
+    /// and the worker's quarantine: a poison task fails the run instead of looping forever. A release, an
+    /// infrastructure error and a gang that could not gather say nothing about the task.
     pub fn counts_as_failure(self) -> bool {
-        self != LossCause::Released
+        !matches!(self, LossCause::Released | LossCause::Infrastructure | LossCause::GangJoinTimeout)
     }
 
     pub fn kind(self) -> &'static str {
         match self {
             LossCause::Released => "released",
             LossCause::Failed => "failed",
+            LossCause::Infrastructure => "infrastructure",
             LossCause::LeaseExpired => "lease_expired",
             LossCause::WorkerDead => "worker_dead",
             LossCause::WorkerRestarted => "worker_restarted",
@@ -340,6 +353,12 @@ pub enum Event {
     /// A worker marked dead spoke again.
     WorkerRevived {
         worker: WorkerId,
+    },
+    /// The worker failed `failures` tasks in a row and gets no new task until `until_ms`.
+    WorkerQuarantined {
+        worker: WorkerId,
+        failures: u32,
+        until_ms: u64,
     },
     PhaseStarted {
         iteration: u32,

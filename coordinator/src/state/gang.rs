@@ -62,6 +62,9 @@ impl RunState {
                 if self.tasks[index].state != TaskState::Pending {
                     return full;
                 }
+                if self.tasks[index].not_before_ms > self.now_ms {
+                    return Lease::RetryAfter { ms: self.plan.retry_after_ms, reason: WaitReason::Backoff };
+                }
                 let attempt = self.tasks[index].attempt + 1;
                 self.tasks[index].attempt = attempt;
                 self.set_state(index, TaskState::Gang { attempt });
@@ -141,7 +144,7 @@ impl RunState {
         }
         let rank = self.gang.as_ref().and_then(|g| g.rank_of(worker)).unwrap_or(0);
         let message = format!("gang {task_id} attempt {attempt} aborted by rank {rank} (worker {worker}): {reason}");
-        let will_retry = self.abort_gang(LossCause::GangAborted, &message);
+        let will_retry = self.abort_gang(LossCause::GangAborted, &message, Some(worker));
         Ok(Reply::Returned { task_id, will_retry })
     }
 
@@ -154,7 +157,7 @@ impl RunState {
     }
 
     /// Ends the gang, takes every rank's lease back, and requeues (or fails) the train task.
-    pub(super) fn abort_gang(&mut self, cause: LossCause, message: &str) -> bool {
+    pub(super) fn abort_gang(&mut self, cause: LossCause, message: &str, culprit: Option<&WorkerId>) -> bool {
         let Some(gang) = self.gang.as_ref() else {
             return true;
         };
@@ -162,7 +165,7 @@ impl RunState {
         self.dissolve_gang();
         let task = self.plan.task_id(index);
         self.events.push(Event::GangAborted { task, attempt, cause, message: message.to_owned() });
-        self.requeue_or_fail(index, cause, message)
+        self.requeue_or_fail(index, cause, message, culprit)
     }
 
     /// Drops the gang and every lease its unfinished ranks hold.

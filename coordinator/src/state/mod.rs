@@ -11,9 +11,13 @@
 //!   is honoured only from the worker holding the current attempt. Anything else gets `Reply::Fenced`
 //!   and changes no task, so a late or duplicate completion is never counted twice.
 //! - **Failures.** A failed attempt (error, expired lease, dead or restarted worker, gang abort) counts
-//!   toward `max_attempts`; at the limit the task fails and so does the run, naming the task and its
-//!   last error. A *released* lease (SIGTERM) goes back to Pending without counting: the task did
-//!   nothing wrong. Either way the next lease is a new attempt, writing to a new object key.
+//!   toward `max_attempts` once per distinct worker (a repeat on the same worker only when no other
+//!   could take the task); at the limit the task fails and so does the run, naming the task and its
+//!   last error. A *released* lease (SIGTERM), an infrastructure error (the store unreachable) and a
+//!   gang that did not gather go back to Pending without counting: the task did nothing wrong. A lost
+//!   task waits out an exponential backoff and prefers a worker that has not failed it; a worker that
+//!   fails `quarantine_after` tasks in a row gets no new work for `quarantine_ms`. Either way the next
+//!   lease is a new attempt, writing to a new object key.
 //! - **Expiry.** A lease past its deadline stays valid until an `ExpireLeases` tick reaps it, so a
 //!   completion racing the timer is accepted rather than wasted.
 //! - **Errors.** Unknown workers or tasks are refused with an `Error` before anything is touched.
@@ -79,8 +83,12 @@ pub struct RunState {
     stage: usize,
     tasks: Vec<Task>,
     stage_counts: Vec<Counts>,
-    /// Pending tasks of the active (sharded) stage: leasing is a pop, not a scan.
+    /// Pending tasks of the active (sharded) stage never leased yet: leasing is a pop, not a scan.
     queue: VecDeque<usize>,
+    /// Pending tasks of the active stage that lost a lease, in the order they lost it; leased before the
+    /// queue once their backoff is over. Few: it holds only tasks that went wrong.
+    #[serde(default)]
+    retry: Vec<usize>,
     /// (deadline, task index, rank) of every live lease; rank is 0 for shards.
     deadlines: BTreeSet<(u64, usize, u32)>,
     workers: BTreeMap<WorkerId, Worker>,
@@ -108,6 +116,7 @@ impl RunState {
             stage: 0,
             stage_counts,
             queue: VecDeque::new(),
+            retry: Vec::new(),
             deadlines: BTreeSet::new(),
             workers: BTreeMap::new(),
             liveness: BTreeSet::new(),
@@ -147,8 +156,14 @@ impl RunState {
             Command::CompleteTask { worker_id, task_id, attempt, output, now_ms } => {
                 self.complete(&worker_id, task_id, attempt, output, now_ms)
             }
-            Command::FailTask { worker_id, task_id, attempt, error, released, now_ms } => {
-                self.fail(&worker_id, task_id, attempt, &error, released, now_ms)
+            Command::FailTask { worker_id, task_id, attempt, error, released, retryable, now_ms } => {
+                // A release wins: the worker is going away whatever the error was.
+                let cause = match (released, retryable) {
+                    (true, _) => LossCause::Released,
+                    (false, true) => LossCause::Infrastructure,
+                    (false, false) => LossCause::Failed,
+                };
+                self.fail(&worker_id, task_id, attempt, &error, cause, now_ms)
             }
             Command::ExpireLeases { now_ms } => Ok(self.expire(now_ms)),
             Command::JoinGang { worker_id, task_id, attempt, endpoint, now_ms } => {
@@ -321,7 +336,7 @@ impl RunState {
         self.events.push(Event::PhaseStarted { iteration, phase });
         // The train task is leased rank by rank through the gang, not through the queue.
         if phase != Phase::Train {
-            debug_assert!(self.queue.is_empty(), "a finished stage left pending tasks queued");
+            debug_assert!(self.queue.is_empty() && self.retry.is_empty(), "a finished stage left pending tasks");
             self.queue.extend(self.plan.stage_tasks(self.stage));
         }
     }

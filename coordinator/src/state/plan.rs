@@ -21,8 +21,17 @@ pub struct Plan {
     pub eval_shards: u32,
     /// R: ranks of the train gang.
     pub train_ranks: u32,
-    /// Failures a task may have before it, and the run, fail. Released leases do not count.
+    /// Counted failures a task may have before it, and the run, fail: one per distinct worker, and a
+    /// repeat on the same worker only when no other worker could have taken it (see `tasks.rs`).
     pub max_attempts: u32,
+    /// Task failures in a row after which a worker gets no new task for `quarantine_ms` (0: never).
+    #[serde(default = "default_quarantine_after")]
+    pub quarantine_after: u32,
+    #[serde(default = "default_quarantine_ms")]
+    pub quarantine_ms: u64,
+    /// A lost task's n-th loss delays its next lease by `retry_after_ms · 2^(n-1)`, at most this.
+    #[serde(default = "default_retry_backoff_max_ms")]
+    pub retry_backoff_max_ms: u64,
     /// How long a lease lives without a heartbeat naming it.
     pub lease_ms: u64,
     /// What workers are told to heartbeat at.
@@ -34,6 +43,17 @@ pub struct Plan {
     pub gang_join_timeout_ms: u64,
     /// The "come back later" hint for barriers, full gangs and gangs still forming.
     pub retry_after_ms: u64,
+}
+
+// Plans logged before these fields existed replay with today's defaults.
+fn default_quarantine_after() -> u32 {
+    3
+}
+fn default_quarantine_ms() -> u64 {
+    900_000
+}
+fn default_retry_backoff_max_ms() -> u64 {
+    60_000
 }
 
 impl Plan {
@@ -51,6 +71,9 @@ impl Plan {
             eval_shards: count("eval shards", tasks_in_phase(config, Phase::Eval))?,
             train_ranks: count("cluster.train_ranks", c.train_ranks)?,
             max_attempts: c.max_attempts,
+            quarantine_after: c.quarantine_after,
+            quarantine_ms: c.quarantine_s.saturating_mul(1000),
+            retry_backoff_max_ms: c.retry_backoff_max_s.saturating_mul(1000),
             lease_ms: c.lease_timeout_s.saturating_mul(1000),
             heartbeat_interval_ms,
             worker_timeout_ms: heartbeat_interval_ms.saturating_mul(3),
@@ -69,6 +92,9 @@ impl Plan {
             eval_shards,
             train_ranks,
             max_attempts: 3,
+            quarantine_after: default_quarantine_after(),
+            quarantine_ms: default_quarantine_ms(),
+            retry_backoff_max_ms: default_retry_backoff_max_ms(),
             lease_ms: 120_000,
             heartbeat_interval_ms: 10_000,
             worker_timeout_ms: 30_000,

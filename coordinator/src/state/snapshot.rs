@@ -50,6 +50,9 @@ pub struct WorkerView {
     pub progress: Progress,
     pub completed: u64,
     pub failures: u64,
+    /// Set while the worker is quarantined (it failed `quarantine_after` tasks in a row): when it may
+    /// take work again.
+    pub quarantined_until_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -120,6 +123,7 @@ impl RunState {
                 progress: w.progress,
                 completed: w.completed,
                 failures: w.failures,
+                quarantined_until_ms: (w.quarantined_until_ms > self.now_ms).then_some(w.quarantined_until_ms),
             })
             .collect();
         let gang = self.gang.as_ref().map(|g| GangView {

@@ -43,9 +43,23 @@ pub struct Task {
     pub state: TaskState,
     /// The last attempt number handed out (0: never leased). Fencing compares against it.
     pub attempt: u32,
-    /// Attempts that counted as failures (released leases do not).
+    /// Losses that counted as failures: one per distinct worker, a repeat only when no other worker
+    /// could have taken the task (released leases, infrastructure errors and join timeouts never count).
     pub failures: u32,
     pub last_error: Option<String>,
+    /// The workers whose failure of this task counted, in order; a re-lease prefers anyone else.
+    #[serde(default)]
+    pub failed_on: Vec<WorkerId>,
+    /// Leases lost for any reason but a release: the exponent of the backoff.
+    #[serde(default)]
+    pub losses: u32,
+    /// Losses that may be the task's fault, repeats included: at `3 · max_attempts` the task fails even
+    /// when workers that have not failed it are registered but gone.
+    #[serde(default)]
+    pub faults: u32,
+    /// The backoff: no new lease before this time.
+    #[serde(default)]
+    pub not_before_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,14 +115,26 @@ impl RunState {
         if let Some(held) = self.workers[worker].current {
             return Ok(Reply::Lease(self.redeliver(worker, held)));
         }
+        if self.quarantined(worker) {
+            return Ok(Reply::Lease(Lease::RetryAfter {
+                ms: self.plan.retry_after_ms,
+                reason: WaitReason::Quarantined,
+            }));
+        }
         if self.plan.stage(self.stage).1 == Phase::Train {
             return Ok(Reply::Lease(self.lease_rank(worker)));
         }
-        let Some(index) = self.queue.pop_front() else {
-            return Ok(Reply::Lease(Lease::RetryAfter {
-                ms: self.plan.retry_after_ms,
-                reason: WaitReason::PhaseBarrier,
-            }));
+        // A task lost earlier goes first (the barrier waits for it), once its backoff is over and unless it
+        // should wait for a worker that has not failed it yet.
+        let index = match self.take_retry(worker) {
+            Some(index) => index,
+            None => {
+                let Some(index) = self.queue.pop_front() else {
+                    let reason = if self.retry.is_empty() { WaitReason::PhaseBarrier } else { WaitReason::Backoff };
+                    return Ok(Reply::Lease(Lease::RetryAfter { ms: self.plan.retry_after_ms, reason }));
+                };
+                index
+            }
         };
         let attempt = self.tasks[index].attempt + 1;
         self.tasks[index].attempt = attempt;
@@ -195,7 +221,9 @@ impl RunState {
             }
             self.dissolve_gang();
         }
-        self.workers.get_mut(worker).expect("fenced holder is registered").completed += 1;
+        let holder = self.workers.get_mut(worker).expect("fenced holder is registered");
+        holder.completed += 1;
+        holder.consecutive_failures = 0;
         self.release_hold(worker);
         self.set_state(index, TaskState::Done(Accepted { worker: worker.clone(), attempt, output }));
         self.events.push(Event::TaskDone { task: task_id, attempt, worker: worker.clone() });
@@ -209,7 +237,7 @@ impl RunState {
         task_id: TaskId,
         attempt: u32,
         error: &str,
-        released: bool,
+        cause: LossCause,
         now_ms: u64,
     ) -> Result<Reply> {
         self.known(worker)?;
@@ -219,10 +247,10 @@ impl RunState {
         if let Err(fenced) = self.fence(worker, index, attempt) {
             return Ok(Reply::Fenced(fenced));
         }
-        let (cause, message) = if released {
-            (LossCause::Released, format!("released by worker {worker}: {error}"))
-        } else {
-            (LossCause::Failed, format!("worker {worker} failed: {error}"))
+        let message = match cause {
+            LossCause::Released => format!("released by worker {worker}: {error}"),
+            LossCause::Infrastructure => format!("worker {worker} hit an infrastructure error: {error}"),
+            _ => format!("worker {worker} failed: {error}"),
         };
         let will_retry = self.drop_lease(index, worker, cause, &message);
         Ok(Reply::Returned { task_id, will_retry })
@@ -231,40 +259,69 @@ impl RunState {
     /// Ends `worker`'s lease on `index` without a completion. For the train task this aborts the
     /// whole gang: a collective cannot continue with a rank missing. Returns whether it will be retried.
     pub(super) fn drop_lease(&mut self, index: usize, worker: &WorkerId, cause: LossCause, message: &str) -> bool {
-        if cause.counts_as_failure()
-            && let Some(w) = self.workers.get_mut(worker)
-        {
-            w.failures += 1;
-        }
         match self.tasks[index].state {
             TaskState::Leased { deadline_ms, .. } => {
                 self.deadlines.remove(&(deadline_ms, index, 0));
                 self.release_hold(worker);
-                self.requeue_or_fail(index, cause, message)
+                self.requeue_or_fail(index, cause, message, Some(worker))
             }
             TaskState::Gang { attempt } => {
                 let rank = self.gang.as_ref().and_then(|g| g.rank_of(worker)).unwrap_or(0);
                 let task = self.plan.task_id(index);
                 let message = format!("gang {task} attempt {attempt} aborted: rank {rank} ({message})");
-                self.abort_gang(cause, &message)
+                self.abort_gang(cause, &message, Some(worker))
             }
             TaskState::Pending | TaskState::Done(_) | TaskState::Failed { .. } => true,
         }
     }
 
-    /// After a lost lease: back to Pending (first in line: the barrier is waiting for it), or Failed
-    /// once it has failed `max_attempts` times, which fails the run.
-    pub(super) fn requeue_or_fail(&mut self, index: usize, cause: LossCause, message: &str) -> bool {
+    /// After a lost lease: back to Pending (first in line once its backoff is over: the barrier is
+    /// waiting for it), or Failed once it has `max_attempts` counted failures, which fails the run.
+    ///
+    /// Why count this way (review A2): one bad GPU must not fail a task by losing it three times in a
+    /// row, so a worker's failures of one task count once while another worker could still take it; a
+    /// task that fails on every worker there is still fails after `max_attempts`, even on one worker.
+    /// `culprit` is the worker whose lease was lost (None: a gang that never gathered).
+    pub(super) fn requeue_or_fail(
+        &mut self,
+        index: usize,
+        cause: LossCause,
+        message: &str,
+        culprit: Option<&WorkerId>,
+    ) -> bool {
         let task_id = self.plan.task_id(index);
         let attempt = self.tasks[index].attempt;
-        if cause.counts_as_failure() {
+        if cause != LossCause::Released {
             let task = &mut self.tasks[index];
-            task.failures += 1;
+            task.losses += 1;
             task.last_error = Some(message.to_owned());
+            let shift = (task.losses - 1).min(20);
+            let backoff = self.plan.retry_after_ms.saturating_mul(1 << shift).min(self.plan.retry_backoff_max_ms);
+            task.not_before_ms = self.now_ms.saturating_add(backoff);
             self.record_error(task_id, cause, message);
         }
-        let failures = self.tasks[index].failures;
-        if failures >= self.plan.max_attempts {
+        if cause.counts_as_failure() {
+            let repeat = culprit.is_some_and(|w| self.tasks[index].failed_on.contains(w));
+            let counted = match culprit {
+                Some(w) if repeat => !self.others_could_take(index, w, false),
+                _ => true,
+            };
+            let task = &mut self.tasks[index];
+            task.faults += 1;
+            if counted {
+                task.failures += 1;
+            }
+            if let Some(w) = culprit
+                && !repeat
+            {
+                task.failed_on.push(w.clone());
+            }
+            if let Some(w) = culprit {
+                self.note_worker_failure(w);
+            }
+        }
+        let (failures, faults) = (self.tasks[index].failures, self.tasks[index].faults);
+        if failures >= self.plan.max_attempts || faults >= self.plan.max_attempts.saturating_mul(3) {
             self.set_state(index, TaskState::Failed { error: message.to_owned() });
             self.events.push(Event::TaskFailed { task: task_id, attempt, cause, message: message.to_owned() });
             self.fail_run(format!(
@@ -275,7 +332,7 @@ impl RunState {
         }
         self.set_state(index, TaskState::Pending);
         if task_id.phase != Phase::Train {
-            self.queue.push_front(index);
+            self.retry.push(index);
         }
         self.events.push(Event::TaskRequeued { task: task_id, attempt, cause, message: message.to_owned() });
         true
@@ -349,8 +406,63 @@ impl RunState {
                 self.plan.train_ranks,
                 self.plan.gang_join_timeout_ms
             );
-            note(task, self.abort_gang(LossCause::GangJoinTimeout, &message));
+            note(task, self.abort_gang(LossCause::GangJoinTimeout, &message, None));
         }
         Reply::Expired { requeued, failed, dead_workers }
+    }
+
+    /// The first lost task `worker` may take now: its backoff is over, and either `worker` has not failed
+    /// it, or no idle worker that has not is there to take it instead, or none took it within a worker
+    /// timeout (an idle worker asks every second; one that did not is gone).
+    fn take_retry(&mut self, worker: &WorkerId) -> Option<usize> {
+        let now = self.now_ms;
+        let patience = self.plan.worker_timeout_ms;
+        let position = self.retry.iter().position(|&index| {
+            let task = &self.tasks[index];
+            task.not_before_ms <= now
+                && (!task.failed_on.contains(worker)
+                    || now >= task.not_before_ms.saturating_add(patience)
+                    || !self.others_could_take(index, worker, true))
+        })?;
+        Some(self.retry.remove(position))
+    }
+
+    /// Whether an unquarantined worker other than `worker` that has not failed task `index` is registered
+    /// (with `idle_only`, one holding no lease, so it will ask for work shortly).
+    ///
+    /// Liveness is deliberately not read: idle workers' polls are not logged (`changes_only_liveness`),
+    /// so whether an idle worker is alive can differ between the live state and its replay, and every
+    /// rule here must come out the same in both. The `faults` cap and `take_retry`'s patience bound what
+    /// a registered but vanished worker can cost instead.
+    fn others_could_take(&self, index: usize, worker: &WorkerId, idle_only: bool) -> bool {
+        let failed_on = &self.tasks[index].failed_on;
+        self.workers.iter().any(|(id, w)| {
+            id != worker && !self.quarantined(id) && !failed_on.contains(id) && (!idle_only || w.current.is_none())
+        })
+    }
+
+    /// Counts a failure against `worker`, quarantining it after `quarantine_after` in a row, unless no
+    /// other healthy worker is left (the run then fails on the task's own count instead of stalling).
+    fn note_worker_failure(&mut self, worker: &WorkerId) {
+        let now = self.now_ms;
+        let (after, quarantine_ms) = (self.plan.quarantine_after, self.plan.quarantine_ms);
+        // Registered, not alive: see `others_could_take` on why liveness is not read.
+        let others_healthy = self.workers.iter().any(|(id, w)| id != worker && w.quarantined_until_ms <= now);
+        let Some(w) = self.workers.get_mut(worker) else { return };
+        w.failures += 1;
+        w.consecutive_failures += 1;
+        if after == 0 || w.consecutive_failures < after || !others_healthy {
+            return;
+        }
+        let failures = w.consecutive_failures;
+        w.quarantined_until_ms = now.saturating_add(quarantine_ms);
+        // Probation: back from quarantine, one more failure in a row sends it back.
+        w.consecutive_failures = after - 1;
+        let until_ms = w.quarantined_until_ms;
+        self.events.push(Event::WorkerQuarantined { worker: worker.clone(), failures, until_ms });
+    }
+
+    pub(super) fn quarantined(&self, worker: &WorkerId) -> bool {
+        self.workers.get(worker).is_some_and(|w| w.quarantined_until_ms > self.now_ms)
     }
 }

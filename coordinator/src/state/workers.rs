@@ -27,8 +27,14 @@ pub struct Worker {
     /// Progress on `current`, as last heartbeated.
     pub progress: Progress,
     pub completed: u64,
-    /// Leases this worker lost in a way that counted against the task (errors, expiry, death).
+    /// Leases this worker lost in a way that may be its fault (errors, expiry, death).
     pub failures: u64,
+    /// Such losses since its last completion: at `quarantine_after` it is quarantined.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// No new task before this time (0: never quarantined).
+    #[serde(default)]
+    pub quarantined_until_ms: u64,
 }
 
 impl RunState {
@@ -66,6 +72,8 @@ impl RunState {
                     progress: Progress::default(),
                     completed: 0,
                     failures: 0,
+                    consecutive_failures: 0,
+                    quarantined_until_ms: 0,
                 },
             );
             self.liveness.insert((now, worker.clone()));

@@ -139,7 +139,7 @@ pub fn render_table(report: &StatusReport) -> String {
     row("overall", &report.overall_tasks);
     let _ = writeln!(
         out,
-        "\nworkers: {} alive, {} dead\n{:<12} {:<20} {:<8} {:<6} {:>9} {:<22} {:>6}",
+        "\nworkers: {} alive, {} dead\n{:<12} {:<20} {:<8} {:<11} {:>9} {:<22} {:>6}",
         report.workers_alive, report.workers_dead, "id", "name", "device", "state", "heartbeat", "task", "done"
     );
     for w in &report.workers {
@@ -149,11 +149,11 @@ pub fn render_table(report: &StatusReport) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<12} {:<20} {:<8} {:<6} {:>9} {:<22} {:>6}",
+            "{:<12} {:<20} {:<8} {:<11} {:>9} {:<22} {:>6}",
             w.id,
             w.name,
             w.device,
-            if w.alive { "alive" } else { "dead" },
+            w.state(),
             format!("{} ago", duration(w.last_heartbeat_age_ms as f64 / 1000.0)),
             task,
             w.completed

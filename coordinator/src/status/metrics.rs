@@ -81,6 +81,8 @@ pub fn render(report: &StatusReport, counters: &Counters, rpc: &RpcMetrics) -> S
     out.family("iro_workers", "gauge", "Registered workers by liveness.");
     out.sample("iro_workers", &[("state", "alive")], report.workers_alive);
     out.sample("iro_workers", &[("state", "dead")], report.workers_dead);
+    out.family("iro_workers_quarantined", "gauge", "Live workers that failed too many tasks in a row and get no work.");
+    out.sample("iro_workers_quarantined", &[], report.workers.iter().filter(|w| w.state() == "quarantined").count());
     out.family("iro_workers_busy", "gauge", "Workers holding a lease.");
     out.sample("iro_workers_busy", &[], report.workers.iter().filter(|w| w.current_task.is_some()).count());
 

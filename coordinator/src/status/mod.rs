@@ -92,6 +92,21 @@ pub struct WorkerReport {
     pub progress_total: u64,
     pub completed: u64,
     pub failures: u64,
+    /// Set while the worker is quarantined (it failed too many tasks in a row): how long until it may take
+    /// work again.
+    #[serde(default)]
+    pub quarantined_for_ms: Option<u64>,
+}
+
+impl WorkerReport {
+    /// alive | dead | quarantined, as the page and `iro status` show it.
+    pub fn state(&self) -> &'static str {
+        match (self.alive, self.quarantined_for_ms) {
+            (false, _) => "dead",
+            (true, Some(_)) => "quarantined",
+            (true, None) => "alive",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,6 +183,7 @@ pub fn report(run_id: &str, view: View<'_>) -> StatusReport {
             progress_total: w.progress.total,
             completed: w.completed,
             failures: w.failures,
+            quarantined_for_ms: w.quarantined_until_ms.map(|until| until.saturating_sub(snapshot.now_ms)),
         })
         .collect();
     let alive = workers.iter().filter(|w| w.alive).count() as u64;

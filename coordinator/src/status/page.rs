@@ -59,7 +59,7 @@ pub fn render(report: &StatusReport) -> String {
          <title>iro {run}: {status}</title><style>\
          body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse}}\
          td,th{{padding:2px 10px;text-align:left}}tr:nth-child(even){{background:#f4f4f4}}\
-         progress{{width:18em}}.dead{{color:#b00}}.failed{{color:#b00;font-weight:bold}}\
+         progress{{width:18em}}.dead{{color:#b00}}.quarantined{{color:#c60}}.failed{{color:#b00;font-weight:bold}}\
          </style></head><body>\n<h1>iro run <code>{run}</code>: <span class=\"{status}\">{status}</span></h1>\n\
          <p>{stage} · workers {alive} alive, {dead} dead · {tpm:.1} tasks/min, {rps:.1} records/s · ETA {eta} \
          · log {index} commands</p>\n",
@@ -111,7 +111,7 @@ pub fn render(report: &StatusReport) -> String {
             html,
             "<tr class=\"{class}\"><td>{name}</td><td>{id}</td><td>{device}</td><td>{class}</td><td>{age} ago</td>\
              <td>{task}</td><td>{done}/{total}</td><td>{completed}</td><td>{failures}</td></tr>",
-            class = if w.alive { "alive" } else { "dead" },
+            class = w.state(),
             name = escape(&w.name),
             id = escape(&w.id),
             device = escape(&w.device),

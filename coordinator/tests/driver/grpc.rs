@@ -151,6 +151,7 @@ async fn an_unknown_task_or_worker_is_not_found_and_applies_nothing() {
         attempt: 1,
         error: "boom".into(),
         released: false,
+        retryable: false,
     };
     assert_eq!(client.fail_task(shard_out_of_range).await.unwrap_err().code(), Code::NotFound);
 
@@ -180,6 +181,7 @@ async fn a_released_lease_goes_back_without_counting_a_failure() {
         attempt: task.attempt,
         error: "SIGTERM".into(),
         released: true,
+        retryable: false,
     };
     let response = client.fail_task(release.clone()).await.unwrap().into_inner();
     assert!(response.accepted && response.will_retry, "{response:?}");

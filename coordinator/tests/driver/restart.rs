@@ -44,6 +44,7 @@ async fn a_restarted_coordinator_resumes_without_redoing_accepted_shards() {
     clock.advance(WORKER_TIMEOUT_MS / 2);
     let report = wait_for(&server, "the held lease to be taken back", |r| r.phase_tasks.leased == 0).await;
     assert_eq!((report.phase_tasks.done, report.phase_tasks.pending), (1, 1));
+    clock.advance(1_000); // the lost task's first backoff
     let retaken = take(&mut client, &a).await;
     assert_eq!((retaken.task_id.as_str(), retaken.attempt), (second.task_id.as_str(), 2));
     assert!(retaken.payload_json.contains(".attempt-2.jsonl"), "a new attempt writes a new key");
@@ -99,7 +100,8 @@ async fn a_state_folder_of_another_plan_is_refused_with_the_difference() {
 #[tokio::test]
 async fn a_worker_reregistering_under_its_id_gives_up_its_old_lease_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path(), &ManualClock::new(T0)).await;
+    let clock = ManualClock::new(T0);
+    let server = start(dir.path(), &clock).await;
     let mut client = client(&server).await;
     let request = pb::RegisterWorkerRequest { worker_id: "pod-a".into(), ..register_request("pod-a") };
     let a = client.register_worker(request.clone()).await.unwrap().into_inner().worker_id;
@@ -109,6 +111,8 @@ async fn a_worker_reregistering_under_its_id_gives_up_its_old_lease_at_once() {
     let report = status(&server).await;
     assert_eq!(report.overall_tasks.leased, 0, "the restarted process's old lease was taken back");
     assert_eq!(report.recent_errors[0].cause, "worker_restarted");
+    // The lost task waits out its first backoff (one retry hint).
+    clock.advance(1_000);
     match lease(&mut client, &a).await {
         Outcome::Task(task) => assert_eq!((task.task_id, task.attempt), (held.task_id, 2)),
         other => panic!("{other:?}"),

@@ -95,6 +95,7 @@ async fn a_silent_worker_shows_as_dead_and_its_task_is_leased_again() {
     assert_eq!(report.recent_errors[0].cause, "worker_dead");
     assert_eq!(report.recent_errors[0].task, held.task_id);
 
+    clock.advance(1_000); // the lost task's first backoff
     let retaken = take(&mut client, &b).await;
     assert_eq!((retaken.task_id.as_str(), retaken.attempt), (held.task_id.as_str(), 2));
     let page = http(&server, "/").await.body;

@@ -61,7 +61,7 @@ impl Session {
                     attempt = spec.attempt,
                     "{message}"
                 );
-                self.fail(&spec.task_id, spec.attempt, &message).await?;
+                self.fail(&spec.task_id, spec.attempt, &message, false).await?;
                 return Ok(TaskEnd::Continue);
             }
         };
@@ -107,7 +107,7 @@ impl Session {
                 if gang && matches!(e, Error::Collective(_)) {
                     self.abort_gang(&task, &e.to_string()).await?;
                 } else {
-                    self.fail(&task.task_id, task.attempt, &e.to_string()).await?;
+                    self.fail(&task.task_id, task.attempt, &e.to_string(), e.is_infrastructure()).await?;
                 }
             }
             Watched::LeaseLost(reason) => tracing::warn!(
@@ -119,7 +119,7 @@ impl Session {
             Watched::Released => return Ok(TaskEnd::Shutdown),
             Watched::Panicked(message) => {
                 let message = format!("the task runner panicked: {message}");
-                self.fail(&task.task_id, task.attempt, &message).await?;
+                self.fail(&task.task_id, task.attempt, &message, false).await?;
                 return Err(Error::Runner(format!("{message} (task {}); this worker cannot go on", task.task_id)));
             }
         }
@@ -223,7 +223,7 @@ impl Session {
             Ok(endpoint) => endpoint,
             Err(e) => {
                 let message = format!("cannot publish this rank's gang endpoint: {e}");
-                self.fail(&task.task_id, task.attempt, &message).await?;
+                self.fail(&task.task_id, task.attempt, &message, false).await?;
                 return Ok(Rendezvous::Abandoned);
             }
         };
@@ -341,13 +341,16 @@ impl Session {
     }
 
     /// Reports a failed attempt; the coordinator retries the task or fails the run at its attempt limit.
-    async fn fail(&self, task_id: &str, attempt: u32, error: &str) -> Result<()> {
+    /// `retryable`: the infrastructure failed, not the task (the store did not answer), so the coordinator
+    /// retries after a backoff without counting it.
+    async fn fail(&self, task_id: &str, attempt: u32, error: &str, retryable: bool) -> Result<()> {
         let request = pb::FailTaskRequest {
             worker_id: self.worker_id.clone(),
             task_id: task_id.to_owned(),
             attempt,
             error: error.to_owned(),
             released: false,
+            retryable,
         };
         let context = CallContext { call: "FailTask", worker_id: &self.worker_id, task_id, attempt };
         let reply = self
@@ -411,6 +414,7 @@ impl Session {
             attempt: task.attempt,
             error: "the worker is shutting down".to_owned(),
             released: true,
+            retryable: false,
         };
         // The shutdown token has fired already, so this retry must not watch it.
         let retry = Retry { deadline: Instant::now() + self.shutdown_grace, cancel: None };

@@ -145,7 +145,14 @@ fn fail_task_requeues_and_counts_a_failure() {
     let t = h.state.task(task).unwrap();
     assert_eq!((t.state.clone(), t.failures), (TaskState::Pending, 1));
     assert!(t.last_error.as_deref().unwrap().contains("CUDA OOM"));
-    // The failed task is first in line again: the barrier is waiting for it.
+    // Within its backoff (one retry hint) the other shard goes first; then the failed one is first in line
+    // again (the barrier is waiting for it), to `a` too: no other worker could take it.
+    assert_eq!(h.state.task(task).unwrap().not_before_ms, 1_000);
+    let (other, other_attempt) = h.take(&a);
+    assert_eq!(other, rollout(1, 1));
+    h.complete(&a, other, other_attempt);
+    assert!(matches!(h.lease(&a), Lease::RetryAfter { reason: WaitReason::Backoff, .. }));
+    h.advance(1_000);
     assert_eq!(h.take(&a), (task, attempt + 1));
     let snap = h.state.snapshot();
     assert_eq!(snap.recent_errors.len(), 1);
@@ -177,6 +184,7 @@ fn max_attempts_fails_the_run_naming_the_task_and_last_error() {
     let a = h.register("a");
     let mut poison = None;
     for round in 1..=3 {
+        h.wait_backoff(0);
         let (task, attempt) = h.take(&a);
         if let Some(p) = poison {
             assert_eq!(task, p, "the failed task is retried first");

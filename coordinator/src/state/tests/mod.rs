@@ -2,6 +2,7 @@
 //! file pins down one part of the contract in `state/mod.rs`; test names say which rule they hold.
 
 mod barriers;
+mod failures;
 mod fencing;
 mod gang;
 mod lifecycle;
@@ -93,20 +94,40 @@ impl Harness {
         }
     }
 
-    /// Leases and expects a shard task.
+    /// Leases and expects a shard task. Like a worker's task loop, it waits out a lost task's backoff
+    /// (moving the clock to its end, a few times at most) when that is all there is.
     pub fn take(&mut self, worker: &WorkerId) -> (TaskId, u32) {
-        match self.lease(worker) {
-            Lease::Task { task_id, attempt, .. } => (task_id, attempt),
-            other => panic!("expected a task for {worker}, got {other:?}"),
+        for _ in 0..8 {
+            match self.lease(worker) {
+                Lease::Task { task_id, attempt, .. } => return (task_id, attempt),
+                Lease::RetryAfter { ms, reason: WaitReason::Backoff } => self.wait_backoff(ms),
+                other => panic!("expected a task for {worker}, got {other:?}"),
+            }
         }
+        panic!("{worker} got no task after waiting out 8 backoff hints")
     }
 
-    /// Leases and expects a gang rank: (task, attempt, rank).
-    pub fn take_rank(&mut self, worker: &WorkerId) -> (TaskId, u32, u32) {
-        match self.lease(worker) {
-            Lease::GangRank { task_id, attempt, rank, .. } => (task_id, attempt, rank),
-            other => panic!("expected a gang rank for {worker}, got {other:?}"),
+    /// Moves the clock to the end of the earliest backoff of a lost task (or on by the retry hint `ms`).
+    pub fn wait_backoff(&mut self, ms: u64) {
+        let state = &self.state;
+        let mut ends: Vec<u64> = state.retry.iter().map(|&i| state.tasks[i].not_before_ms).collect();
+        if state.stage < state.plan.stage_count() {
+            // The train task backs off outside the retry list.
+            ends.push(state.tasks[state.plan.stage_tasks(state.stage).start].not_before_ms);
         }
+        self.now = ends.into_iter().filter(|&t| t > self.now).min().unwrap_or(self.now + ms);
+    }
+
+    /// Leases and expects a gang rank: (task, attempt, rank); waits out a backoff as `take` does.
+    pub fn take_rank(&mut self, worker: &WorkerId) -> (TaskId, u32, u32) {
+        for _ in 0..8 {
+            match self.lease(worker) {
+                Lease::GangRank { task_id, attempt, rank, .. } => return (task_id, attempt, rank),
+                Lease::RetryAfter { ms, reason: WaitReason::Backoff } => self.wait_backoff(ms),
+                other => panic!("expected a gang rank for {worker}, got {other:?}"),
+            }
+        }
+        panic!("{worker} got no gang rank after waiting out 8 backoff hints")
     }
 
     pub fn complete(&mut self, worker: &WorkerId, task_id: TaskId, attempt: u32) -> Reply {
@@ -121,6 +142,7 @@ impl Harness {
             attempt,
             error: error.into(),
             released,
+            retryable: false,
             now_ms: self.now,
         })
     }
@@ -243,12 +265,18 @@ pub(super) fn check_invariants(state: &RunState) {
     assert_eq!(state.deadlines.len(), live_leases, "deadline index out of step with leases");
     let holders = state.workers.values().filter(|w| w.current.is_some()).count();
     assert_eq!(holders, live_leases, "a worker holds a lease the task table does not know");
-    for index in &state.queue {
+    for index in state.queue.iter().chain(&state.retry) {
         assert_eq!(state.tasks[*index].state, TaskState::Pending);
         assert_eq!(plan.stage_of_task(*index), state.stage);
     }
     if state.running() && state.stage < plan.stage_count() && plan.stage(state.stage).1 != Phase::Train {
-        assert_eq!(state.queue.len() as u64, state.stage_counts[state.stage].pending, "pending tasks not all queued");
+        let queued = (state.queue.len() + state.retry.len()) as u64;
+        assert_eq!(queued, state.stage_counts[state.stage].pending, "pending tasks not all queued");
+    }
+    for task in &state.tasks {
+        assert!(task.failures <= task.faults && task.faults <= 3 * plan.max_attempts);
+        let distinct: BTreeSet<_> = task.failed_on.iter().collect();
+        assert_eq!(distinct.len(), task.failed_on.len(), "a worker is named twice in failed_on");
     }
     let alive = state.workers.values().filter(|w| w.alive).count();
     assert_eq!(state.liveness.len(), alive);

@@ -124,12 +124,16 @@ impl Sim {
         }
     }
 
-    /// Well-behaved workers, no time passing: lease, join, complete, until the run ends.
+    /// Well-behaved workers that ask again after each retry hint (time passes only so: no lease
+    /// expires, since nothing ticks): lease, join, complete, until the run ends. Waiting is what lets
+    /// lost tasks out of their backoff and quarantined workers back.
     fn drain(&mut self) {
         for _ in 0..10_000 {
             if self.h.state.status() != &RunStatus::Running {
                 return;
             }
+            let hint = self.h.state.plan().retry_after_ms;
+            self.h.advance(hint);
             for i in 0..self.workers.len() {
                 self.lease(i);
             }

@@ -19,6 +19,8 @@ fn a_silent_worker_is_marked_dead_and_its_lease_released() {
     assert_eq!((dead.current, dead.last_seen_ms), (None, 0));
     assert!(snap.workers.iter().find(|v| v.id == b).unwrap().alive);
     assert_eq!(snap.recent_errors.last().unwrap().cause, LossCause::WorkerDead);
+    // Once its backoff is over, the dead worker's shard is re-leased first.
+    h.wait_backoff(0);
     assert_eq!(h.take(&b), (task, attempt + 1), "the dead worker's shard is re-leased first");
     check_invariants(&h.state);
 }
@@ -41,6 +43,7 @@ fn a_dead_worker_that_speaks_again_is_alive_but_its_old_lease_is_gone() {
     assert_eq!(applied.events, [Event::WorkerRevived { worker: a.clone() }]);
     assert_eq!(applied.reply, Reply::Fenced(Fenced::NotHolder));
     assert!(h.state.worker(&a).unwrap().alive);
+    h.wait_backoff(0);
     assert_eq!(h.take(&a), (task, attempt + 1));
     check_invariants(&h.state);
 }
@@ -93,6 +96,7 @@ fn unknown_worker_is_refused_with_no_change() {
             attempt,
             error: "x".into(),
             released: false,
+            retryable: false,
             now_ms: 9,
         },
         Command::JoinGang { worker_id: ghost.clone(), task_id: train(1), attempt: 1, endpoint: "e".into(), now_ms: 9 },
@@ -127,6 +131,7 @@ fn unknown_task_is_refused_with_no_change() {
                 attempt: 1,
                 error: "e".into(),
                 released: true,
+                retryable: false,
                 now_ms: 7,
             },
             Command::Heartbeat {
