@@ -21,6 +21,8 @@ for crate in iro-common iro-coordinator; do
 done
 echo "test: building the workspace"
 cargo build --workspace --all-targets --locked
+echo "test: the shipped run configs validate"
+for config in configs/*.toml; do target/debug/iro check-config "$config" >/dev/null; done
 echo "test: the Kubernetes manifests (flags against the built binary, names, run configs)"
 .deps/venv/bin/python scripts/check_k8s.py   # PyYAML comes with moto into .deps/venv
 echo "test: running every test"
