@@ -212,12 +212,13 @@ impl Manifest {
         (0..self.shard_count).filter(|s| self.entry(*s).is_none()).collect()
     }
 
+    // Saturating: the counts come from workers, and a sum must not panic or wrap.
     pub fn total_records(&self) -> u64 {
-        self.shards.iter().map(|e| e.records).sum()
+        self.shards.iter().fold(0u64, |sum, e| sum.saturating_add(e.records))
     }
 
     pub fn total_tokens(&self) -> u64 {
-        self.shards.iter().map(|e| e.tokens).sum()
+        self.shards.iter().fold(0u64, |sum, e| sum.saturating_add(e.tokens))
     }
 
     /// Checks the manifest against itself and the layout: known version, sorted unique in-range shards, and

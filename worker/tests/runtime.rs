@@ -62,10 +62,14 @@ struct Cluster {
 }
 
 async fn start(lease_ms: u64, worker_timeout_ms: u64) -> Cluster {
+    start_on("127.0.0.1:0".parse().unwrap(), lease_ms, worker_timeout_ms).await
+}
+
+async fn start_on(listen: std::net::SocketAddr, lease_ms: u64, worker_timeout_ms: u64) -> Cluster {
     let (store_dir, state_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut config = CoordinatorConfig::new(run_config(store_dir.path())).unwrap();
     config.plan = fast_plan(config.plan, lease_ms, worker_timeout_ms);
-    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.listen = listen;
     config.status_listen = "127.0.0.1:0".parse().unwrap();
     config.state_dir = Some(state_dir.path().to_owned());
     config.token = Some(ClusterToken::new(TOKEN).unwrap());
@@ -261,6 +265,29 @@ async fn two_workers_complete_a_run_and_every_stage_gets_its_manifest() {
     assert_eq!(snapshot.overall.done, 2 * (3 + 1 + 2));
     assert!(snapshot.recent_errors.is_empty(), "{:?}", snapshot.recent_errors);
     assert_eq!(snapshot.workers.len(), 2, "one registration each");
+    cluster.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_waits_for_a_coordinator_that_is_down_longer_than_its_reconnect_timeout() {
+    // A port nobody listens on yet: the coordinator is "being rescheduled".
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let mut options = WorkerOptions::new(format!("http://{addr}"), "pod-a", "cpu");
+    options.token = Some(ClusterToken::new(TOKEN).unwrap());
+    options.timeouts = Timeouts {
+        connect: Duration::from_millis(200),
+        request: Duration::from_secs(5),
+        reconnect: Duration::from_secs(1),
+    };
+    let violations = Arc::new(Mutex::new(Vec::new()));
+    let worker = tokio::spawn(run_worker(options, Double::factory(None, violations), CancellationToken::new()));
+    // Three reconnect timeouts pass; before review A15 the worker had given up and exited by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!worker.is_finished(), "the idle worker gave up on the coordinator");
+    let cluster = start_on(addr, 10_000, 5_000).await;
+    let exit = tokio::time::timeout(RUN_TIMEOUT, worker).await.expect("the run did not finish").unwrap();
+    assert_eq!(exit.unwrap(), WorkerExit::RunFinished);
+    check_outputs(&cluster.store, &cluster.layout, 2).await;
     cluster.server.shutdown().await;
 }
 

@@ -83,9 +83,10 @@ impl Telemetry {
                 tracing::info!(command = kind, fence = fenced.kind(), "fenced: {fenced}");
             }
             (Reply::Accepted { .. }, Command::CompleteTask { output, .. }) => {
-                self.tasks_accepted += 1;
-                self.records += output.records;
-                self.tokens += output.tokens;
+                // Saturating: a sum that overflowed would panic the driver in a debug build (review A13).
+                self.tasks_accepted = self.tasks_accepted.saturating_add(1);
+                self.records = self.records.saturating_add(output.records);
+                self.tokens = self.tokens.saturating_add(output.tokens);
                 self.window.push_back((now_ms, output.records));
             }
             _ => {}

@@ -16,6 +16,8 @@ use crate::state::{
 /// Longest free text kept from a request (names, errors, endpoints): the state and the status page stay
 /// bounded whatever a worker sends.
 pub const MAX_TEXT: usize = 4096;
+/// The largest `records` or `tokens` a completion may report.
+pub const MAX_COUNT: u64 = 1 << 40;
 
 fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {message}"))
@@ -44,11 +46,26 @@ fn attempt(value: u32) -> Result<u32, Status> {
     Ok(value)
 }
 
-/// Free text: required ones must not be blank; all are cut to `MAX_TEXT` bytes on a char boundary.
+/// Free text: required ones must not be blank; all are cut to `MAX_TEXT` bytes on a char boundary. Control
+/// characters become spaces (line breaks, tabs) or U+FFFD: an error chain keeps its words, but no worker can
+/// forge a line of the coordinator's text log or a terminal escape (review A14). Refusing the text instead
+/// would lose a failure report.
 fn text(field: &str, value: String, required: bool) -> Result<String, Status> {
     if required && value.trim().is_empty() {
         return Err(invalid(field, "must not be empty"));
     }
+    let value = if value.chars().any(char::is_control) {
+        value
+            .chars()
+            .map(|c| match c {
+                '\n' | '\r' | '\t' => ' ',
+                c if c.is_control() => '\u{fffd}',
+                c => c,
+            })
+            .collect()
+    } else {
+        value
+    };
     if value.len() <= MAX_TEXT {
         return Ok(value);
     }
@@ -88,7 +105,8 @@ pub fn heartbeat(req: pb::HeartbeatRequest) -> Result<Command, Status> {
     } else {
         Some(LeaseRef { task_id: task_id(&req.task_id)?, attempt: attempt(req.attempt)? })
     };
-    let progress = Progress { done: req.progress_done, total: req.progress_total };
+    // Display only, but never more done than there is to do.
+    let progress = Progress { done: req.progress_done.min(req.progress_total), total: req.progress_total };
     Ok(Command::Heartbeat { worker_id, lease, progress, now_ms: 0 })
 }
 
@@ -108,6 +126,13 @@ pub fn complete(req: pb::CompleteTaskRequest) -> Result<Command, Status> {
     }
     if req.sha256.len() != 64 || !req.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         return Err(invalid("sha256", "must be 64 lower-case hex digits"));
+    }
+    // Counts are summed into telemetry and manifests: bound them far above any real shard (2^40 is a trillion
+    // records) so no worker can overflow a sum (review A13).
+    for (field, n) in [("records", req.records), ("tokens", req.tokens)] {
+        if n > MAX_COUNT {
+            return Err(invalid(field, format!("{n} is more than any shard holds (at most {MAX_COUNT})")));
+        }
     }
     let output = Output { key: req.output_key, sha256: req.sha256, records: req.records, tokens: req.tokens };
     Ok(Command::CompleteTask { worker_id, task_id, attempt, output, now_ms: 0 })
@@ -145,17 +170,42 @@ pub fn fail(req: pb::FailTaskRequest) -> Result<Command, Status> {
     })
 }
 
+/// What a gang rank publishes, and every other rank connects to: whitespace-separated parts, each
+/// `tcp://host:port` (its ring address), `nccl:<hex>` (rank 0's NCCL unique id) or `rank-R-of-W` (a runner
+/// without collectives). Anything else is refused rather than handed to the other ranks (review A14).
+fn endpoint(value: String) -> Result<String, Status> {
+    if value.len() > MAX_TEXT {
+        return Err(invalid("endpoint", format!("must be at most {MAX_TEXT} bytes")));
+    }
+    let host_ok = |h: &str| {
+        !h.is_empty() && h.len() <= 253 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+    };
+    let part_ok = |p: &str| {
+        if let Some(addr) = p.strip_prefix("tcp://") {
+            return addr.rsplit_once(':').is_some_and(|(host, port)| host_ok(host) && port.parse::<u16>().is_ok());
+        }
+        if let Some(hex) = p.strip_prefix("nccl:") {
+            return !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit());
+        }
+        p.strip_prefix("rank-")
+            .and_then(|rest| rest.split_once("-of-"))
+            .is_some_and(|(r, w)| r.parse::<u32>().is_ok() && w.parse::<u32>().is_ok())
+    };
+    if value.split_whitespace().next().is_none() || !value.split_whitespace().all(part_ok) {
+        return Err(invalid(
+            "endpoint",
+            format!("`{}` is not `tcp://host:port`, `nccl:<hex>` or `rank-R-of-W` parts", value.escape_debug()),
+        ));
+    }
+    Ok(value)
+}
+
 pub fn join_gang(req: pb::JoinGangRequest) -> Result<Command, Status> {
     Ok(Command::JoinGang {
         worker_id: worker_id("worker_id", &req.worker_id)?,
         task_id: task_id(&req.task_id)?,
         attempt: attempt(req.attempt)?,
-        endpoint: {
-            if req.endpoint.len() > MAX_TEXT {
-                return Err(invalid("endpoint", format!("must be at most {MAX_TEXT} bytes")));
-            }
-            text("endpoint", req.endpoint, true)?
-        },
+        endpoint: endpoint(req.endpoint)?,
         now_ms: 0,
     })
 }
@@ -405,6 +455,55 @@ mod tests {
         {
             let err = check_output_key(&complete_with("iter-2/train/0", attempt, key), &layout).unwrap_err();
             assert!(err.message().contains("output_key") && err.message().contains(key), "{}", err.message());
+        }
+    }
+
+    #[test]
+    fn worker_text_cannot_forge_log_lines_and_counts_cannot_overflow_a_sum() {
+        let fail = fail(pb::FailTaskRequest {
+            worker_id: "w1".into(),
+            task_id: "iter-1/rollout/0".into(),
+            attempt: 1,
+            error: "boom\n2026-12-03T00:00:00Z INFO forged line\u{1b}[31m".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let Command::FailTask { error, .. } = fail else { panic!() };
+        assert!(!error.chars().any(char::is_control), "{error:?}");
+        assert!(error.starts_with("boom 2026-12-03T00:00:00Z INFO forged line\u{fffd}[31m"), "{error:?}");
+
+        let mut huge = pb::CompleteTaskRequest {
+            worker_id: "w1".into(),
+            task_id: "iter-1/rollout/0".into(),
+            attempt: 1,
+            output_key: "k".into(),
+            sha256: "a".repeat(64),
+            records: u64::MAX,
+            tokens: 1,
+        };
+        let err = complete(huge.clone()).unwrap_err();
+        assert!(err.message().contains("records"), "{}", err.message());
+        huge.records = MAX_COUNT;
+        assert!(complete(huge).is_ok());
+    }
+
+    #[test]
+    fn a_gang_endpoint_must_be_ring_addresses_nccl_ids_or_the_placeholder() {
+        let join = |endpoint: &str| {
+            join_gang(pb::JoinGangRequest {
+                worker_id: "w1".into(),
+                task_id: "iter-1/train/0".into(),
+                attempt: 1,
+                endpoint: endpoint.into(),
+            })
+        };
+        for good in ["tcp://10.0.0.7:29500", "tcp://127.0.0.1:4000 nccl:00ff", "tcp://[::1]:80", "rank-0-of-2"] {
+            assert!(join(good).is_ok(), "{good}");
+        }
+        for bad in ["", "10.0.0.7:29500", "tcp://host:99999", "tcp://a b:1", "nccl:xyz", "http://evil/", "tcp://h:1;rm"]
+        {
+            let err = join(bad).unwrap_err();
+            assert!(err.message().contains("endpoint"), "{bad}: {}", err.message());
         }
     }
 }

@@ -29,11 +29,11 @@ async fn one_worker_runs_a_tiny_plan_from_register_to_run_finished() {
                     worker_id: worker.clone(),
                     task_id: task.task_id.clone(),
                     attempt: task.attempt,
-                    endpoint: "127.0.0.1:29500".into(),
+                    endpoint: "tcp://127.0.0.1:29500".into(),
                 };
                 let joined = client.join_gang(join).await.unwrap().into_inner().outcome.unwrap();
                 let pb::join_gang_response::Outcome::Ready(ready) = joined else { panic!("{joined:?}") };
-                assert_eq!(ready.endpoints, vec!["127.0.0.1:29500".to_owned()]);
+                assert_eq!(ready.endpoints, vec!["tcp://127.0.0.1:29500".to_owned()]);
                 assert!(complete(&mut client, &worker, &task).await.accepted);
                 done.push(task.task_id);
             }
@@ -117,7 +117,7 @@ async fn malformed_requests_are_invalid_argument_naming_the_field_and_apply_noth
         worker_id: worker.clone(),
         task_id: task.task_id.clone(),
         attempt: task.attempt,
-        endpoint: "x:1".into(),
+        endpoint: "tcp://x:1".into(),
     };
     assert_eq!(client.join_gang(not_a_gang).await.unwrap_err().code(), Code::InvalidArgument);
 

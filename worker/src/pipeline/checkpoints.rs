@@ -24,6 +24,11 @@ enum Found {
     Remote { name: String, keys: Vec<String> },
 }
 
+/// A name that stays inside the folder it is joined to: not empty, `.` or `..`, no separator.
+fn is_plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\'])
+}
+
 fn step_of(name: &str) -> Option<usize> {
     name.strip_prefix(PREFIX)?.parse().ok()
 }
@@ -100,6 +105,12 @@ impl Pipeline {
             Found::Remote { keys, .. } => {
                 for key in keys {
                     let file = key.rsplit('/').next().unwrap_or_default();
+                    // A bucket key is not trusted to name a file inside the work dir (review A14).
+                    if !is_plain_file_name(file) {
+                        return Err(Error::InvalidRequest(format!(
+                            "checkpoint object `{key}` in the store does not end in a plain file name"
+                        )));
+                    }
                     let bytes = self.block_on(self.store.get(&key))?;
                     let path = part.join(file);
                     std::fs::write(&path, &bytes).map_err(Error::io(&path))?;
@@ -138,5 +149,18 @@ impl Pipeline {
             let files = keys.iter().filter(|k| k.starts_with(&wanted)).cloned().collect();
             (step, Found::Remote { name, keys: files })
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_plain_file_name;
+
+    #[test]
+    fn checkpoint_file_names_from_the_store_cannot_escape_the_work_dir() {
+        assert!(is_plain_file_name("model.safetensors") && is_plain_file_name("train_state.json"));
+        for bad in ["", ".", "..", "a/b", "a\\b"] {
+            assert!(!is_plain_file_name(bad), "{bad:?}");
+        }
     }
 }

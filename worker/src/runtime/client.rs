@@ -33,7 +33,8 @@ pub struct Timeouts {
     pub connect: Duration,
     /// One call, including the coordinator's fsync of the command it applies.
     pub request: Duration,
-    /// How long one call keeps retrying while the coordinator is unreachable before the worker gives up.
+    /// How long one call about a task keeps retrying while the coordinator is unreachable before the
+    /// worker gives up on it (an idle worker's calls retry without limit: `Coordinator::retry_forever`).
     pub reconnect: Duration,
 }
 
@@ -43,10 +44,10 @@ impl Default for Timeouts {
     }
 }
 
-/// When a retrying call stops: at `deadline`, or at once when `cancel` fires (shutdown).
+/// When a retrying call stops: at `deadline` (None: never), or at once when `cancel` fires (shutdown).
 #[derive(Debug, Clone, Copy)]
 pub struct Retry<'a> {
-    pub deadline: Instant,
+    pub deadline: Option<Instant>,
     pub cancel: Option<&'a CancellationToken>,
 }
 
@@ -87,9 +88,17 @@ impl Coordinator {
         self.timeouts
     }
 
-    /// A retry bound of one reconnect timeout from now.
+    /// A retry bound of one reconnect timeout from now: for calls about a task, whose lease is gone long
+    /// before this anyway.
     pub fn retry<'a>(&self, cancel: Option<&'a CancellationToken>) -> Retry<'a> {
-        Retry { deadline: Instant::now() + self.timeouts.reconnect, cancel }
+        Retry { deadline: Some(Instant::now() + self.timeouts.reconnect), cancel }
+    }
+
+    /// No bound: for an idle worker's RegisterWorker and LeaseTask, so that a coordinator rescheduled for
+    /// longer than the reconnect timeout (a volume that takes minutes to re-attach) does not make every
+    /// worker exit and burn the Job's restarts (review A15). Shutdown still stops it.
+    pub fn retry_forever<'a>(&self, cancel: Option<&'a CancellationToken>) -> Retry<'a> {
+        Retry { deadline: None, cancel }
     }
 
     /// One call, no retry: for heartbeats, which come again at the next tick anyway.
@@ -121,7 +130,7 @@ impl Coordinator {
                 Err(status) => return Err(self.refused(context.call, &status)),
             };
             let now = Instant::now();
-            if now + backoff > retry.deadline {
+            if retry.deadline.is_some_and(|deadline| now + backoff > deadline) {
                 return Err(Error::Coordinator(format!(
                     "{} to {}: gave up after {retries} tries in {:.1?}: {}",
                     context.call,
@@ -140,7 +149,7 @@ impl Coordinator {
                 "coordinator {} unreachable; retrying in {backoff:?}",
                 self.url
             );
-            let sleep = tokio::time::sleep(backoff);
+            let sleep = tokio::time::sleep(jittered(backoff));
             match retry.cancel {
                 Some(cancel) => tokio::select! {
                     () = sleep => {}
@@ -167,6 +176,15 @@ impl Coordinator {
         };
         Error::Coordinator(format!("{call} refused by {}: {}{hint}", self.url, describe(status)))
     }
+}
+
+/// `backoff` scaled by a random factor in [0.5, 1.5): a hundred workers that lost the coordinator together
+/// do not all come back in the same millisecond.
+fn jittered(backoff: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    // A fresh RandomState is randomly keyed: enough randomness for spreading retries, without a crate.
+    let random = std::collections::hash_map::RandomState::new().build_hasher().finish();
+    backoff.mul_f64(0.5 + (random % 1024) as f64 / 1024.0)
 }
 
 /// Errors a restarting, overloaded or briefly unreachable coordinator gives; everything else is an

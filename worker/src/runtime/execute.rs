@@ -417,7 +417,7 @@ impl Session {
             retryable: false,
         };
         // The shutdown token has fired already, so this retry must not watch it.
-        let retry = Retry { deadline: Instant::now() + self.shutdown_grace, cancel: None };
+        let retry = Retry { deadline: Some(Instant::now() + self.shutdown_grace), cancel: None };
         let reply = self
             .coordinator
             .call(self.context("FailTask", task), retry, |mut client| {

@@ -165,7 +165,7 @@ async fn register(
     let worker_id = options.worker_id.as_deref().unwrap_or("");
     let context = CallContext { call: "RegisterWorker", worker_id, task_id: "", attempt: 0 };
     coordinator
-        .call(context, coordinator.retry(Some(shutdown)), |mut client| {
+        .call(context, coordinator.retry_forever(Some(shutdown)), |mut client| {
             let request = request.clone();
             async move { client.register_worker(request).await }
         })
@@ -216,7 +216,8 @@ impl Session {
             }
             let request = pb::LeaseTaskRequest { worker_id: self.worker_id.clone() };
             let context = CallContext { call: "LeaseTask", worker_id: &self.worker_id, task_id: "", attempt: 0 };
-            let retry = self.coordinator.retry(Some(&self.shutdown));
+            // Idle: wait for the coordinator as long as it takes (it may be rescheduling).
+            let retry = self.coordinator.retry_forever(Some(&self.shutdown));
             let reply = self
                 .coordinator
                 .call(context, retry, |mut client| {
