@@ -53,6 +53,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// The file or folder a storage error is about, for structured logs.
+    pub fn path(&self) -> Option<&str> {
+        match self {
+            Error::Storage { path, .. } | Error::CorruptLog { path, .. } | Error::StateMismatch { path, .. } => {
+                Some(path)
+            }
+            _ => None,
+        }
+    }
+
     /// A stable, low-cardinality label for metrics and structured logs.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -58,7 +58,11 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         tracing::info!(grpc = %server.grpc_url(), status = %server.status_url(), "coordinator serving");
         let finished = tokio::select! {
             status = server.run_over() => {
-                tracing::info!(?status, "run over");
+                if status == RunStatus::Running {
+                    tracing::error!("the coordinator driver ended before the run was over");
+                } else {
+                    tracing::info!(?status, "run over");
+                }
                 status == RunStatus::Finished
             }
             () = stop_signal() => {
@@ -85,7 +89,9 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        server.shutdown().await;
+        // A failed command log write ends the driver (and `run_over` with it): exit non-zero, so that
+        // Kubernetes restarts the pod and the restart replays the log.
+        server.close().await?;
         anyhow::Ok(())
     })
 }

@@ -1,14 +1,18 @@
 //! The driver task: the one owner of the `RunState` (TGI's router/queue pattern). Everyone else holds a
-//! cheap `Handle` that sends it messages with oneshot replies. It stamps each command with the clock,
-//! applies it, appends it to the command log, and replies only once the log is durable. Messages that
+//! cheap `Handle` that sends it messages with oneshot replies. The handle stamps each command with the
+//! clock as it arrives; the driver applies it, appends it to the command log unless it changed nothing
+//! durable (idle polls, lease-less heartbeats), and replies only once the log is durable. Messages that
 //! queue up while a write is in flight form the next batch, which shares one fsync (group commit).
-//! Between messages it sleeps until the state's next deadline and then applies `ExpireLeases`.
+//! Between messages it sleeps until the state's next deadline and then, once the queue is drained,
+//! applies `ExpireLeases`. When the driver itself could not run for a while (a stalled fsync, a paused
+//! VM), nothing expires until workers have had time to heartbeat again, as after a restart. After a
+//! failed log write it refuses every command, reports itself unhealthy, and ends with the error.
 //! With a manifest `Publisher`, it queues every stage it moves past for publishing once the move is
 //! durable, and holds LeaseTask back ("retry later") until the stages before the active one are
 //! published, so no worker can start a stage before the manifest it reads exists.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -28,6 +32,15 @@ use crate::state::{
 const MAX_BATCH: usize = 512;
 /// Callers wait (backpressure) once this many messages are queued.
 const QUEUE: usize = 8192;
+/// A due tick waits for the queue to drain, but for at most this many batches (a full queue's worth),
+/// so a steady stream of requests cannot starve expiry.
+const MAX_DEFERRED_TICKS: u32 = (QUEUE / MAX_BATCH) as u32;
+/// While anything can expire the driver wakes at least this often, so that a wake-up much later than
+/// asked for shows that it did not run in between (a paused VM).
+const PULSE_MS: u64 = 1_000;
+/// How long a driver whose log write failed keeps answering (refusals, status, failing probes) before
+/// it ends, so that callers and probes see why before the process exits.
+const LOG_ERROR_EXIT_MS: u64 = 5_000;
 
 #[derive(Debug, Clone, Default)]
 pub struct DriverOptions {
@@ -38,6 +51,21 @@ pub struct DriverOptions {
     /// Snapshot the run state every this many log entries, and drop the log segments snapshots cover.
     /// None: `snapshots::DEFAULT_SNAPSHOT_EVERY`; Some(0): never (the log keeps every entry).
     pub snapshot_every: Option<u64>,
+    /// After a failed log write, how long the driver keeps answering (refusing commands, failing its
+    /// health checks) before its task ends with the error. None: 5 s.
+    pub log_error_exit_ms: Option<u64>,
+}
+
+/// What `/livez` and `/readyz` report; published by the driver as it changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// The log is replayed and every write so far succeeded.
+    Serving,
+    /// A log write failed: the state may run ahead of the log, so the driver refuses every command and
+    /// ends shortly; a restart replays the log.
+    LogFailed { error: String },
+    /// The driver task has ended.
+    Stopped,
 }
 
 /// What a read sees: the state, the driver's counters, and the time of the read.
@@ -64,6 +92,7 @@ enum Msg {
         worker_id: Option<WorkerId>,
         name: String,
         resources: Resources,
+        now_ms: u64,
         reply: ReplyTx,
     },
     Read(ReadFn),
@@ -75,6 +104,7 @@ enum Msg {
 pub struct Handle {
     tx: mpsc::Sender<Msg>,
     run: watch::Receiver<RunStatus>,
+    health: watch::Receiver<Health>,
     clock: Arc<dyn Clock>,
     /// Stages whose manifests are published, counted from the first, and how many stages there are;
     /// None when the driver publishes no manifests.
@@ -86,8 +116,12 @@ fn stopped() -> Error {
 }
 
 impl Handle {
-    /// Applies `command` with its time replaced by the driver's clock; returns once it is durable.
-    pub async fn apply(&self, command: Command) -> Result<Applied> {
+    /// Applies `command` with its time replaced by the clock's reading now, as it arrives; returns once
+    /// it is durable (or, when it changed nothing durable, once everything before it is).
+    pub async fn apply(&self, mut command: Command) -> Result<Applied> {
+        // Stamped on arrival, not when the driver gets to it: a heartbeat that waited in the queue behind
+        // a slow log write still counts from when the worker sent it.
+        command.set_now_ms(self.clock.now_ms());
         let (reply, rx) = oneshot::channel();
         self.tx.send(Msg::Apply { command, reply }).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
@@ -97,7 +131,8 @@ impl Handle {
     /// chosen before the command is logged, by the only task that knows which are taken).
     pub async fn register(&self, worker_id: Option<WorkerId>, name: String, resources: Resources) -> Result<Applied> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::Register { worker_id, name, resources, reply }).await.map_err(|_| stopped())?;
+        let now_ms = self.clock.now_ms();
+        self.tx.send(Msg::Register { worker_id, name, resources, now_ms, reply }).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
 
@@ -143,6 +178,14 @@ impl Handle {
         &self.clock
     }
 
+    /// The driver's health, without queueing behind its work (probes must answer during a slow write).
+    pub fn health(&self) -> Health {
+        if self.tx.is_closed() {
+            return Health::Stopped;
+        }
+        self.health.borrow().clone()
+    }
+
     /// Flushes and stops the driver; later calls answer `Unavailable`.
     pub async fn stop(&self) {
         let (reply, rx) = oneshot::channel();
@@ -162,7 +205,7 @@ pub async fn start(
     clock: Arc<dyn Clock>,
     options: DriverOptions,
     mut publisher: Option<Publisher>,
-) -> Result<(Handle, JoinHandle<()>)> {
+) -> Result<(Handle, JoinHandle<Result<()>>)> {
     let grace = options.restart_grace_ms.unwrap_or(plan.worker_timeout_ms);
     // Loading and replaying a long log is blocking work: keep it off the async workers. Entries are
     // applied as they stream in, so memory holds the state, never the history.
@@ -208,6 +251,8 @@ pub async fn start(
     });
     let (tx, rx) = mpsc::channel(QUEUE);
     let (run_tx, run_rx) = watch::channel(state.status().clone());
+    let (health_tx, health_rx) = watch::channel(Health::Serving);
+    let worker_timeout_ms = state.plan().worker_timeout_ms;
     let actor = Actor {
         state,
         log: Some(log),
@@ -216,12 +261,18 @@ pub async fn start(
         log_index: recovered,
         run: run_tx,
         quiet_until_ms: if recovered > 0 { now.saturating_add(grace) } else { 0 },
+        gap_grace_ms: grace.max(worker_timeout_ms),
         last_tick_ms: None,
+        deferred_ticks: 0,
         publisher,
         snapshots: Snapshots::new(options.snapshot_every, loaded.snapshot_index),
+        health: health_tx,
+        log_failure: None,
+        exit_at: None,
+        exit_after: Duration::from_millis(options.log_error_exit_ms.unwrap_or(LOG_ERROR_EXIT_MS)),
     };
     let task = tokio::spawn(actor.run(rx));
-    Ok((Handle { tx, run: run_rx, clock, published }, task))
+    Ok((Handle { tx, run: run_rx, health: health_rx, clock, published }, task))
 }
 
 struct Actor {
@@ -232,68 +283,141 @@ struct Actor {
     telemetry: Telemetry,
     log_index: u64,
     run: watch::Sender<RunStatus>,
-    /// The restart grace: no expiry before this time.
+    /// The restart grace, or the grace after a gap in the driver's own running: no expiry before this.
     quiet_until_ms: u64,
+    /// How long expiry waits after such a gap: the restart grace, and at least a worker timeout (in which
+    /// every live worker heartbeats).
+    gap_grace_ms: u64,
     /// When the timer last fired; the next tick waits for a later time, so a deadline that a tick
     /// could not clear never spins.
     last_tick_ms: Option<u64>,
+    /// Batches a due tick has waited for the queue to drain.
+    deferred_ticks: u32,
     /// Writes the manifests of finished stages; None: no manifests (tests, benchmarks).
     publisher: Option<Publisher>,
     /// When to snapshot the state and compact the log.
     snapshots: Snapshots,
+    health: watch::Sender<Health>,
+    /// The failed log write the driver ends with.
+    log_failure: Option<Error>,
+    /// When a driver whose log write failed ends.
+    exit_at: Option<tokio::time::Instant>,
+    exit_after: Duration,
 }
 
 enum Next {
     Msg(Msg),
-    Tick,
+    /// The timer (or the pulse) fired.
+    Wake,
+    /// The delay after a failed log write is over.
+    Exit,
     Closed,
 }
 
 impl Actor {
-    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Msg>) -> Result<()> {
         let mut stop: Option<oneshot::Sender<()>> = None;
         while stop.is_none() {
             let deadline = self.timer_deadline();
             let mut batch = Batch::default();
-            // Checked before waiting for messages too, so a steady stream of requests cannot starve expiry.
-            if deadline.is_some_and(|at| at <= self.clock.now_ms()) {
-                self.tick(&mut batch);
-            } else {
+            let now = self.clock.now_ms();
+            // A due deadline skips the wait: a steady stream of requests cannot starve expiry.
+            if deadline.is_none_or(|at| at > now) {
+                let wake = deadline.map(|at| at.min(now.saturating_add(PULSE_MS)));
                 let clock = self.clock.clone();
                 let sleep = async move {
-                    match deadline {
+                    match wake {
                         Some(at) => clock.sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let exit_at = self.exit_at;
+                let exit = async move {
+                    match exit_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
                         None => std::future::pending().await,
                     }
                 };
                 let next = tokio::select! {
                     msg = rx.recv() => msg.map_or(Next::Closed, Next::Msg),
-                    () = sleep => Next::Tick,
+                    () = sleep => Next::Wake,
+                    () = exit => Next::Exit,
                 };
+                if let Some(at) = wake {
+                    // Woken well after the time asked for: the driver was not running in between.
+                    let late = self.clock.now_ms().saturating_sub(at);
+                    self.note_gap(late, "waiting");
+                }
                 match next {
-                    Next::Closed => break,
-                    // The system clock caps its sleeps, so a wake-up may come before the deadline.
-                    Next::Tick if deadline.is_some_and(|at| at > self.clock.now_ms()) => continue,
-                    Next::Tick => self.tick(&mut batch),
+                    Next::Closed | Next::Exit => break,
+                    // The clock may wake a sleeper early, and the pulse fires before the deadline:
+                    // whether to tick is decided below, after the queue is drained.
+                    Next::Wake => {}
                     Next::Msg(msg) => stop = self.take(msg, &mut batch),
                 }
             }
+            let mut drained = false;
             while stop.is_none() && batch.len < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(msg) => stop = self.take(msg, &mut batch),
-                    Err(_) => break,
+                    Err(_) => {
+                        drained = true;
+                        break;
+                    }
                 }
             }
-            self.commit(batch).await;
+            // Ticks only after the queued messages: heartbeats that waited behind a slow write apply
+            // first, so the tick cannot declare dead a worker whose proof of life is in the queue.
+            if stop.is_none() && self.timer_deadline().is_some_and(|at| at <= self.clock.now_ms()) {
+                if drained || self.deferred_ticks >= MAX_DEFERRED_TICKS {
+                    self.deferred_ticks = 0;
+                    self.tick(&mut batch);
+                } else {
+                    self.deferred_ticks += 1;
+                }
+            }
+            if !batch.is_empty() {
+                self.commit(batch).await;
+            }
         }
         self.snapshots.finish().await;
         tracing::info!(commands = self.log_index, "coordinator driver stopped");
         if let Some(publisher) = self.publisher.take() {
             publisher.stop();
         }
+        self.health.send_replace(Health::Stopped);
         if let Some(stop) = stop {
             let _ = stop.send(());
         }
+        match self.log_failure.take() {
+            Some(error) => {
+                tracing::error!(
+                    path = error.path().unwrap_or_default(),
+                    error = %error,
+                    "coordinator driver ended after a failed command log write; a restart replays the log"
+                );
+                Err(error)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A gap in the driver's own running (a stalled fsync, a paused VM, a clock step) of more than half
+    /// a worker timeout: workers' heartbeats sat in the queue or the network meanwhile, through no fault
+    /// of theirs. Treated like a restart: nothing expires until they have had time to get through.
+    fn note_gap(&mut self, gap_ms: u64, during: &'static str) {
+        if gap_ms <= self.state.plan().worker_timeout_ms / 2 {
+            return;
+        }
+        let until = self.clock.now_ms().saturating_add(self.gap_grace_ms);
+        self.quiet_until_ms = self.quiet_until_ms.max(until);
+        tracing::warn!(
+            gap_ms,
+            during,
+            quiet_until_ms = self.quiet_until_ms,
+            "the coordinator did not run for over half a worker timeout; no lease or worker expires until \
+             workers have had time to heartbeat again"
+        );
     }
 
     /// When to send the next ExpireLeases: the state's next deadline, not before the restart grace
@@ -319,9 +443,9 @@ impl Actor {
     fn take(&mut self, msg: Msg, batch: &mut Batch) -> Option<oneshot::Sender<()>> {
         match msg {
             Msg::Apply { command, reply } => self.apply(command, Some(reply), batch),
-            Msg::Register { worker_id, name, resources, reply } => {
+            Msg::Register { worker_id, name, resources, now_ms, reply } => {
                 let worker_id = worker_id.unwrap_or_else(|| self.state.fresh_worker_id());
-                self.apply(Command::RegisterWorker { worker_id, name, resources, now_ms: 0 }, Some(reply), batch);
+                self.apply(Command::RegisterWorker { worker_id, name, resources, now_ms }, Some(reply), batch);
             }
             Msg::Read(read) => batch.reads.push(read),
             Msg::Stop(reply) => return Some(reply),
@@ -329,26 +453,35 @@ impl Actor {
         None
     }
 
+    /// Applies a command stamped with its arrival time, and queues it for the log if it changed
+    /// anything durable.
     fn apply(&mut self, command: Command, reply: Option<ReplyTx>, batch: &mut Batch) {
         batch.len += 1;
-        let now = self.clock.now_ms();
         if let Some(message) = &self.telemetry.log_error {
             let error = Error::Unavailable {
-                message: format!("the command log could not be written ({message}); restart the coordinator"),
+                message: format!(
+                    "the command log could not be written ({message}); the coordinator exits, and its restart replays the log"
+                ),
             };
             batch.replies.push((reply, Err(error)));
             return;
         }
         let (mut command, held_back) = self.hold_back(command);
-        stamp(&mut command, now);
+        // Never earlier than the state's time (commands stamped on arrival can be dequeued out of time
+        // order): what is logged is then the time the state really used, even when commands in between
+        // are not logged, so a replay computes the same deadlines.
+        let now = command.now_ms().max(self.state.now_ms());
+        command.set_now_ms(now);
         let mut result = self.state.apply(command.clone());
         self.telemetry.observe(&command, &result, now);
+        // A refused command changed nothing, so it need not be logged (a replay would refuse it again);
+        // nor need one that changed only liveness, which lives in memory (the restart grace covers it).
+        let durable = result.as_ref().is_ok_and(|applied| !self.state.changes_only_liveness(&command, &applied.reply));
         if held_back {
             let wait = Lease::RetryAfter { ms: self.state.plan().retry_after_ms, reason: WaitReason::PhaseBarrier };
             result = result.map(|applied| Applied { reply: Reply::Lease(wait), events: applied.events });
         }
-        // A refused command changed nothing, so it need not be logged (a replay would refuse it again).
-        if result.is_ok() {
+        if durable {
             batch.entries.push(command);
         }
         batch.replies.push((reply, result));
@@ -376,11 +509,14 @@ impl Actor {
                     let entries = std::mem::take(&mut batch.entries);
                     let count = entries.len();
                     let started = Instant::now();
+                    let began_ms = self.clock.now_ms();
                     let done = tokio::task::spawn_blocking(move || {
                         let result = log.append(&entries);
                         (log, result)
                     })
                     .await;
+                    // Nothing was applied while the write ran: heartbeats queued up behind it.
+                    self.note_gap(self.clock.now_ms().saturating_sub(began_ms), "writing the command log");
                     match done {
                         Ok((log, result)) => {
                             self.log = Some(log);
@@ -395,8 +531,12 @@ impl Actor {
             };
             if let Err(error) = written {
                 // The state now runs ahead of the log: serving it could acknowledge what a restart
-                // would forget. Refuse everything until an operator restarts from the log.
+                // would forget. Refuse everything, fail the health checks, and end shortly, so the
+                // process exits and its restart replays the log.
                 self.telemetry.note_log_error(&error);
+                self.health.send_replace(Health::LogFailed { error: error.to_string() });
+                self.exit_at = Some(tokio::time::Instant::now() + self.exit_after);
+                self.log_failure = Some(error.clone());
                 let unavailable = Error::Unavailable { message: format!("could not persist the command: {error}") };
                 for (_, result) in &mut batch.replies {
                     if result.is_ok() {
@@ -456,16 +596,8 @@ struct Batch {
     reads: Vec<ReadFn>,
 }
 
-/// Time enters the state only here: the command carries the driver's clock reading.
-fn stamp(command: &mut Command, now: u64) {
-    match command {
-        Command::RegisterWorker { now_ms, .. }
-        | Command::Heartbeat { now_ms, .. }
-        | Command::LeaseTask { now_ms, .. }
-        | Command::CompleteTask { now_ms, .. }
-        | Command::FailTask { now_ms, .. }
-        | Command::ExpireLeases { now_ms }
-        | Command::JoinGang { now_ms, .. }
-        | Command::AbortGang { now_ms, .. } => *now_ms = now,
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty() && self.replies.is_empty() && self.reads.is_empty()
     }
 }

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
@@ -19,21 +19,37 @@ pub trait Clock: Send + Sync + 'static {
     fn sleep_until(&self, at_ms: u64) -> Sleep<'_>;
 }
 
-/// The wall clock.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
+/// The Unix time at start, moved on by a monotonic clock: an NTP step or a manual `date` while the
+/// coordinator runs does not move it, so a wall-clock step can neither expire every worker at once nor
+/// stretch leases. It drifts from the wall clock only by what the wall clock was corrected by since start
+/// (seconds over days), which the lease and worker timeouts dwarf.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemClock {
+    epoch_ms: u64,
+    started: Instant,
+}
 
-/// A sleep never lasts longer than this, so a wall-clock step (NTP, a VM resumed) delays a lease
-/// expiry by at most this much.
-const MAX_SLEEP: Duration = Duration::from_secs(5);
+impl SystemClock {
+    pub fn new() -> Self {
+        let epoch_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        Self { epoch_ms, started: Instant::now() }
+    }
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Clock for SystemClock {
     fn now_ms(&self) -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+        self.epoch_ms.saturating_add(self.started.elapsed().as_millis() as u64)
     }
 
     fn sleep_until(&self, at_ms: u64) -> Sleep<'_> {
-        let wait = Duration::from_millis(at_ms.saturating_sub(self.now_ms())).min(MAX_SLEEP);
+        // tokio's timer is monotonic too, so the sleep ends when `now_ms` reaches `at_ms`.
+        let wait = Duration::from_millis(at_ms.saturating_sub(self.now_ms()));
         Box::pin(tokio::time::sleep(wait))
     }
 }

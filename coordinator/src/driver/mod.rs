@@ -19,7 +19,7 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
-pub use actor::{DriverOptions, Handle, View};
+pub use actor::{DriverOptions, Handle, Health, View};
 pub use auth::{Bearer, ClusterToken, TOKEN_ENV};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use log::{CommandLog, FileLog, MemoryLog, config_sha256};

@@ -44,7 +44,7 @@ pub struct CoordinatorConfig {
     pub plan: Plan,
     /// gRPC listener for workers.
     pub listen: SocketAddr,
-    /// HTTP listener for `/status`, `/metrics` and `/`.
+    /// HTTP listener for `/status`, `/metrics`, `/`, and the probes `/livez` and `/readyz`.
     pub status_listen: SocketAddr,
     /// Where the command log lives; a restart on the same folder resumes the run. None: in memory only
     /// (nothing survives a restart; for benchmarks and throwaway runs).
@@ -91,7 +91,7 @@ impl CoordinatorConfig {
             state_dir: None,
             token: None,
             status_requires_token: false,
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(SystemClock::new()),
             driver: DriverOptions::default(),
             write_manifests: true,
         })
@@ -126,7 +126,7 @@ pub struct ServerHandle {
     handle: Handle,
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
-    driver: JoinHandle<()>,
+    driver: JoinHandle<Result<()>>,
 }
 
 impl ServerHandle {
@@ -160,6 +160,13 @@ impl ServerHandle {
     /// Stops accepting calls, lets in-flight ones finish (for a few seconds at most), then stops the
     /// driver. Everything acknowledged is already in the log.
     pub async fn shutdown(self) {
+        let _ = self.close().await;
+    }
+
+    /// `shutdown`, returning how the driver ended: the error when a command log write failed (the
+    /// driver then ends on its own, and `run_over` resolves with the run still running), so the process
+    /// can exit non-zero and its restart replay the log.
+    pub async fn close(self) -> Result<()> {
         let _ = self.shutdown.send(true);
         for mut server in self.servers {
             if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
@@ -167,7 +174,9 @@ impl ServerHandle {
             }
         }
         self.handle.stop().await;
-        let _ = self.driver.await;
+        self.driver
+            .await
+            .map_err(|e| Error::Unavailable { message: format!("the coordinator driver panicked: {e}") })?
     }
 }
 

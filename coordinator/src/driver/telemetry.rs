@@ -146,7 +146,12 @@ impl Telemetry {
     }
 
     pub fn note_log_error(&mut self, error: &Error) {
-        tracing::error!("cannot persist the command log; refusing further commands: {error}");
+        tracing::error!(
+            path = error.path().unwrap_or_default(),
+            error = %error,
+            "cannot persist the command log: refusing every command, failing /livez and /readyz, and exiting \
+             shortly so that a restart replays the log"
+        );
         self.log_error = Some(error.to_string());
     }
 }

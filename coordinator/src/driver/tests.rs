@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use super::actor::{self, DriverOptions, Handle};
 use super::clock::ManualClock;
-use super::log::{CommandLog, FileLog, MemoryLog, OLD_LOG_FILE, Recovered, SNAP_DIR, WAL_DIR};
+use super::log::{CommandLog, FileLog, Loaded, MemoryLog, OLD_LOG_FILE, Recovered, SNAP_DIR, SnapshotJob, WAL_DIR};
 use crate::error::Error;
 use crate::plan::Phase;
-use crate::state::{Command, Lease, Plan, Reply, Resources, TaskId, TaskState, WorkerId};
+use crate::state::{Command, Lease, Plan, Reply, Resources, RunState, TaskId, TaskState, WorkerId};
 
 const T0: u64 = 1_000_000;
 
@@ -22,7 +22,7 @@ fn plan() -> Plan {
 }
 
 async fn start(log: &MemoryLog, clock: &ManualClock, grace: u64) -> Handle {
-    let options = DriverOptions { restart_grace_ms: Some(grace), ..Default::default() };
+    let options = DriverOptions { restart_grace_ms: Some(grace), ..DriverOptions::default() };
     actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options, None).await.unwrap().0
 }
 
@@ -342,8 +342,8 @@ fn a_format_1_json_lines_log_is_refused_with_what_to_do() {
     }
 }
 
-async fn start_on(log: FileLog, clock: &ManualClock, every: u64) -> (Handle, tokio::task::JoinHandle<()>) {
-    let options = DriverOptions { restart_grace_ms: Some(0), snapshot_every: Some(every), ..Default::default() };
+async fn start_on(log: FileLog, clock: &ManualClock, every: u64) -> (Handle, tokio::task::JoinHandle<crate::error::Result<()>>) {
+    let options = DriverOptions { restart_grace_ms: Some(0), snapshot_every: Some(every), ..DriverOptions::default() };
     actor::start(plan(), Box::new(log), Arc::new(clock.clone()), options, None).await.unwrap()
 }
 
@@ -372,7 +372,7 @@ async fn snapshots_compact_the_log_and_a_restart_rebuilds_the_live_state() {
     let index = handle.read(|v| v.log_index).await.unwrap();
     assert!(index >= 90 + 3, "{index}");
     handle.stop().await;
-    task.await.unwrap();
+    task.await.unwrap().unwrap();
 
     let snapshots: Vec<_> = std::fs::read_dir(dir.path().join(SNAP_DIR)).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(snapshots.len(), 2, "the newest two snapshots are kept: {snapshots:?}");
@@ -387,7 +387,7 @@ async fn snapshots_compact_the_log_and_a_restart_rebuilds_the_live_state() {
     register(&restarted, "w-late").await;
     let live = state_json(&restarted).await;
     restarted.stop().await;
-    task.await.unwrap();
+    task.await.unwrap().unwrap();
 
     // A newest snapshot that fails its checksum is skipped for the one before it and the segments after.
     let mut snapshots: Vec<_> =
@@ -401,13 +401,13 @@ async fn snapshots_compact_the_log_and_a_restart_rebuilds_the_live_state() {
     let (again, task) = start_on(open(dir.path()), &clock, 0).await;
     assert_eq!(state_json(&again).await, live);
     again.stop().await;
-    task.await.unwrap();
+    task.await.unwrap().unwrap();
 }
 
 #[tokio::test]
 async fn the_memory_log_snapshots_and_compacts_too() {
     let (log, clock) = (MemoryLog::new(), ManualClock::new(T0));
-    let options = DriverOptions { restart_grace_ms: Some(0), snapshot_every: Some(10), ..Default::default() };
+    let options = DriverOptions { restart_grace_ms: Some(0), snapshot_every: Some(10), ..DriverOptions::default() };
     let (handle, task) =
         actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options.clone(), None).await.unwrap();
     for i in 0..25 {
@@ -415,7 +415,7 @@ async fn the_memory_log_snapshots_and_compacts_too() {
     }
     let live = state_json(&handle).await;
     handle.stop().await;
-    task.await.unwrap();
+    task.await.unwrap().unwrap();
     // The first snapshot at entry 10, the next at 20 or (with the first still being written) a bit later.
     let index = log.snapshot_index().unwrap();
     assert!((20..25).contains(&index), "{index}");
@@ -465,7 +465,7 @@ async fn the_next_stage_is_not_leased_before_the_manifest_it_reads_is_written() 
     let store = iro_common::store::Store::in_memory();
     let layout = RunLayout::new("gate").unwrap();
     let publisher = super::manifests::Publisher::start(store.clone(), "gate").unwrap();
-    let options = DriverOptions { restart_grace_ms: Some(0), ..Default::default() };
+    let options = DriverOptions { restart_grace_ms: Some(0), ..DriverOptions::default() };
     let (handle, _) =
         actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options, Some(publisher)).await.unwrap();
     let worker = register(&handle, "w-a").await;
@@ -519,7 +519,7 @@ async fn the_next_stage_is_not_leased_before_the_manifest_it_reads_is_written() 
     // A restart writes the manifests of finished stages again (here: after someone deleted it).
     store.delete(&layout.manifest(1, ShardedPhase::Rollout)).await.unwrap();
     let publisher = super::manifests::Publisher::start(store.clone(), "gate").unwrap();
-    let options = DriverOptions { restart_grace_ms: Some(0), ..Default::default() };
+    let options = DriverOptions { restart_grace_ms: Some(0), ..DriverOptions::default() };
     let (restarted, _) =
         actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options, Some(publisher)).await.unwrap();
     for _ in 0..100 {
@@ -531,4 +531,368 @@ async fn the_next_stage_is_not_leased_before_the_manifest_it_reads_is_written() 
     let again = iro_common::records::read_manifest(&store, &layout, 1, ShardedPhase::Rollout).await.unwrap();
     assert_eq!(again, manifest, "the same manifest, rewritten");
     restarted.stop().await;
+}
+
+#[test]
+fn the_system_clock_starts_at_the_unix_time_and_never_runs_backwards() {
+    use super::clock::{Clock, SystemClock};
+    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let clock = SystemClock::new();
+    let mut last = clock.now_ms();
+    assert!(last.abs_diff(wall) < 1_000, "{last} is not the Unix time {wall}");
+    for _ in 0..10_000 {
+        let now = clock.now_ms();
+        assert!(now >= last, "the clock went back from {last} to {now}");
+        last = now;
+    }
+}
+
+/// A `CommandLog` whose appends wait while its gate is shut: a stalled fsync (an EBS or NFS hiccup).
+#[derive(Clone, Default)]
+struct GatedLog {
+    inner: MemoryLog,
+    /// (shut, appends waiting at the gate)
+    gate: Arc<(std::sync::Mutex<(bool, usize)>, std::sync::Condvar)>,
+}
+
+impl GatedLog {
+    fn shut(&self, shut: bool) {
+        let (lock, opened) = &*self.gate;
+        lock.lock().unwrap().0 = shut;
+        opened.notify_all();
+    }
+
+    /// Waits (in real time, briefly) until an append is stuck at the gate.
+    async fn stuck(&self) {
+        for _ in 0..500 {
+            if self.gate.0.lock().unwrap().1 > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("no append reached the shut gate");
+    }
+}
+
+impl CommandLog for GatedLog {
+    fn load(&mut self, sink: &mut dyn FnMut(Recovered) -> crate::error::Result<()>) -> crate::error::Result<Loaded> {
+        self.inner.load(sink)
+    }
+
+    fn last_index(&self) -> u64 {
+        self.inner.last_index()
+    }
+
+    fn entries(&self, range: std::ops::Range<u64>) -> crate::error::Result<Vec<Command>> {
+        CommandLog::entries(&self.inner, range)
+    }
+
+    fn begin_snapshot(&mut self, state: RunState) -> crate::error::Result<SnapshotJob> {
+        self.inner.begin_snapshot(state)
+    }
+
+    fn append(&mut self, commands: &[Command]) -> crate::error::Result<()> {
+        let (lock, opened) = &*self.gate;
+        let mut gate = lock.lock().unwrap();
+        gate.1 += 1;
+        while gate.0 {
+            gate = opened.wait(gate).unwrap();
+        }
+        gate.1 -= 1;
+        drop(gate);
+        self.inner.append(commands)
+    }
+}
+
+/// As in production: a lease outlives a silent worker, so a dead worker is what takes leases back.
+fn stall_plan() -> Plan {
+    let mut plan = Plan::new(1, 2, 1, 1);
+    plan.lease_ms = 60_000;
+    plan.heartbeat_interval_ms = 10_000;
+    plan.worker_timeout_ms = 30_000;
+    plan
+}
+
+fn heartbeat(worker: &WorkerId, task_id: TaskId, attempt: u32) -> Command {
+    Command::Heartbeat {
+        worker_id: worker.clone(),
+        lease: Some(crate::state::LeaseRef { task_id, attempt }),
+        progress: crate::state::Progress { done: 1, total: 2 },
+        now_ms: 0,
+    }
+}
+
+/// Two workers holding one shard each, on a driver over `log`.
+async fn two_leases(log: &GatedLog, clock: &ManualClock) -> (Handle, Vec<(WorkerId, TaskId, u32)>) {
+    let options = DriverOptions { restart_grace_ms: Some(0), ..DriverOptions::default() };
+    let (handle, _) =
+        actor::start(stall_plan(), Box::new(log.clone()), Arc::new(clock.clone()), options, None).await.unwrap();
+    let mut held = Vec::new();
+    for id in ["w-a", "w-b"] {
+        let worker = register(&handle, id).await;
+        let Lease::Task { task_id, attempt, .. } = lease(&handle, &worker).await else { panic!("expected a shard") };
+        held.push((worker, task_id, attempt));
+    }
+    (handle, held)
+}
+
+/// Both workers still hold their shards, nobody died, and nothing was lost.
+async fn nothing_expired(handle: &Handle, held: &[(WorkerId, TaskId, u32)]) {
+    // Give the timer a chance to do what it would.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let losses = handle.read(|v| v.telemetry.losses.clone()).await.unwrap();
+    assert!(losses.is_empty(), "leases were lost: {losses:?}");
+    for (worker, task, attempt) in held {
+        match task_state(handle, *task).await {
+            TaskState::Leased { worker: holder, attempt: a, .. } => assert_eq!((&holder, a), (worker, *attempt)),
+            other => panic!("{task} should still be leased to {worker}: {other:?}"),
+        }
+        let id = worker.clone();
+        assert!(handle.read(move |v| v.state.worker(&id).unwrap().alive).await.unwrap(), "{worker} was declared dead");
+    }
+}
+
+/// A3: heartbeats queue behind a log write that stalls past the worker timeout. They, not the stall,
+/// decide who is alive: no worker is declared dead and no lease is dropped.
+async fn a_stall_expires_nobody(jump: impl FnOnce(&ManualClock)) {
+    let (log, clock) = (GatedLog::default(), ManualClock::new(T0));
+    let (handle, held) = two_leases(&log, &clock).await;
+    log.shut(true);
+    let mut beats = Vec::new();
+    for (i, (worker, task, attempt)) in held.iter().enumerate() {
+        let (handle, command) = (handle.clone(), heartbeat(worker, *task, *attempt));
+        beats.push(tokio::spawn(async move { handle.apply(command).await }));
+        if i == 0 {
+            // The first heartbeat's write is stuck; the second waits in the queue behind it.
+            log.stuck().await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    jump(&clock);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    log.shut(false);
+    for beat in beats {
+        let reply = beat.await.unwrap().unwrap().reply;
+        assert!(matches!(reply, Reply::LeaseExtended { .. }), "the heartbeat was fenced: {reply:?}");
+    }
+    nothing_expired(&handle, &held).await;
+
+    // The grace is bounded: a worker that stays silent past it does die, one that heartbeats does not.
+    let (a, b) = (&held[0], &held[1]);
+    clock.advance(15_000);
+    handle.apply(heartbeat(&b.0, b.1, b.2)).await.unwrap();
+    clock.advance(15_000);
+    handle.apply(heartbeat(&b.0, b.1, b.2)).await.unwrap();
+    clock.advance(15_000);
+    assert_eq!(eventually(&handle, a.1, |s| *s == TaskState::Pending).await, TaskState::Pending, "a is dead");
+    assert!(matches!(task_state(&handle, b.1).await, TaskState::Leased { .. }), "b heartbeated");
+}
+
+#[tokio::test]
+async fn a_log_stall_past_the_worker_timeout_expires_no_healthy_worker() {
+    a_stall_expires_nobody(|clock| {
+        clock.advance(31_000);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_clock_step_with_heartbeats_queued_expires_no_healthy_worker() {
+    a_stall_expires_nobody(|clock| clock.set(T0 + 40_000)).await;
+}
+
+#[tokio::test]
+async fn a_clock_step_while_the_driver_waits_expires_no_healthy_worker() {
+    // A paused VM or a stepped clock: the driver's timer fires long after it asked to, before the
+    // workers' heartbeats get through.
+    let (log, clock) = (GatedLog::default(), ManualClock::new(T0));
+    let (handle, held) = two_leases(&log, &clock).await;
+    clock.set(T0 + 40_000);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    for (worker, task, attempt) in &held {
+        let reply = handle.apply(heartbeat(worker, *task, *attempt)).await.unwrap().reply;
+        assert!(matches!(reply, Reply::LeaseExtended { .. }), "the heartbeat was fenced: {reply:?}");
+    }
+    nothing_expired(&handle, &held).await;
+}
+
+async fn start_with(plan: Plan, log: &MemoryLog, clock: &ManualClock) -> Handle {
+    let options = DriverOptions { restart_grace_ms: Some(0), ..DriverOptions::default() };
+    actor::start(plan, Box::new(log.clone()), Arc::new(clock.clone()), options, None).await.unwrap().0
+}
+
+#[tokio::test]
+async fn idle_polls_do_not_grow_the_log() {
+    // A4: 10 idle workers poll while one holds the only rollout shard; the polls and lease-less
+    // heartbeats change only liveness, which lives in memory.
+    let (log, clock) = (MemoryLog::new(), ManualClock::new(T0));
+    let plan = Plan { rollout_shards: 1, ..stall_plan() };
+    let handle = start_with(plan.clone(), &log, &clock).await;
+    let busy = register(&handle, "busy").await;
+    let Lease::Task { task_id, attempt, .. } = lease(&handle, &busy).await else { panic!() };
+    let mut idle = Vec::new();
+    for i in 0..10 {
+        idle.push(register(&handle, &format!("idle-{i}")).await);
+    }
+    let before = handle.read(|v| v.log_index).await.unwrap();
+    let start = Arc::new(tokio::sync::Barrier::new(idle.len()));
+    let mut pollers = Vec::new();
+    for worker in idle.clone() {
+        let (handle, start) = (handle.clone(), start.clone());
+        pollers.push(tokio::spawn(async move {
+            start.wait().await;
+            for round in 0..100 {
+                assert!(matches!(lease(&handle, &worker).await, Lease::RetryAfter { .. }));
+                if round % 10 == 0 {
+                    let beat = Command::Heartbeat {
+                        worker_id: worker.clone(),
+                        lease: None,
+                        progress: Default::default(),
+                        now_ms: 0,
+                    };
+                    assert_eq!(handle.apply(beat).await.unwrap().reply, Reply::Alive);
+                }
+            }
+        }));
+    }
+    for poller in pollers {
+        poller.await.unwrap();
+    }
+    let polls = handle.read(|v| v.telemetry.applied["lease_task"]).await.unwrap();
+    assert_eq!(polls, 1 + 1_000, "every poll was applied (and counted), just not logged");
+    let grown = handle.read(|v| v.log_index).await.unwrap() - before;
+    assert!(grown <= 2, "1 000 idle polls and 100 heartbeats grew the log by {grown} entries");
+
+    // Liveness is kept in memory all the same.
+    clock.advance(1_000);
+    handle.apply(heartbeat(&busy, task_id, attempt)).await.unwrap();
+    for worker in &idle {
+        assert!(matches!(lease(&handle, worker).await, Lease::RetryAfter { .. }));
+    }
+    let seen = handle.read(|v| v.state.snapshot().workers.iter().map(|w| w.last_seen_ms).min()).await.unwrap();
+    assert_eq!(seen, Some(T0 + 1_000), "every worker's liveness was renewed");
+    assert_eq!(handle.read(|v| v.log_index).await.unwrap() - before, 1, "only the busy worker's heartbeat");
+    let live = handle.read(|v| v.state.durable_digest()).await.unwrap();
+    let rebuilt = crate::state::RunState::replay(plan, log.entries()).unwrap();
+    assert_eq!(rebuilt.durable_digest(), live, "the log rebuilds everything durable");
+}
+
+#[tokio::test]
+async fn a_state_rebuilt_from_the_log_equals_the_live_state_in_everything_durable() {
+    let (log, clock) = (MemoryLog::new(), ManualClock::new(T0));
+    let plan = Plan { rollout_shards: 3, ..stall_plan() };
+    let handle = start_with(plan.clone(), &log, &clock).await;
+    let a = register(&handle, "w-a").await;
+    let b = register(&handle, "w-b").await;
+    let idle = register(&handle, "w-idle").await;
+    let Lease::Task { task_id: t0, attempt: a0, .. } = lease(&handle, &a).await else { panic!() };
+    let Lease::Task { task_id: t1, attempt: b1, .. } = lease(&handle, &b).await else { panic!() };
+    let Lease::Task { task_id: t2, attempt: i2, .. } = lease(&handle, &idle).await else { panic!() };
+    let output = crate::state::Output { key: "k".into(), sha256: "0".repeat(64), records: 1, tokens: 2 };
+    let done = Command::CompleteTask { worker_id: idle.clone(), task_id: t2, attempt: i2, output, now_ms: 0 };
+    handle.apply(done).await.unwrap();
+    // `a` goes silent; `b` and the idle worker keep talking, the idle one without being logged.
+    for _ in 0..9 {
+        clock.advance(3_000);
+        handle.apply(heartbeat(&b, t1, b1)).await.unwrap();
+        assert!(matches!(lease(&handle, &idle).await, Lease::RetryAfter { .. }));
+        let stale = heartbeat(&idle, t2, i2);
+        assert!(matches!(handle.apply(stale).await.unwrap().reply, Reply::Fenced(_)));
+    }
+    clock.advance(4_000);
+    handle.apply(heartbeat(&b, t1, b1)).await.unwrap();
+    assert_eq!(eventually(&handle, t0, |s| *s == TaskState::Pending).await, TaskState::Pending, "a died");
+    let Lease::Task { task_id, attempt, .. } = lease(&handle, &idle).await else { panic!() };
+    assert_eq!((task_id, attempt), (t0, a0 + 1));
+    let live = handle.read(|v| (v.state.durable_digest(), v.telemetry.applied.values().sum::<u64>())).await.unwrap();
+    let entries = log.entries();
+    assert_eq!(entries.len() as u64, handle.read(|v| v.log_index).await.unwrap());
+    assert!(entries.len() as u64 + 18 <= live.1, "the idle polls and stale heartbeats were not logged");
+    let rebuilt = crate::state::RunState::replay(plan.clone(), entries).unwrap();
+    assert_eq!(rebuilt.durable_digest(), live.0);
+    handle.stop().await;
+    let restarted = start_with(plan, &log, &clock).await;
+    assert_eq!(restarted.read(|v| v.state.durable_digest()).await.unwrap(), live.0, "a restart resumes it");
+}
+
+/// A `CommandLog` on a disk that fills up: once `full`, every append fails as `write_all` would.
+#[derive(Clone, Default)]
+struct FillingDisk {
+    inner: MemoryLog,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+const LOG_PATH: &str = "/var/lib/iro/state/wal/00000000000000000001.seg";
+
+impl CommandLog for FillingDisk {
+    fn load(&mut self, sink: &mut dyn FnMut(Recovered) -> crate::error::Result<()>) -> crate::error::Result<Loaded> {
+        self.inner.load(sink)
+    }
+
+    fn last_index(&self) -> u64 {
+        self.inner.last_index()
+    }
+
+    fn entries(&self, range: std::ops::Range<u64>) -> crate::error::Result<Vec<Command>> {
+        CommandLog::entries(&self.inner, range)
+    }
+
+    fn begin_snapshot(&mut self, state: RunState) -> crate::error::Result<SnapshotJob> {
+        self.inner.begin_snapshot(state)
+    }
+
+    fn append(&mut self, commands: &[Command]) -> crate::error::Result<()> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            let enospc = std::io::Error::from_raw_os_error(28);
+            return Err(Error::Storage { path: LOG_PATH.into(), message: enospc.to_string() });
+        }
+        self.inner.append(commands)
+    }
+}
+
+#[tokio::test]
+async fn a_failed_log_write_fails_the_probes_and_ends_the_driver_with_the_error() {
+    // A10: the disk fills. The coordinator must not stay up refusing everything while looking healthy.
+    let (log, clock) = (FillingDisk::default(), ManualClock::new(T0));
+    let options = DriverOptions { restart_grace_ms: Some(0), log_error_exit_ms: Some(300), ..DriverOptions::default() };
+    let (handle, mut driver) =
+        actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options, None).await.unwrap();
+    let context = crate::status::StatusContext {
+        handle: handle.clone(),
+        rpc: Arc::default(),
+        run_id: "full".into(),
+        token: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, crate::status::router(context)).await });
+    let get = |path: &'static str| {
+        let url = url.clone();
+        async move { crate::status::client::get(&url, path, None).await.unwrap() }
+    };
+    assert_eq!((get("/livez").await.status, get("/readyz").await.status), (200, 200));
+
+    let worker = register(&handle, "w-a").await;
+    log.full.store(true, std::sync::atomic::Ordering::SeqCst);
+    let refused = handle.apply(Command::LeaseTask { worker_id: worker.clone(), now_ms: 0 }).await;
+    assert!(matches!(refused, Err(Error::Unavailable { .. })), "{refused:?}");
+    let ready = get("/readyz").await;
+    assert_eq!(ready.status, 503);
+    assert!(ready.body.contains("No space left on device") && ready.body.contains(LOG_PATH), "{}", ready.body);
+    assert_eq!(get("/livez").await.status, 503);
+    let status = get("/status").await;
+    assert_eq!(status.status, 200, "the status page still says what happened");
+    assert!(status.body.contains("No space left on device"), "{}", status.body);
+    assert!(!driver.is_finished(), "the driver answers for a moment before it ends");
+
+    let ended = tokio::time::timeout(Duration::from_secs(10), &mut driver).await.expect("the driver did not end");
+    match ended.unwrap() {
+        Err(Error::Storage { path, message }) => {
+            assert_eq!(path, LOG_PATH);
+            assert!(message.contains("No space left on device"), "{message}");
+        }
+        other => panic!("the driver should end with the write error: {other:?}"),
+    }
+    assert_eq!(get("/readyz").await.status, 503, "and stays unready once it has ended");
+    assert_eq!(get("/livez").await.status, 503);
 }

@@ -118,6 +118,20 @@ impl Command {
         }
     }
 
+    /// Sets the time the command carries (the driver stamps every command with its clock).
+    pub fn set_now_ms(&mut self, now: u64) {
+        match self {
+            Command::RegisterWorker { now_ms, .. }
+            | Command::Heartbeat { now_ms, .. }
+            | Command::LeaseTask { now_ms, .. }
+            | Command::CompleteTask { now_ms, .. }
+            | Command::FailTask { now_ms, .. }
+            | Command::ExpireLeases { now_ms }
+            | Command::JoinGang { now_ms, .. }
+            | Command::AbortGang { now_ms, .. } => *now_ms = now,
+        }
+    }
+
     /// A stable label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -223,6 +223,52 @@ impl RunState {
         bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
     }
 
+    /// Whether an applied command changed nothing but liveness (a worker's last-seen time and alive
+    /// flag) and the state's clock, so the driver need not log it: an idle LeaseTask poll answered
+    /// RetryAfter or "run over", a lease-less or fenced heartbeat from a worker that holds no lease, and
+    /// an ExpireLeases that took no lease back.
+    ///
+    /// Why replay stays exact without them: liveness has a durable effect only through a lease, when a
+    /// silent holder dies in `expire` and loses it. Every command from a lease holder is still logged
+    /// (these exceptions all require the worker to hold none), so a holder's last-seen time is the same
+    /// replayed as live, and the same holders die at each logged ExpireLeases. An idle worker's
+    /// liveness may differ after a replay (it can even be replayed as dead), but dying without a lease
+    /// changes nothing durable, and its next logged command revives it as the live one was. Progress (the
+    /// status page's done/total) is display only, no rule reads it, so it alone would not need logging;
+    /// but only a heartbeat naming the worker's lease sets it, and that heartbeat extends the lease's
+    /// deadline, which is durable (a replay must not expire the lease earlier), so it is logged anyway.
+    /// The driver stamps each logged command with at least the state's time, so the commands skipped
+    /// here cannot make a replay use an earlier time than the live state did. After a restart the
+    /// driver's grace lets idle workers poll again before anything expires.
+    pub fn changes_only_liveness(&self, command: &Command, reply: &Reply) -> bool {
+        let idle = |worker: &WorkerId| self.workers.get(worker).is_some_and(|w| w.current.is_none());
+        match (command, reply) {
+            (Command::Heartbeat { worker_id, .. }, Reply::Alive | Reply::Fenced(_)) => idle(worker_id),
+            (
+                Command::LeaseTask { worker_id, .. },
+                Reply::Lease(Lease::RetryAfter { .. } | Lease::RunFinished | Lease::RunFailed { .. }),
+            ) => idle(worker_id),
+            (Command::ExpireLeases { .. }, Reply::Expired { requeued, failed, .. }) => {
+                requeued.is_empty() && failed.is_empty()
+            }
+            _ => false,
+        }
+    }
+
+    /// `digest` of everything the command log makes durable: the whole state except workers' liveness
+    /// and the latest time, which unlogged commands move (see `changes_only_liveness`). A state rebuilt
+    /// from the log has the same durable digest as the live one.
+    pub fn durable_digest(&self) -> u64 {
+        let mut durable = self.clone();
+        durable.now_ms = 0;
+        durable.liveness.clear();
+        for worker in durable.workers.values_mut() {
+            worker.last_seen_ms = 0;
+            worker.alive = true;
+        }
+        durable.digest()
+    }
+
     fn tick(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
     }

@@ -1,6 +1,7 @@
 //! The operators' view of a run, on its own HTTP port: `GET /status` (JSON), `GET /metrics` (Prometheus
 //! text) and `GET /` (a self-refreshing HTML page). All three render one `StatusReport`, built from a
-//! snapshot of the run state and the driver's counters in a single read.
+//! snapshot of the run state and the driver's counters in a single read. Beside them, the probes
+//! `GET /livez` and `GET /readyz` answer from the driver's published health, never queueing behind it.
 //!
 //! Access: by default the endpoint needs no token. It is read-only and shows no secret (worker names,
 //! task ids, error messages), and browsers and scrapers cannot easily send a bearer token, so operators
@@ -22,7 +23,7 @@ use axum::routing::get;
 use serde::{Deserialize, Serialize};
 
 use crate::driver::telemetry::{Rejection, RpcMetrics, Telemetry, WINDOW_MS};
-use crate::driver::{ClusterToken, Handle, View};
+use crate::driver::{ClusterToken, Handle, Health, View};
 use crate::state::{Counts, RunStatus, phase_name};
 
 /// What the status routes need.
@@ -242,7 +243,25 @@ pub fn router(context: StatusContext) -> Router {
         .route("/", get(page_route))
         .route("/status", get(status_route))
         .route("/metrics", get(metrics_route))
+        .route("/livez", get(probe_route))
+        .route("/readyz", get(probe_route))
         .with_state(context)
+}
+
+/// `/livez` and `/readyz`: 200 while the driver serves, 503 once a command log write failed or the
+/// driver ended. They need no token (kubelet probes carry none) and say nothing but that. Readiness
+/// also means "the log is replayed": the status listener serves only once it is. Both fail after a log
+/// error, so the Service stops routing workers here and the kubelet restarts the pod even if the
+/// process were not to exit by itself. A slow write is not a failure: the probes answer meanwhile.
+async fn probe_route(State(context): State<StatusContext>) -> Response {
+    match context.handle.health() {
+        Health::Serving => (StatusCode::OK, "ok\n").into_response(),
+        Health::LogFailed { error } => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("the command log could not be written: {error}\n"))
+                .into_response()
+        }
+        Health::Stopped => (StatusCode::SERVICE_UNAVAILABLE, "the coordinator driver has stopped\n").into_response(),
+    }
 }
 
 /// Err: the response to send instead (unauthorized, or the driver is gone).

@@ -38,8 +38,12 @@ async fn a_restarted_coordinator_resumes_without_redoing_accepted_shards() {
     let again = complete(&mut client, &a, &first).await;
     assert_eq!(again.fence.unwrap().kind, "already_done");
 
-    // pod-b went away with the coordinator: it is declared dead, and its shard is leased again.
-    clock.advance(WORKER_TIMEOUT_MS);
+    // pod-b went away with the coordinator: it is declared dead, and its shard is leased again. Time
+    // passes in two steps the driver sees: one jump past half a worker timeout would read as the
+    // coordinator having been paused, which holds expiry back.
+    clock.advance(WORKER_TIMEOUT_MS / 2);
+    status(&server).await;
+    clock.advance(WORKER_TIMEOUT_MS / 2);
     let report = wait_for(&server, "the held lease to be taken back", |r| r.phase_tasks.leased == 0).await;
     assert_eq!((report.phase_tasks.done, report.phase_tasks.pending), (1, 1));
     let retaken = take(&mut client, &a).await;

@@ -15,6 +15,9 @@ use super::*;
 pub(super) struct Harness {
     pub state: RunState,
     pub log: Vec<Command>,
+    /// What the driver's log would hold: the applied commands that changed something durable, each
+    /// stamped with at least the state's time.
+    pub durable: Vec<Command>,
     pub now: u64,
 }
 
@@ -50,13 +53,21 @@ pub(super) fn output(task: TaskId, attempt: u32) -> Output {
 
 impl Harness {
     pub fn new(plan: Plan) -> Self {
-        Self { state: RunState::new(plan).unwrap(), log: Vec::new(), now: 0 }
+        Self { state: RunState::new(plan).unwrap(), log: Vec::new(), durable: Vec::new(), now: 0 }
     }
 
-    /// Applies a command and logs it whatever the outcome, as the driver's log would hold it.
+    /// Applies a command and logs it whatever the outcome; `durable` gets it as the driver would log it.
     pub fn apply(&mut self, command: Command) -> Result<Applied> {
         self.log.push(command.clone());
-        self.state.apply(command)
+        let mut stamped = command.clone();
+        stamped.set_now_ms(command.now_ms().max(self.state.now_ms()));
+        let result = self.state.apply(command);
+        if let Ok(applied) = &result
+            && !self.state.changes_only_liveness(&stamped, &applied.reply)
+        {
+            self.durable.push(stamped);
+        }
+        result
     }
 
     pub fn ok(&mut self, command: Command) -> Reply {

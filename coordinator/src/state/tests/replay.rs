@@ -93,3 +93,56 @@ fn the_digest_changes_when_the_state_does() {
     let _ = h.apply(Command::LeaseTask { worker_id: w("ghost"), now_ms: 0 });
     assert_eq!(h.state.digest(), a_digest, "a refused command leaves the digest alone");
 }
+
+#[test]
+fn a_log_without_the_liveness_only_commands_rebuilds_everything_durable() {
+    // The driver does not log idle polls, lease-less heartbeats or ticks that take no lease back (A4):
+    // replaying what it does log must agree with the live state in all but liveness.
+    let mut h = Harness::new(plan(1, 2, 1, 1));
+    let a = h.register("a");
+    let b = h.register("b");
+    let idle = h.register("idle");
+    let (t0, a0) = h.take(&a);
+    let (t1, b1) = h.take(&b);
+    for _ in 0..10 {
+        h.advance(2_000);
+        assert!(matches!(h.lease(&idle), Lease::RetryAfter { .. }), "every shard is leased");
+        h.heartbeat(&idle, None);
+        h.heartbeat(&b, Some((t1, b1)));
+    }
+    // An empty tick, then `a` goes silent and dies holding its lease while `idle` keeps polling: the
+    // replay sees `idle` silent since it registered, so it dies there too, without a lease to lose.
+    h.expire();
+    h.advance(25_000);
+    h.lease(&idle);
+    h.heartbeat(&b, Some((t1, b1)));
+    h.advance(6_000);
+    let Reply::Expired { requeued, .. } = h.expire() else { panic!() };
+    assert_eq!(requeued, vec![t0]);
+    assert!(matches!(h.complete(&a, t0, a0), Reply::Fenced(_)));
+    // A lease whose arrival stamp is older than an unlogged heartbeat the state already applied (commands
+    // are stamped on arrival): the log holds it at the state's time, else the replay would compute an
+    // earlier deadline.
+    let stamped = h.now;
+    h.advance(2_000);
+    h.heartbeat(&idle, None);
+    let Reply::Lease(Lease::Task { task_id: retaken, attempt, deadline_ms }) =
+        h.ok(Command::LeaseTask { worker_id: idle.clone(), now_ms: stamped })
+    else {
+        panic!("expected the requeued shard");
+    };
+    assert_eq!((retaken, attempt, deadline_ms), (t0, 2, h.now + h.state.plan().lease_ms));
+    h.complete(&idle, t0, 2);
+    h.complete(&b, t1, b1);
+    let (train, train_attempt, _) = h.take_rank(&idle);
+    h.heartbeat(&a, Some((t0, a0)));
+    h.join(&idle, train, train_attempt, "ep");
+
+    let skipped = h.log.len() - h.durable.len();
+    assert!(skipped >= 20, "only {skipped} of {} commands were liveness-only", h.log.len());
+    let replayed = RunState::replay(h.state.plan().clone(), h.durable.clone()).unwrap();
+    assert_eq!(replayed.durable_digest(), h.state.durable_digest());
+    assert_eq!(replayed.snapshot().stages, h.state.snapshot().stages);
+    assert_eq!(replayed.snapshot().gang, h.state.snapshot().gang);
+    assert_ne!(replayed.digest(), h.state.digest(), "the liveness the log leaves out does differ");
+}
