@@ -12,7 +12,7 @@
 //! snapshot that fails its checksum on restart falls back to the one before and the segments after it.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -32,6 +32,10 @@ const SEGMENT_EXT: &str = "seg";
 const SNAPSHOT_EXT: &str = "snap";
 /// Two: one to restart from, and one to fall back to should that one fail its checksum.
 const KEEP_SNAPSHOTS: usize = 2;
+/// A segment this long gets no more batches: the next one starts a new segment. Snapshots cut
+/// segments far sooner; this bounds them when snapshots are off or keep failing, so that compaction
+/// frees space in pieces and a scan of one segment stays short.
+const SEGMENT_BYTES: u64 = 64 << 20;
 
 fn storage(path: &Path, e: impl ToString) -> Error {
     Error::Storage { path: path.display().to_string(), message: e.to_string() }
@@ -47,6 +51,8 @@ struct Active {
     path: PathBuf,
     file: File,
     first_index: u64,
+    /// Bytes in the file: its header and every record appended.
+    len: u64,
 }
 
 /// The command log as fsync'd segment files in a locked state folder.
@@ -160,7 +166,7 @@ impl FileLog {
         file.sync_all().map_err(|e| storage(&path, e))?;
         sync_dir(&self.wal)?;
         tracing::debug!(path = %path.display(), first_index = self.next_index, "started a command log segment");
-        self.active = Some(Active { path, file, first_index: self.next_index });
+        self.active = Some(Active { path, file, first_index: self.next_index, len: record::SEGMENT_HEADER as u64 });
         Ok(())
     }
 }
@@ -226,7 +232,7 @@ impl CommandLog for FileLog {
             Some((path, end, first_index)) if first_index <= next => {
                 let mut file = OpenOptions::new().read(true).write(true).open(&path).map_err(|e| storage(&path, e))?;
                 file.seek(SeekFrom::Start(end)).map_err(|e| storage(&path, e))?;
-                Some(Active { path, file, first_index })
+                Some(Active { path, file, first_index, len: end })
             }
             _ => None,
         };
@@ -241,18 +247,24 @@ impl CommandLog for FileLog {
         if commands.is_empty() {
             return Ok(());
         }
-        let fresh = self.active.as_ref().is_some_and(|a| a.first_index == self.next_index);
-        if self.active.is_none() || (self.cut && !fresh) {
+        let start_new = match &self.active {
+            None => true,
+            // An empty segment is as good as a new one, whatever asked for a cut.
+            Some(active) if active.first_index == self.next_index => false,
+            Some(active) => self.cut || active.len >= SEGMENT_BYTES,
+        };
+        if start_new {
             self.start_segment()?;
         }
         self.cut = false;
         self.buf.clear();
-        record::encode_entries(&mut self.buf, self.next_index, commands).map_err(|e| storage(&self.dir, e))?;
+        record::encode_entries(&mut self.buf, self.next_index, commands).map_err(|e| storage(&self.wal, e))?;
         let Some(active) = self.active.as_mut() else {
             return Err(storage(&self.wal, "no active segment"));
         };
         active.file.write_all(&self.buf).map_err(|e| storage(&active.path, e))?;
         active.file.sync_data().map_err(|e| storage(&active.path, e))?;
+        active.len += self.buf.len() as u64;
         self.next_index += commands.len() as u64;
         Ok(())
     }
@@ -403,20 +415,36 @@ fn cut_torn_tail(path: &Path, is_last: bool, offset: u64, file_len: u64, why: &s
     Ok(offset)
 }
 
-/// Takes the folder's writer lock, or says who to stop.
+/// Takes the folder's writer lock, or says who to stop. The lock is the OS's (flock on Linux), so it
+/// goes away with the process however that ends; the pid written into the file only names the holder.
 fn lock(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_FILE);
-    let file =
-        OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| storage(&path, e))?;
+    // Not truncated on open: a coordinator refused the lock must still read the holder's pid.
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| storage(&path, e))?;
     match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(Error::StateLocked {
-            path: dir.display().to_string(),
-            message: format!(
-                "another coordinator holds `{}`: stop it first, or give this one its own state folder",
-                path.display()
-            ),
-        }),
+        Ok(()) => {
+            let pid = format!("{}\n", std::process::id());
+            file.set_len(0).and_then(|()| file.write_all(pid.as_bytes())).map_err(|e| storage(&path, e))?;
+            Ok(file)
+        }
+        Err(fs::TryLockError::WouldBlock) => {
+            let holder = fs::read_to_string(&path).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty());
+            let holder = holder.map_or_else(|| "an unknown process".to_owned(), |pid| format!("pid {pid}"));
+            Err(Error::StateLocked {
+                path: dir.display().to_string(),
+                message: format!(
+                    "another coordinator ({holder}) holds `{}`: stop it first, or give this one its own state \
+                     folder",
+                    path.display()
+                ),
+            })
+        }
         Err(fs::TryLockError::Error(e)) => Err(storage(&path, format!("cannot lock: {e}"))),
     }
 }
@@ -466,42 +494,97 @@ fn snapshot_path(snap: &Path, index: u64) -> PathBuf {
     snap.join(format!("{index:020}.{SNAPSHOT_EXT}"))
 }
 
+/// Serializes the state twice, once to checksum it and once into the file, rather than holding its
+/// JSON in memory beside it: the header needs the checksum first, and a snapshot is rare.
 fn write_snapshot(snap: &Path, index: u64, run_id: &str, state: &RunState) -> Result<()> {
     let path = snapshot_path(snap, index);
-    let body = serde_json::to_vec(&SnapshotBodyRef { index, run_id, state }).map_err(|e| storage(&path, e))?;
-    let header = SnapshotHeader { format: FORMAT, index, bytes: body.len() as u64, crc32: crc32fast::hash(&body) };
-    let mut text = serde_json::to_vec(&header).map_err(|e| storage(&path, e))?;
-    text.push(b'\n');
-    text.extend_from_slice(&body);
-    write_durably(snap, &path, &text)
+    let body = SnapshotBodyRef { index, run_id, state };
+    let mut sum = Crc32Writer { inner: std::io::sink(), hasher: crc32fast::Hasher::new(), bytes: 0 };
+    serde_json::to_writer(&mut sum, &body).map_err(|e| storage(&path, e))?;
+    let header = SnapshotHeader { format: FORMAT, index, bytes: sum.bytes, crc32: sum.hasher.finalize() };
+    write_durably_with(snap, &path, |file| {
+        let mut out = Crc32Writer { inner: BufWriter::new(file), hasher: crc32fast::Hasher::new(), bytes: 0 };
+        serde_json::to_writer(&mut out.inner, &header)?;
+        out.inner.write_all(b"\n")?;
+        serde_json::to_writer(&mut out, &body)?;
+        // Serialization is deterministic (no hash maps in the state); this only guards that claim.
+        if (out.bytes, out.hasher.finalize()) != (header.bytes, header.crc32) {
+            return Err(std::io::Error::other("the state serialized differently twice"));
+        }
+        out.inner.flush()
+    })
 }
 
-/// The state in a snapshot file, or why it cannot be trusted.
+/// Checksums and counts what is written through it.
+struct Crc32Writer<W> {
+    inner: W,
+    hasher: crc32fast::Hasher,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Crc32Writer<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The longest header line a snapshot can have; past it, the file is not a snapshot.
+const MAX_SNAPSHOT_HEADER: usize = 4096;
+
+/// The state in a snapshot file, or why it cannot be trusted. Streams the body into the parser while
+/// checksumming it, so memory is the state itself, not the state plus its JSON.
 fn read_snapshot(path: &Path, index: u64, run_id: &str) -> std::result::Result<RunState, String> {
-    let bytes = fs::read(path).map_err(|e| e.to_string())?;
-    let split = bytes.iter().position(|b| *b == b'\n').ok_or("no header line")?;
+    let mut file = File::open(path).map_err(|e| e.to_string())?;
+    let file_len = file.metadata().map_err(|e| e.to_string())?.len();
+    let mut head = vec![0u8; MAX_SNAPSHOT_HEADER.min(file_len as usize)];
+    file.read_exact(&mut head).map_err(|e| e.to_string())?;
+    let split = head.iter().position(|b| *b == b'\n').ok_or("no header line")?;
     let header: SnapshotHeader =
-        serde_json::from_slice(&bytes[..split]).map_err(|e| format!("the header line does not parse: {e}"))?;
-    let body = &bytes[split + 1..];
+        serde_json::from_slice(&head[..split]).map_err(|e| format!("the header line does not parse: {e}"))?;
     if header.format != FORMAT {
         return Err(format!("snapshot format {}, this build reads format {FORMAT}", header.format));
     }
-    if header.index != index || body.len() as u64 != header.bytes {
+    let body_len = file_len - split as u64 - 1;
+    if header.index != index || body_len != header.bytes {
         return Err(format!(
-            "the header says index {} and {} bytes; the file is named for {index} and holds {}",
-            header.index,
-            header.bytes,
-            body.len()
+            "the header says index {} and {} bytes; the file is named for {index} and holds {body_len}",
+            header.index, header.bytes
         ));
     }
-    if crc32fast::hash(body) != header.crc32 {
+    file.seek(SeekFrom::Start(split as u64 + 1)).map_err(|e| e.to_string())?;
+    let mut body = BufReader::new(Crc32Reader { inner: file, hasher: crc32fast::Hasher::new() });
+    let parsed = serde_json::from_reader::<_, SnapshotBody>(&mut body);
+    // The checksum decides, not the parser: a damaged body may parse, or fail to with a misleading error.
+    std::io::copy(&mut body, &mut std::io::sink()).map_err(|e| e.to_string())?;
+    if body.into_inner().hasher.finalize() != header.crc32 {
         return Err("the body fails its checksum".into());
     }
-    let body: SnapshotBody = serde_json::from_slice(body).map_err(|e| format!("the body does not parse: {e}"))?;
+    let body = parsed.map_err(|e| format!("the body does not parse: {e}"))?;
     if body.index != index || body.run_id != run_id {
         return Err(format!("it is of run `{}` at index {}", body.run_id, body.index));
     }
     Ok(body.state)
+}
+
+/// Checksums what is read through it.
+struct Crc32Reader<R> {
+    inner: R,
+    hasher: crc32fast::Hasher,
+}
+
+impl<R: Read> Read for Crc32Reader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 /// After the snapshot at `index` is durable: keeps the newest snapshots and deletes the older ones,
@@ -558,15 +641,19 @@ fn remove_temp_files(dir: &Path) -> Result<()> {
 
 /// Temp file, fsync, rename, fsync the folder: the file is either absent or whole after a crash.
 pub(super) fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+    write_durably_with(dir, path, |file| file.write_all(bytes))
+}
+
+/// `write_durably` with the content written by `write`.
+fn write_durably_with(dir: &Path, path: &Path, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
-    let write = || -> std::io::Result<()> {
-        let mut file = File::create(&tmp)?;
-        file.write_all(bytes)?;
+    let written = File::create(&tmp).and_then(|mut file| {
+        write(&mut file)?;
         file.sync_all()
-    };
-    write().map_err(|e| storage(&tmp, e))?;
+    });
+    written.map_err(|e| storage(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| storage(path, e))?;
     sync_dir(dir)
 }

@@ -5,11 +5,14 @@
 //! body is `[kind u8][first index u64][count u32][payload]`; little endian throughout. One record holds
 //! one group-commit batch, so a batch torn by a crash (its pages reached disk in any order before the
 //! fsync) fails its one checksum and is dropped whole, and a good record after a bad one proves the bad
-//! one is not a tear. The CRC is crc32fast's CRC-32 (IEEE): already in the dependency tree, and as
-//! strong as CRC-32C at catching torn writes and flipped bits in records this small.
+//! one is not a tear. (Only a batch over `MAX_BODY` takes several records. A crash can then leave a
+//! prefix of it, which the driver allows, as it was never acknowledged; or, its pages reaching disk
+//! out of order, a bad record before a good one of the same batch, which is refused as corruption
+//! rather than cut: safe, if inconvenient, for a batch of tens of MB that no real run writes.) The CRC is crc32fast's CRC-32 (IEEE): already in the dependency tree, and as strong
+//! as CRC-32C at catching torn writes and flipped bits in records this small.
 
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
 
 use crate::state::Command;
@@ -18,9 +21,10 @@ pub(super) const SEGMENT_MAGIC: &[u8; 6] = b"IROWAL";
 pub(super) const SEGMENT_HEADER: usize = 20;
 const RECORD_HEADER: usize = 8;
 const BODY_PREFIX: usize = 13;
-/// A batch is at most a few hundred commands of bounded size; a longer length is a damaged length
-/// field, and refusing it keeps a corrupt length from allocating without bound.
-const MAX_BODY: u32 = 64 << 20;
+/// The largest record body. A longer length is a damaged length field, and refusing it keeps a corrupt
+/// length from allocating without bound. Below 0x2020_2020 on purpose: four bytes of JSON text (all
+/// >= 0x20) never read as a plausible length, so a scan for records skips payload bytes at once.
+const MAX_BODY: usize = 64 << 20;
 
 /// What a record holds. Raft will add its HardState as another kind (review B3), so readers refuse kinds
 /// they do not know rather than guess.
@@ -60,23 +64,55 @@ pub(super) fn parse_segment_header(format: u16, header: &[u8]) -> Result<u64, St
     Ok(u64::from_le_bytes(header[8..16].try_into().unwrap_or_default()))
 }
 
-/// Appends one framed record of `commands`, numbered from `first_index`, to `buf`.
-pub(super) fn encode_entries(buf: &mut Vec<u8>, first_index: u64, commands: &[Command]) -> serde_json::Result<()> {
-    let start = buf.len();
-    buf.extend_from_slice(&[0; RECORD_HEADER]);
-    buf.push(Kind::Entries as u8);
-    buf.extend_from_slice(&first_index.to_le_bytes());
-    buf.extend_from_slice(&(commands.len() as u32).to_le_bytes());
-    for command in commands {
-        serde_json::to_writer(&mut *buf, command)?;
-        buf.push(b'\n');
+/// Appends `commands`, numbered from `first_index`, to `buf` as framed records: one record, unless the
+/// batch is over `MAX_BODY`. Err names why a command cannot be stored.
+pub(super) fn encode_entries(buf: &mut Vec<u8>, first_index: u64, commands: &[Command]) -> Result<(), String> {
+    let mut record = Open::start(buf, first_index);
+    let mut line = Vec::new();
+    for (command, index) in commands.iter().zip(first_index..) {
+        line.clear();
+        serde_json::to_writer(&mut line, command).map_err(|e| format!("entry {index} does not encode: {e}"))?;
+        line.push(b'\n');
+        if BODY_PREFIX + line.len() > MAX_BODY {
+            return Err(format!("entry {index} is {} bytes, over the {MAX_BODY}-byte record limit", line.len()));
+        }
+        if record.count > 0 && buf.len() - record.body + line.len() > MAX_BODY {
+            record.close(buf);
+            record = Open::start(buf, index);
+        }
+        buf.extend_from_slice(&line);
+        record.count += 1;
     }
-    let body = start + RECORD_HEADER;
-    let len = (buf.len() - body) as u32;
-    let crc = crc32fast::hash(&buf[body..]);
-    buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
-    buf[start + 4..body].copy_from_slice(&crc.to_le_bytes());
+    record.close(buf);
     Ok(())
+}
+
+/// A record being encoded at the end of a buffer: its header is filled in on `close`.
+struct Open {
+    start: usize,
+    body: usize,
+    count: u32,
+}
+
+impl Open {
+    fn start(buf: &mut Vec<u8>, first_index: u64) -> Self {
+        let start = buf.len();
+        buf.extend_from_slice(&[0; RECORD_HEADER]);
+        buf.push(Kind::Entries as u8);
+        buf.extend_from_slice(&first_index.to_le_bytes());
+        buf.extend_from_slice(&[0; 4]);
+        Self { start, body: start + RECORD_HEADER, count: 0 }
+    }
+
+    fn close(self, buf: &mut [u8]) {
+        let count_at = self.body + 1 + 8;
+        buf[count_at..count_at + 4].copy_from_slice(&self.count.to_le_bytes());
+        // Both fit in u32: the body is at most MAX_BODY.
+        let len = (buf.len() - self.body) as u32;
+        let crc = crc32fast::hash(&buf[self.body..]);
+        buf[self.start..self.start + 4].copy_from_slice(&len.to_le_bytes());
+        buf[self.start + 4..self.body].copy_from_slice(&crc.to_le_bytes());
+    }
 }
 
 /// One checksummed record, borrowed from the reader's buffer.
@@ -191,7 +227,7 @@ impl SegmentReader {
         self.reader.read_exact(&mut header)?;
         let len = u32::from_le_bytes(header[..4].try_into().unwrap_or_default());
         let crc = u32::from_le_bytes(header[4..].try_into().unwrap_or_default());
-        if (len as usize) < BODY_PREFIX || len > MAX_BODY {
+        if !plausible(len) {
             return Err(bad(format!("implausible record length {len}")));
         }
         if u64::from(len) > remaining - RECORD_HEADER as u64 {
@@ -212,24 +248,45 @@ impl SegmentReader {
     }
 }
 
+fn plausible(len: u32) -> bool {
+    (BODY_PREFIX..=MAX_BODY).contains(&(len as usize))
+}
+
 /// The offset of the first good record that starts after `bad` in `path`, if any. Only the last,
 /// unsynced batch can be torn by a crash, so a good record after a bad one means the bad one is
 /// corruption. A record cannot hide inside another's payload: its length field has bytes below 0x20,
-/// which serde_json never writes unescaped. Reads the rest of the file, which is at most one segment.
+/// which serde_json never writes unescaped (see `MAX_BODY`). Streams the file in chunks: memory is a
+/// chunk plus the body of one candidate record.
 pub(super) fn good_record_after(path: &Path, bad: u64) -> std::io::Result<Option<u64>> {
-    let bytes = std::fs::read(path)?;
-    let start = (bad as usize + 1).min(bytes.len());
-    for at in start..bytes.len().saturating_sub(RECORD_HEADER) {
-        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default());
-        if (len as usize) < BODY_PREFIX || len > MAX_BODY {
-            continue;
+    const CHUNK: usize = 1 << 16;
+    let mut file = File::open(path)?;
+    let file_len = file.metadata()?.len();
+    let (mut window, mut body) = (Vec::new(), Vec::new());
+    // Every offset from `at` on may start a record; a chunk overlaps the next by a header's length, so
+    // a header that straddles two chunks is seen whole.
+    let mut at = bad + 1;
+    while at + RECORD_HEADER as u64 <= file_len {
+        let want = (CHUNK + RECORD_HEADER - 1).min((file_len - at) as usize);
+        window.resize(want, 0);
+        file.seek(SeekFrom::Start(at))?;
+        file.read_exact(&mut window)?;
+        let starts = want + 1 - RECORD_HEADER;
+        for i in 0..starts {
+            let header = &window[i..i + RECORD_HEADER];
+            let len = u32::from_le_bytes(header[..4].try_into().unwrap_or_default());
+            let body_at = at + (i + RECORD_HEADER) as u64;
+            if !plausible(len) || body_at + u64::from(len) > file_len {
+                continue;
+            }
+            let crc = u32::from_le_bytes(header[4..].try_into().unwrap_or_default());
+            body.resize(len as usize, 0);
+            file.seek(SeekFrom::Start(body_at))?;
+            file.read_exact(&mut body)?;
+            if crc32fast::hash(&body) == crc && decode_body(&body).is_ok() {
+                return Ok(Some(at + i as u64));
+            }
         }
-        let body_start = at + RECORD_HEADER;
-        let Some(body) = bytes.get(body_start..body_start + len as usize) else { continue };
-        let crc = u32::from_le_bytes(bytes[at + 4..body_start].try_into().unwrap_or_default());
-        if crc32fast::hash(body) == crc && decode_body(body).is_ok() {
-            return Ok(Some(at as u64));
-        }
+        at += starts as u64;
     }
     Ok(None)
 }
