@@ -300,11 +300,11 @@ impl CommandLog for FileLog {
                 if record.first_index >= range.end {
                     return Ok(out);
                 }
-                let first = record.first_index;
-                let commands = record.commands().map_err(|why| corrupt(path, offset, why))?;
-                out.extend(
-                    commands.into_iter().zip(first..).filter(|(_, i)| range.contains(i)).map(|(command, _)| command),
-                );
+                for (index, line) in record.lines().map_err(|why| corrupt(path, offset, why))? {
+                    if range.contains(&index) {
+                        out.push(record::decode(index, line).map_err(|why| corrupt(path, offset, why))?);
+                    }
+                }
             }
         }
         Ok(out)
@@ -377,13 +377,10 @@ fn read_segment(
                 format!("the record holds entries from {} but entry {next} comes next", record.first_index),
             ));
         }
-        if record.last_index() > base {
-            let first = record.first_index;
-            let commands = record.commands().map_err(|why| corrupt(path, offset, why))?;
-            for (command, index) in commands.into_iter().zip(first..) {
-                if index > base {
-                    sink(Recovered::Entry { index, command })?;
-                }
+        for (index, line) in record.lines().map_err(|why| corrupt(path, offset, why))? {
+            if index > base {
+                let command = record::decode(index, line).map_err(|why| corrupt(path, offset, why))?;
+                sink(Recovered::Entry { index, command })?;
             }
         }
         *next += u64::from(record.count);

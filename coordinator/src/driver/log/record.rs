@@ -130,22 +130,23 @@ impl Record<'_> {
         self.first_index + u64::from(self.count) - 1
     }
 
-    /// The commands, in order. A record that passed its checksum but does not decode was written
-    /// wrong, not torn: the caller reports it as corruption.
-    pub fn commands(&self) -> Result<Vec<Command>, String> {
-        let lines: Vec<&[u8]> = self.payload.split(|b| *b == b'\n').filter(|l| !l.is_empty()).collect::<Vec<_>>();
-        if lines.len() != self.count as usize {
-            return Err(format!("record says {} commands but holds {}", self.count, lines.len()));
+    /// The record's entries, in order, as (index, command JSON), once their number is checked against
+    /// `count`. Decoded one at a time with `decode`, so a record of many entries never becomes a
+    /// vector of commands, and entries a snapshot covers are never decoded at all.
+    pub fn lines(&self) -> Result<impl Iterator<Item = (u64, &[u8])>, String> {
+        let lines = || self.payload.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+        let found = lines().count();
+        if found != self.count as usize {
+            return Err(format!("record says {} commands but holds {found}", self.count));
         }
-        lines
-            .into_iter()
-            .enumerate()
-            .map(|(i, line)| {
-                serde_json::from_slice(line)
-                    .map_err(|e| format!("command {} does not decode: {e}", self.first_index + i as u64))
-            })
-            .collect()
+        Ok((self.first_index..).zip(lines()))
     }
+}
+
+/// One entry of a record. A record that passed its checksum but does not decode was written wrong, not
+/// torn: the caller reports it as corruption.
+pub(super) fn decode(index: u64, line: &[u8]) -> Result<Command, String> {
+    serde_json::from_slice(line).map_err(|e| format!("command {index} does not decode: {e}"))
 }
 
 fn decode_body(body: &[u8]) -> Result<Record<'_>, String> {
