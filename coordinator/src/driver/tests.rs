@@ -219,7 +219,7 @@ fn open_segments(dir: &Path) -> Vec<(u64, std::path::PathBuf)> {
 }
 
 #[test]
-fn a_torn_last_batch_is_dropped_whole_and_appending_resumes() {
+fn a_torn_tail_record_is_dropped_whole_and_the_log_reopens_for_appends() {
     let dir = tempfile::tempdir().unwrap();
     let first = [expire(1), expire(2)];
     let last = [expire(3), expire(4), expire(5)];
@@ -264,7 +264,7 @@ fn a_torn_last_batch_is_dropped_whole_and_appending_resumes() {
 }
 
 #[test]
-fn a_flipped_byte_before_the_tail_is_corruption_naming_the_file_and_offset() {
+fn a_flipped_byte_in_a_middle_record_is_refused_naming_the_file_and_offset() {
     let dir = tempfile::tempdir().unwrap();
     let mut ends = Vec::new();
     {
@@ -294,12 +294,41 @@ fn a_flipped_byte_before_the_tail_is_corruption_naming_the_file_and_offset() {
 }
 
 #[test]
-fn a_second_log_on_the_same_folder_is_refused_while_the_first_lives() {
+fn a_bad_last_record_of_a_segment_that_others_follow_is_refused_naming_that_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut log, _) = reopen(dir.path());
+        log.append(&[expire(1), expire(2)]).unwrap();
+        // A snapshot cuts the segment: the next batch goes to a new one.
+        drop(log.begin_snapshot(crate::state::RunState::new(plan()).unwrap()).unwrap());
+        log.append(&[expire(3)]).unwrap();
+    }
+    let segments = open_segments(dir.path());
+    assert_eq!(segments.iter().map(|(first, _)| *first).collect::<Vec<_>>(), vec![1, 3]);
+    // Its last record torn would be a tear in the last segment; in an older one it is damage.
+    let older = &segments[0].1;
+    let mut bytes = std::fs::read(older).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x20;
+    std::fs::write(older, &bytes).unwrap();
+    match open(dir.path()).load(&mut |_| Ok(())) {
+        Err(e @ Error::CorruptLog { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(&older.display().to_string()) && text.contains("later segments"), "{text}");
+        }
+        other => panic!("expected corruption, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_second_log_on_a_locked_state_dir_is_refused_naming_the_dir_and_the_holders_pid() {
     let dir = tempfile::tempdir().unwrap();
     let first = open(dir.path());
     match FileLog::open(dir.path(), "run-a", &plan(), HASH) {
         Err(e @ Error::StateLocked { .. }) => {
-            assert!(e.to_string().contains(&dir.path().display().to_string()), "{e}")
+            let text = e.to_string();
+            assert!(text.contains(&dir.path().display().to_string()), "{text}");
+            assert!(text.contains(&format!("pid {}", std::process::id())), "{text}");
         }
         other => panic!("expected the lock to refuse it, got {other:?}"),
     }
@@ -308,7 +337,7 @@ fn a_second_log_on_the_same_folder_is_refused_while_the_first_lives() {
 }
 
 #[test]
-fn a_folder_of_another_plan_run_or_config_is_refused_naming_the_difference() {
+fn a_state_dir_written_for_another_config_hash_plan_or_run_is_refused_naming_what_differs() {
     let dir = tempfile::tempdir().unwrap();
     drop(open(dir.path()));
     let mut other = plan();
@@ -342,7 +371,11 @@ fn a_format_1_json_lines_log_is_refused_with_what_to_do() {
     }
 }
 
-async fn start_on(log: FileLog, clock: &ManualClock, every: u64) -> (Handle, tokio::task::JoinHandle<crate::error::Result<()>>) {
+async fn start_on(
+    log: FileLog,
+    clock: &ManualClock,
+    every: u64,
+) -> (Handle, tokio::task::JoinHandle<crate::error::Result<()>>) {
     let options = DriverOptions { restart_grace_ms: Some(0), snapshot_every: Some(every), ..DriverOptions::default() };
     actor::start(plan(), Box::new(log), Arc::new(clock.clone()), options, None).await.unwrap()
 }

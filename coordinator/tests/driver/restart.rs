@@ -132,7 +132,9 @@ async fn a_second_coordinator_on_a_state_folder_in_use_is_refused_at_once() {
     let server = start(dir.path(), &clock).await;
     match serve(config(dir.path(), &clock)).await {
         Err(e @ Error::StateLocked { .. }) => {
-            assert!(e.to_string().contains(&dir.path().display().to_string()), "names the folder: {e}")
+            let text = e.to_string();
+            assert!(text.contains(&dir.path().display().to_string()), "names the folder: {text}");
+            assert!(text.contains(&format!("pid {}", std::process::id())), "names the holder: {text}");
         }
         other => panic!("expected the folder's lock to refuse it, got {:?}", other.map(|s| s.grpc_addr())),
     }

@@ -67,16 +67,21 @@ pub(super) fn parse_segment_header(format: u16, header: &[u8]) -> Result<u64, St
 /// Appends `commands`, numbered from `first_index`, to `buf` as framed records: one record, unless the
 /// batch is over `MAX_BODY`. Err names why a command cannot be stored.
 pub(super) fn encode_entries(buf: &mut Vec<u8>, first_index: u64, commands: &[Command]) -> Result<(), String> {
+    encode_within(buf, first_index, commands, MAX_BODY)
+}
+
+/// `encode_entries` with the body limit a parameter, so the split can be tested with small batches.
+fn encode_within(buf: &mut Vec<u8>, first_index: u64, commands: &[Command], max_body: usize) -> Result<(), String> {
     let mut record = Open::start(buf, first_index);
     let mut line = Vec::new();
     for (command, index) in commands.iter().zip(first_index..) {
         line.clear();
         serde_json::to_writer(&mut line, command).map_err(|e| format!("entry {index} does not encode: {e}"))?;
         line.push(b'\n');
-        if BODY_PREFIX + line.len() > MAX_BODY {
-            return Err(format!("entry {index} is {} bytes, over the {MAX_BODY}-byte record limit", line.len()));
+        if BODY_PREFIX + line.len() > max_body {
+            return Err(format!("entry {index} is {} bytes, over the {max_body}-byte record limit", line.len()));
         }
-        if record.count > 0 && buf.len() - record.body + line.len() > MAX_BODY {
+        if record.count > 0 && buf.len() - record.body + line.len() > max_body {
             record.close(buf);
             record = Open::start(buf, index);
         }
@@ -290,4 +295,50 @@ pub(super) fn good_record_after(path: &Path, bad: u64) -> std::io::Result<Option
         at += starts as u64;
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn expire(now_ms: u64) -> Command {
+        Command::ExpireLeases { now_ms }
+    }
+
+    /// Decodes framed records from `bytes` as (first index, commands), checking each checksum.
+    fn records(mut bytes: &[u8]) -> Vec<(u64, Vec<Command>)> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+            let crc = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
+            let body = &bytes[RECORD_HEADER..RECORD_HEADER + len];
+            assert_eq!(crc32fast::hash(body), crc);
+            let record = decode_body(body).unwrap();
+            let commands = record.lines().unwrap().map(|(i, line)| decode(i, line).unwrap()).collect();
+            out.push((record.first_index, commands));
+            bytes = &bytes[RECORD_HEADER + len..];
+        }
+        out
+    }
+
+    #[test]
+    fn a_batch_over_the_record_limit_is_split_into_records_numbered_on() {
+        let batch: Vec<Command> = (0..10).map(expire).collect();
+        let line = serde_json::to_vec(&batch[0]).unwrap().len() + 1;
+        let mut one = Vec::new();
+        encode_within(&mut one, 7, &batch, MAX_BODY).unwrap();
+        assert_eq!(records(&one), vec![(7, batch.clone())], "a batch within the limit is one record");
+
+        let mut split = Vec::new();
+        encode_within(&mut split, 7, &batch, BODY_PREFIX + 4 * line).unwrap();
+        let found = records(&split);
+        assert_eq!(
+            found.iter().map(|(first, c)| (*first, c.len())).collect::<Vec<_>>(),
+            vec![(7, 4), (11, 4), (15, 2)]
+        );
+        assert_eq!(found.into_iter().flat_map(|(_, c)| c).collect::<Vec<_>>(), batch);
+
+        let refused = encode_within(&mut Vec::new(), 7, &batch, BODY_PREFIX + line - 1).unwrap_err();
+        assert!(refused.contains("entry 7") && refused.contains("record limit"), "{refused}");
+    }
 }
