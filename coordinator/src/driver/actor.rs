@@ -220,7 +220,7 @@ pub async fn start(
                             message: "it was taken of a run with another plan".into(),
                         });
                     }
-                    state = snapshot;
+                    state = *snapshot;
                 }
                 // A command refused when first applied is refused again, changing nothing again.
                 Recovered::Entry { command, .. } => {

@@ -1,5 +1,6 @@
-//! When the driver snapshots the run state: the policy (every N entries, one write at a time), apart
-//! from the IO, which the log's `SnapshotJob` does on the blocking pool (burn's checkpointer split).
+//! When the driver snapshots the run state: the policy (every N entries, one write at a time), kept
+//! apart from the IO, which the log's `SnapshotJob` does on the blocking pool, so the command path only
+//! pays for a clone of the state.
 
 use tokio::task::JoinHandle;
 

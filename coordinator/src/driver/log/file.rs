@@ -2,11 +2,14 @@
 //! and the meta file that pins the run. Layout of a state folder:
 //!
 //! ```text
-//! LOCK                        held (File::try_lock) by the one coordinator writing here
+//! LOCK                        held (File::try_lock) by the one coordinator writing here; holds its pid
 //! meta.json                   format, run id, plan, sha256 of the run config
-//! wal/{first:020}.seg         segment: header + records of entries first, first+1, ...
-//! snap/{index:020}.snap       snapshot: a JSON header line (index, length, CRC-32) + the RunState JSON
+//! wal/{first:020}.seg         segment: header + records of entries first, first+1, ... (`record`)
+//! snap/{index:020}.snap       snapshot: a JSON header line (format, index, length, CRC-32), then the
+//!                             JSON of {index, run_id, state: RunState}
 //! ```
+//!
+//! A segment is cut at every snapshot (and at 64 MiB), so whole segments fall behind snapshots.
 //!
 //! The last two snapshots are kept, and segments are deleted once the older of them covers them, so a
 //! snapshot that fails its checksum on restart falls back to the one before and the segments after it.
@@ -177,7 +180,7 @@ impl CommandLog for FileLog {
         let snapshot = self.latest_snapshot()?;
         let base = snapshot.as_ref().map_or(0, |(index, _)| *index);
         if let Some((index, state)) = snapshot {
-            sink(Recovered::Snapshot { index, state })?;
+            sink(Recovered::Snapshot { index, state: Box::new(state) })?;
         }
         let segments = self.segments()?;
         // Segments wholly behind the snapshot are skipped unread (they are deleted as snapshots advance).

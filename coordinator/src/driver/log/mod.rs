@@ -24,10 +24,10 @@ pub use file::{FileLog, LOCK_FILE, OLD_LOG_FILE, SNAP_DIR, WAL_DIR};
 /// What `load` streams into the driver, in order: at most one snapshot, then the entries after it.
 #[derive(Debug)]
 pub enum Recovered {
-    /// The run state as of entry `index`.
+    /// The run state as of entry `index` (boxed: it is far larger than an entry, and comes once).
     Snapshot {
         index: u64,
-        state: RunState,
+        state: Box<RunState>,
     },
     Entry {
         index: u64,
@@ -135,7 +135,7 @@ impl CommandLog for MemoryLog {
         let memory = self.inner.lock().map_err(|_| poisoned())?;
         let mut loaded = Loaded::default();
         if let Some((index, state)) = &memory.snapshot {
-            sink(Recovered::Snapshot { index: *index, state: state.clone() })?;
+            sink(Recovered::Snapshot { index: *index, state: Box::new(state.clone()) })?;
             loaded.snapshot_index = *index;
         }
         for (command, index) in memory.entries.iter().zip(memory.compacted + 1..) {

@@ -256,7 +256,7 @@ fn replay_from_a_snapshot_after_compaction_matches_a_full_replay() {
         let loaded = log
             .load(&mut |item| {
                 match item {
-                    Recovered::Snapshot { state: snapshot, .. } => state = snapshot,
+                    Recovered::Snapshot { state: snapshot, .. } => state = *snapshot,
                     Recovered::Entry { command, .. } => {
                         let _ = state.apply(command);
                         replayed += 1;
