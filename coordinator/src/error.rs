@@ -26,10 +26,18 @@ pub enum Error {
     /// Reading or writing the command log (or its state folder) failed.
     #[error("coordinator state `{path}`: {message}")]
     Storage { path: String, message: String },
-    /// A complete line in the middle of the command log does not parse: not a torn tail from a crash,
-    /// so the log is refused rather than silently cut short.
-    #[error("command log `{path}` line {line} is corrupt: {message}")]
-    CorruptLog { path: String, line: usize, message: String },
+    /// A record of the command log fails its checksum or does not decode, and it is not a tail torn by
+    /// a crash (a good record follows it, or later segments do), so the log is refused rather than
+    /// silently cut short or replayed into a diverging state.
+    #[error("command log `{path}` is corrupt at byte {offset}: {message}")]
+    CorruptLog { path: String, offset: u64, message: String },
+    /// Another coordinator holds the state folder's writer lock: two writers would interleave records
+    /// and lease the same attempt twice.
+    #[error("state folder `{path}` is in use: {message}")]
+    StateLocked { path: String, message: String },
+    /// Entries asked for that a snapshot has replaced (raft-rs's `StorageError::Compacted`).
+    #[error("command log entry {index} is compacted into a snapshot: the log now starts at entry {first}")]
+    LogCompacted { index: u64, first: u64 },
     /// The state folder belongs to another run or another plan than the config being started.
     #[error("state folder `{path}` does not match this run: {message}")]
     StateMismatch { path: String, message: String },
@@ -66,6 +74,8 @@ impl Error {
             Error::InvalidPlan { .. } => "invalid_plan",
             Error::Storage { .. } => "storage",
             Error::CorruptLog { .. } => "corrupt_log",
+            Error::StateLocked { .. } => "state_locked",
+            Error::LogCompacted { .. } => "log_compacted",
             Error::StateMismatch { .. } => "state_mismatch",
             Error::Unavailable { .. } => "unavailable",
             Error::Config { .. } => "config",

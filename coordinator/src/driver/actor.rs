@@ -18,8 +18,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::clock::Clock;
-use super::log::CommandLog;
+use super::log::{CommandLog, Recovered};
 use super::manifests::Publisher;
+use super::snapshots::Snapshots;
 use super::telemetry::Telemetry;
 use crate::error::{Error, Result};
 use crate::state::{
@@ -47,6 +48,9 @@ pub struct DriverOptions {
     /// passed: workers that kept working while the coordinator was down get to heartbeat first.
     /// None: one worker timeout of the plan.
     pub restart_grace_ms: Option<u64>,
+    /// Snapshot the run state every this many log entries, and drop the log segments snapshots cover.
+    /// None: `snapshots::DEFAULT_SNAPSHOT_EVERY`; Some(0): never (the log keeps every entry).
+    pub snapshot_every: Option<u64>,
     /// After a failed log write, how long the driver keeps answering (refusing commands, failing its
     /// health checks) before its task ends with the error. None: 5 s.
     pub log_error_exit_ms: Option<u64>,
@@ -191,7 +195,8 @@ impl Handle {
     }
 }
 
-/// Starts the driver: loads the log, replays it into a fresh state for `plan`, and spawns the task.
+/// Starts the driver: loads the log's latest snapshot and replays the entries after it into the state
+/// for `plan`, and spawns the task.
 /// With a `publisher`, the manifests of every stage the replayed run has finished are (re)written
 /// before any lease is handed out, and each stage's as it finishes.
 pub async fn start(
@@ -202,19 +207,39 @@ pub async fn start(
     mut publisher: Option<Publisher>,
 ) -> Result<(Handle, JoinHandle<Result<()>>)> {
     let grace = options.restart_grace_ms.unwrap_or(plan.worker_timeout_ms);
-    // Loading and replaying a long log is blocking work: keep it off the async workers.
-    let (log, state, recovered) = tokio::task::spawn_blocking(move || -> Result<_> {
-        let commands = log.load()?;
-        let recovered = commands.len() as u64;
-        let state = RunState::replay(plan, commands)?;
-        Ok((log, state, recovered))
+    // Loading and replaying a long log is blocking work: keep it off the async workers. Entries are
+    // applied as they stream in, so memory holds the state, never the history.
+    let (log, state, loaded) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let mut state = RunState::new(plan.clone())?;
+        let loaded = log.load(&mut |item| {
+            match item {
+                Recovered::Snapshot { index, state: snapshot } => {
+                    if snapshot.plan() != &plan {
+                        return Err(Error::StateMismatch {
+                            path: format!("snapshot at entry {index}"),
+                            message: "it was taken of a run with another plan".into(),
+                        });
+                    }
+                    state = *snapshot;
+                }
+                // A command refused when first applied is refused again, changing nothing again.
+                Recovered::Entry { command, .. } => {
+                    let _ = state.apply(command);
+                }
+            }
+            Ok(())
+        })?;
+        Ok((log, state, loaded))
     })
     .await
     .map_err(|e| Error::Unavailable { message: format!("loading the command log panicked: {e}") })??;
+    let recovered = loaded.last_index;
     let now = clock.now_ms();
     if recovered > 0 {
         tracing::info!(
             commands = recovered,
+            snapshot_index = loaded.snapshot_index,
+            replayed = recovered - loaded.snapshot_index,
             status = ?state.status(),
             stage = ?state.current_stage(),
             "resumed the run from the command log"
@@ -240,6 +265,7 @@ pub async fn start(
         last_tick_ms: None,
         deferred_ticks: 0,
         publisher,
+        snapshots: Snapshots::new(options.snapshot_every, loaded.snapshot_index),
         health: health_tx,
         log_failure: None,
         exit_at: None,
@@ -269,6 +295,8 @@ struct Actor {
     deferred_ticks: u32,
     /// Writes the manifests of finished stages; None: no manifests (tests, benchmarks).
     publisher: Option<Publisher>,
+    /// When to snapshot the state and compact the log.
+    snapshots: Snapshots,
     health: watch::Sender<Health>,
     /// The failed log write the driver ends with.
     log_failure: Option<Error>,
@@ -352,6 +380,7 @@ impl Actor {
                 self.commit(batch).await;
             }
         }
+        self.snapshots.finish().await;
         tracing::info!(commands = self.log_index, "coordinator driver stopped");
         if let Some(publisher) = self.publisher.take() {
             publisher.stop();
@@ -547,6 +576,15 @@ impl Actor {
             }
             changed
         });
+        self.snapshot_hook().await;
+    }
+
+    /// After the batch is answered: snapshot the state once enough entries have gone by. Only a durable
+    /// state may be snapshotted, so never once a write failed.
+    async fn snapshot_hook(&mut self) {
+        if self.telemetry.log_error.is_none() {
+            self.snapshots.after_commit(self.log.as_mut(), &self.state, self.log_index).await;
+        }
     }
 }
 

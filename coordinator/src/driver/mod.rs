@@ -12,6 +12,7 @@ pub mod log;
 pub mod manifests;
 pub mod server;
 pub mod service;
+pub mod snapshots;
 pub mod telemetry;
 pub mod wire;
 
@@ -21,5 +22,5 @@ mod tests;
 pub use actor::{DriverOptions, Handle, Health, View};
 pub use auth::{Bearer, ClusterToken, TOKEN_ENV};
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use log::{CommandLog, FileLog, MemoryLog};
+pub use log::{CommandLog, FileLog, MemoryLog, config_sha256};
 pub use server::{CoordinatorConfig, ServerHandle, serve};

@@ -20,7 +20,7 @@ use tonic::transport::server::TcpIncoming;
 use super::actor::{self, DriverOptions, Handle};
 use super::auth::{self, ClusterToken};
 use super::clock::{Clock, SystemClock};
-use super::log::{CommandLog, FileLog, MemoryLog};
+use super::log::{self, CommandLog, FileLog, MemoryLog};
 use super::manifests::Publisher;
 use super::service::CoordinatorService;
 use super::telemetry::RpcMetrics;
@@ -189,7 +189,10 @@ pub async fn serve(config: CoordinatorConfig) -> Result<ServerHandle> {
     let run_config_json = serde_json::to_string(&config.run)
         .map_err(|e| Error::Config { field: "run", message: format!("cannot serialize the run config: {e}") })?;
     let log: Box<dyn CommandLog> = match &config.state_dir {
-        Some(dir) => Box::new(open_log(dir.clone(), run_id.clone(), config.plan.clone()).await?),
+        Some(dir) => {
+            let config_sha256 = log::config_sha256(&config.run)?;
+            Box::new(open_log(dir.clone(), run_id.clone(), config.plan.clone(), config_sha256).await?)
+        }
         None => Box::new(MemoryLog::new()),
     };
     // Bind before starting the driver, so a taken port fails fast without touching the log's timers.
@@ -264,8 +267,8 @@ pub async fn serve(config: CoordinatorConfig) -> Result<ServerHandle> {
     Ok(ServerHandle { grpc_addr, status_addr, handle, shutdown, servers: vec![grpc_task, status_task], driver })
 }
 
-async fn open_log(dir: PathBuf, run_id: String, plan: Plan) -> Result<FileLog> {
-    tokio::task::spawn_blocking(move || FileLog::open(&dir, &run_id, &plan))
+async fn open_log(dir: PathBuf, run_id: String, plan: Plan, config_sha256: String) -> Result<FileLog> {
+    tokio::task::spawn_blocking(move || FileLog::open(&dir, &run_id, &plan, &config_sha256))
         .await
         .map_err(|e| Error::Unavailable { message: format!("opening the command log panicked: {e}") })?
 }

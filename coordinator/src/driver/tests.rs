@@ -1,14 +1,15 @@
 //! Tests of the driver behind its handle, with the in-memory log and a manual clock: no sockets.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::actor::{self, DriverOptions, Handle};
 use super::clock::ManualClock;
-use super::log::{CommandLog, FileLog, MemoryLog, parse_log};
+use super::log::{CommandLog, FileLog, Loaded, MemoryLog, OLD_LOG_FILE, Recovered, SNAP_DIR, SnapshotJob, WAL_DIR};
 use crate::error::Error;
 use crate::plan::Phase;
-use crate::state::{Command, Lease, Plan, Reply, Resources, TaskId, TaskState, WorkerId};
+use crate::state::{Command, Lease, Plan, Reply, Resources, RunState, TaskId, TaskState, WorkerId};
 
 const T0: u64 = 1_000_000;
 
@@ -176,66 +177,290 @@ async fn concurrent_commands_share_log_writes() {
     assert!(batches <= 64, "{batches} batches");
 }
 
-fn line(command: &Command) -> String {
-    serde_json::to_string(command).unwrap() + "\n"
+const HASH: &str = "config-hash-a";
+
+fn open(dir: &Path) -> FileLog {
+    FileLog::open(dir, "run-a", &plan(), HASH).unwrap()
+}
+
+/// Opens and loads, returning the log and every recovered entry's command.
+fn reopen(dir: &Path) -> (FileLog, Vec<Command>) {
+    let mut log = open(dir);
+    let mut commands = Vec::new();
+    log.load(&mut |item| {
+        if let Recovered::Entry { command, .. } = item {
+            commands.push(command);
+        }
+        Ok(())
+    })
+    .unwrap();
+    (log, commands)
+}
+
+fn expire(now_ms: u64) -> Command {
+    Command::ExpireLeases { now_ms }
+}
+
+fn only_segment(dir: &Path) -> std::path::PathBuf {
+    let segments = open_segments(dir);
+    assert_eq!(segments.len(), 1, "{segments:?}");
+    segments[0].1.clone()
+}
+
+fn open_segments(dir: &Path) -> Vec<(u64, std::path::PathBuf)> {
+    let mut found: Vec<_> = std::fs::read_dir(dir.join(WAL_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .map(|p| (p.file_stem().unwrap().to_str().unwrap().parse::<u64>().unwrap(), p))
+        .collect();
+    found.sort();
+    found
 }
 
 #[test]
-fn a_torn_last_line_is_dropped_but_a_corrupt_middle_line_is_an_error() {
-    let path = std::path::Path::new("commands.jsonl");
-    let a = Command::ExpireLeases { now_ms: 1 };
-    let b = Command::LeaseTask { worker_id: WorkerId::new("w-1"), now_ms: 2 };
-    let good = line(&a) + &line(&b);
-
-    let parsed = parse_log(path, good.as_bytes()).unwrap();
-    assert_eq!((parsed.commands.len(), parsed.valid_len), (2, good.len()));
-
-    let torn = good.clone() + r#"{"LeaseTask":{"worker_id":"w-"#;
-    let parsed = parse_log(path, torn.as_bytes()).unwrap();
-    assert_eq!((parsed.commands, parsed.valid_len), (vec![a.clone(), b.clone()], good.len()));
-
-    let garbage_line = good.clone() + "\0\0\0\n";
-    assert_eq!(parse_log(path, garbage_line.as_bytes()).unwrap().valid_len, good.len());
-
-    let corrupt = line(&a) + "{not json}\n" + &line(&b);
-    match parse_log(path, corrupt.as_bytes()) {
-        Err(Error::CorruptLog { line, .. }) => assert_eq!(line, 2),
-        other => panic!("{:?}", other.map(|p| p.commands)),
-    }
-}
-
-#[test]
-fn the_file_log_cuts_a_torn_tail_and_refuses_another_plan() {
+fn a_torn_tail_record_is_dropped_whole_and_the_log_reopens_for_appends() {
     let dir = tempfile::tempdir().unwrap();
-    let commands = [Command::ExpireLeases { now_ms: 1 }, Command::ExpireLeases { now_ms: 2 }];
+    let first = [expire(1), expire(2)];
+    let last = [expire(3), expire(4), expire(5)];
     {
-        let mut log = FileLog::open(dir.path(), "run-a", &plan()).unwrap();
-        assert!(log.load().unwrap().is_empty());
-        log.append(&commands).unwrap();
+        let (mut log, loaded) = reopen(dir.path());
+        assert!(loaded.is_empty());
+        log.append(&first).unwrap();
+        log.append(&last).unwrap();
     }
-    let path = dir.path().join(super::log::LOG_FILE);
-    let intact = std::fs::read(&path).unwrap();
-    let mut torn = intact.clone();
-    torn.extend_from_slice(br#"{"ExpireLeases":{"now_"#);
-    std::fs::write(&path, &torn).unwrap();
+    let path = only_segment(dir.path());
+    let full = std::fs::read(&path).unwrap();
+    let mut intact = {
+        let (_, loaded) = reopen(dir.path());
+        assert_eq!(loaded.len(), 5);
+        full.clone()
+    };
+    // Only the last batch can be torn (each ends with an fsync): cut it at every length, and also keep
+    // its length but zero its middle (pages reaching disk out of order, review A7 a).
+    let (_, small) = {
+        let d = tempfile::tempdir().unwrap();
+        let (mut log, _) = reopen(d.path());
+        log.append(&first).unwrap();
+        let len = std::fs::read(only_segment(d.path())).unwrap().len();
+        (d, len)
+    };
+    intact.truncate(small);
+    let mut zeroed = full.clone();
+    let middle = small + (full.len() - small) / 2;
+    zeroed[middle - 8..middle + 8].fill(0);
+    for torn in [full[..full.len() - 1].to_vec(), full[..small + 5].to_vec(), full[..small + 12].to_vec(), zeroed] {
+        std::fs::write(&path, &torn).unwrap();
+        let (mut log, loaded) = reopen(dir.path());
+        assert_eq!(loaded, first.to_vec(), "the torn batch is dropped whole, the one before it kept");
+        assert_eq!(std::fs::read(&path).unwrap(), intact, "the torn tail is truncated on disk");
+        assert_eq!(log.last_index(), 2);
+        log.append(&last).unwrap();
+        drop(log);
+        let (log, loaded) = reopen(dir.path());
+        assert_eq!(loaded.len(), 5, "appends resume after the cut");
+        assert_eq!(log.entries(2..5).unwrap(), vec![expire(2), expire(3), expire(4)], "read back by index");
+    }
+}
 
-    let mut log = FileLog::open(dir.path(), "run-a", &plan()).unwrap();
-    assert_eq!(log.load().unwrap(), commands.to_vec());
-    assert_eq!(std::fs::read(&path).unwrap(), intact, "the torn tail is truncated on disk");
-    log.append(&commands[..1]).unwrap();
-    drop(log);
-    assert_eq!(FileLog::open(dir.path(), "run-a", &plan()).unwrap().load().unwrap().len(), 3);
+#[test]
+fn a_flipped_byte_in_a_middle_record_is_refused_naming_the_file_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ends = Vec::new();
+    {
+        let (mut log, _) = reopen(dir.path());
+        for batch in [[expire(1), expire(2)], [expire(13), expire(14)], [expire(25), expire(26)]] {
+            log.append(&batch).unwrap();
+            ends.push(std::fs::metadata(only_segment(dir.path())).unwrap().len());
+        }
+    }
+    let path = only_segment(dir.path());
+    let mut bytes = std::fs::read(&path).unwrap();
+    // A digit in the second batch: it still parses as JSON, so only the checksum can tell.
+    let at = ends[0] as usize + 8 + 13 + r#"{"ExpireLeases":{"now_ms":1"#.len();
+    assert_eq!(bytes[at], b'3', "the last digit of 13");
+    bytes[at] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let mut log = open(dir.path());
+    match log.load(&mut |_| Ok(())) {
+        Err(Error::CorruptLog { path: named, offset, message }) => {
+            assert_eq!(named, path.display().to_string());
+            assert_eq!(offset, ends[0], "the offset of the damaged record: {message}");
+            assert!(message.contains("checksum") && message.contains(&format!("byte {}", ends[1])), "{message}");
+        }
+        other => panic!("expected corruption, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut from a corrupt log");
+}
 
+#[test]
+fn a_bad_last_record_of_a_segment_that_others_follow_is_refused_naming_that_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (mut log, _) = reopen(dir.path());
+        log.append(&[expire(1), expire(2)]).unwrap();
+        // A snapshot cuts the segment: the next batch goes to a new one.
+        drop(log.begin_snapshot(crate::state::RunState::new(plan()).unwrap()).unwrap());
+        log.append(&[expire(3)]).unwrap();
+    }
+    let segments = open_segments(dir.path());
+    assert_eq!(segments.iter().map(|(first, _)| *first).collect::<Vec<_>>(), vec![1, 3]);
+    // Its last record torn would be a tear in the last segment; in an older one it is damage.
+    let older = &segments[0].1;
+    let mut bytes = std::fs::read(older).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last] ^= 0x20;
+    std::fs::write(older, &bytes).unwrap();
+    match open(dir.path()).load(&mut |_| Ok(())) {
+        Err(e @ Error::CorruptLog { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(&older.display().to_string()) && text.contains("later segments"), "{text}");
+        }
+        other => panic!("expected corruption, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_second_log_on_a_locked_state_dir_is_refused_naming_the_dir_and_the_holders_pid() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = open(dir.path());
+    match FileLog::open(dir.path(), "run-a", &plan(), HASH) {
+        Err(e @ Error::StateLocked { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(&dir.path().display().to_string()), "{text}");
+            assert!(text.contains(&format!("pid {}", std::process::id())), "{text}");
+        }
+        other => panic!("expected the lock to refuse it, got {other:?}"),
+    }
+    drop(first);
+    open(dir.path());
+}
+
+#[test]
+fn a_state_dir_written_for_another_config_hash_plan_or_run_is_refused_naming_what_differs() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(open(dir.path()));
     let mut other = plan();
     other.lease_ms = 5;
-    match FileLog::open(dir.path(), "run-a", &other) {
+    match FileLog::open(dir.path(), "run-a", &other, HASH) {
         Err(Error::StateMismatch { message, .. }) => assert!(message.contains("plan.lease_ms"), "{message}"),
         other => panic!("{other:?}"),
     }
-    match FileLog::open(dir.path(), "run-b", &plan()) {
+    match FileLog::open(dir.path(), "run-b", &plan(), HASH) {
         Err(Error::StateMismatch { message, .. }) => assert!(message.contains("run_id"), "{message}"),
         other => panic!("{other:?}"),
     }
+    match FileLog::open(dir.path(), "run-a", &plan(), "config-hash-b") {
+        Err(Error::StateMismatch { message, .. }) => {
+            assert!(message.contains("config-hash-a") && message.contains("config-hash-b"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_format_1_json_lines_log_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("meta.json"), r#"{"format":1,"run_id":"run-a","plan":{}}"#).unwrap();
+    std::fs::write(dir.path().join(OLD_LOG_FILE), serde_json::to_string(&expire(1)).unwrap() + "\n").unwrap();
+    match FileLog::open(dir.path(), "run-a", &plan(), HASH) {
+        Err(Error::StateMismatch { message, .. }) => {
+            assert!(message.contains("commands.jsonl") && message.contains("new state folder"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn start_on(
+    log: FileLog,
+    clock: &ManualClock,
+    every: u64,
+) -> (Handle, tokio::task::JoinHandle<crate::error::Result<()>>) {
+    let options = DriverOptions { restart_grace_ms: Some(0), snapshot_every: Some(every), ..DriverOptions::default() };
+    actor::start(plan(), Box::new(log), Arc::new(clock.clone()), options, None).await.unwrap()
+}
+
+async fn state_json(handle: &Handle) -> String {
+    handle.read(|v| serde_json::to_string(v.state).unwrap()).await.unwrap()
+}
+
+#[tokio::test]
+async fn snapshots_compact_the_log_and_a_restart_rebuilds_the_live_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    const EVERY: u64 = 20;
+    let (handle, task) = start_on(open(dir.path()), &clock, EVERY).await;
+    // Registrations change the state whatever gets logged or not, so the count of entries is known.
+    let mut workers = Vec::new();
+    for i in 0..90 {
+        clock.advance(1);
+        workers.push(register(&handle, &format!("w-{i:03}")).await);
+    }
+    let Lease::Task { task_id, attempt, .. } = lease(&handle, &workers[0]).await else { panic!() };
+    let output = crate::state::Output { key: "k".into(), sha256: "0".repeat(64), records: 3, tokens: 9 };
+    let worker_id = workers[0].clone();
+    handle.apply(Command::CompleteTask { worker_id, task_id, attempt, output, now_ms: 0 }).await.unwrap();
+    lease(&handle, &workers[1]).await;
+    let live = state_json(&handle).await;
+    let index = handle.read(|v| v.log_index).await.unwrap();
+    assert!(index >= 90 + 3, "{index}");
+    handle.stop().await;
+    task.await.unwrap().unwrap();
+
+    let snapshots: Vec<_> = std::fs::read_dir(dir.path().join(SNAP_DIR)).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(snapshots.len(), 2, "the newest two snapshots are kept: {snapshots:?}");
+    let segments = open_segments(dir.path());
+    assert!(segments[0].0 > 2 * EVERY, "segments behind the older kept snapshot are deleted: {segments:?}");
+    assert!(segments.len() <= 3, "{segments:?}");
+
+    let (restarted, task) = start_on(open(dir.path()), &clock, EVERY).await;
+    assert_eq!(state_json(&restarted).await, live, "snapshot + later segments rebuild the live state");
+    assert_eq!(restarted.read(|v| v.log_index).await.unwrap(), index);
+    // The run goes on from there, and a second restart agrees again.
+    register(&restarted, "w-late").await;
+    let live = state_json(&restarted).await;
+    restarted.stop().await;
+    task.await.unwrap().unwrap();
+
+    // A newest snapshot that fails its checksum is skipped for the one before it and the segments after.
+    let mut snapshots: Vec<_> =
+        std::fs::read_dir(dir.path().join(SNAP_DIR)).unwrap().map(|e| e.unwrap().path()).collect();
+    snapshots.sort();
+    let newest = snapshots.last().unwrap();
+    let mut bytes = std::fs::read(newest).unwrap();
+    let last = bytes.len() - 2;
+    bytes[last] ^= 0x01;
+    std::fs::write(newest, bytes).unwrap();
+    let (again, task) = start_on(open(dir.path()), &clock, 0).await;
+    assert_eq!(state_json(&again).await, live);
+    again.stop().await;
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn the_memory_log_snapshots_and_compacts_too() {
+    let (log, clock) = (MemoryLog::new(), ManualClock::new(T0));
+    let options = DriverOptions { restart_grace_ms: Some(0), snapshot_every: Some(10), ..DriverOptions::default() };
+    let (handle, task) =
+        actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options.clone(), None).await.unwrap();
+    for i in 0..25 {
+        register(&handle, &format!("w-{i}")).await;
+    }
+    let live = state_json(&handle).await;
+    handle.stop().await;
+    task.await.unwrap().unwrap();
+    // The first snapshot at entry 10, the next at 20 or (with the first still being written) a bit later.
+    let index = log.snapshot_index().unwrap();
+    assert!((20..25).contains(&index), "{index}");
+    assert_eq!(log.entries().len() as u64, 25 - index, "entries the snapshot covers are dropped");
+    match CommandLog::entries(&log, 3..4) {
+        Err(Error::LogCompacted { index: 3, first }) => assert_eq!(first, index + 1),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(CommandLog::entries(&log, 25..26).unwrap().len(), 1);
+    let (restarted, _) =
+        actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options, None).await.unwrap();
+    assert_eq!(state_json(&restarted).await, live);
 }
 
 #[test]
@@ -384,8 +609,20 @@ impl GatedLog {
 }
 
 impl CommandLog for GatedLog {
-    fn load(&mut self) -> crate::error::Result<Vec<Command>> {
-        self.inner.load()
+    fn load(&mut self, sink: &mut dyn FnMut(Recovered) -> crate::error::Result<()>) -> crate::error::Result<Loaded> {
+        self.inner.load(sink)
+    }
+
+    fn last_index(&self) -> u64 {
+        self.inner.last_index()
+    }
+
+    fn entries(&self, range: std::ops::Range<u64>) -> crate::error::Result<Vec<Command>> {
+        CommandLog::entries(&self.inner, range)
+    }
+
+    fn begin_snapshot(&mut self, state: RunState) -> crate::error::Result<SnapshotJob> {
+        self.inner.begin_snapshot(state)
     }
 
     fn append(&mut self, commands: &[Command]) -> crate::error::Result<()> {
@@ -621,11 +858,23 @@ struct FillingDisk {
     full: Arc<std::sync::atomic::AtomicBool>,
 }
 
-const LOG_PATH: &str = "/var/lib/iro/state/commands.jsonl";
+const LOG_PATH: &str = "/var/lib/iro/state/wal/00000000000000000001.seg";
 
 impl CommandLog for FillingDisk {
-    fn load(&mut self) -> crate::error::Result<Vec<Command>> {
-        self.inner.load()
+    fn load(&mut self, sink: &mut dyn FnMut(Recovered) -> crate::error::Result<()>) -> crate::error::Result<Loaded> {
+        self.inner.load(sink)
+    }
+
+    fn last_index(&self) -> u64 {
+        self.inner.last_index()
+    }
+
+    fn entries(&self, range: std::ops::Range<u64>) -> crate::error::Result<Vec<Command>> {
+        CommandLog::entries(&self.inner, range)
+    }
+
+    fn begin_snapshot(&mut self, state: RunState) -> crate::error::Result<SnapshotJob> {
+        self.inner.begin_snapshot(state)
     }
 
     fn append(&mut self, commands: &[Command]) -> crate::error::Result<()> {
@@ -641,7 +890,7 @@ impl CommandLog for FillingDisk {
 async fn a_failed_log_write_fails_the_probes_and_ends_the_driver_with_the_error() {
     // A10: the disk fills. The coordinator must not stay up refusing everything while looking healthy.
     let (log, clock) = (FillingDisk::default(), ManualClock::new(T0));
-    let options = DriverOptions { restart_grace_ms: Some(0), log_error_exit_ms: Some(300) };
+    let options = DriverOptions { restart_grace_ms: Some(0), log_error_exit_ms: Some(300), ..DriverOptions::default() };
     let (handle, mut driver) =
         actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options, None).await.unwrap();
     let context = crate::status::StatusContext {

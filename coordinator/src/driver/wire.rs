@@ -232,6 +232,8 @@ pub fn status(error: Error) -> Status {
         Error::Unavailable { .. } | Error::Storage { .. } => Status::unavailable(message),
         Error::InvalidPlan { .. }
         | Error::CorruptLog { .. }
+        | Error::StateLocked { .. }
+        | Error::LogCompacted { .. }
         | Error::StateMismatch { .. }
         | Error::Config { .. }
         | Error::Bind { .. } => Status::internal(message),

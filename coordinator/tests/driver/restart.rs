@@ -1,9 +1,11 @@
 //! A coordinator killed and restarted on the same state folder resumes the run: accepted shards stay
 //! done, held leases survive until they expire and are then leased again, and a torn log tail from a
-//! crash mid-write is cut off rather than refused.
+//! crash mid-write is cut off rather than refused. A second coordinator on a folder in use, or one
+//! started with another run config, is refused.
 
 use std::io::Write;
 
+use iro_coordinator::driver::log::WAL_DIR;
 use iro_coordinator::driver::{ManualClock, serve};
 use iro_coordinator::error::Error;
 use iro_coordinator::state::Plan;
@@ -67,17 +69,18 @@ async fn a_torn_log_tail_is_cut_off_and_the_run_resumes() {
     let index = status(&server).await.log.index;
     server.shutdown().await;
 
-    let log = dir.path().join("commands.jsonl");
+    let log = last_segment(dir.path());
     let intact = std::fs::read(&log).unwrap();
     let mut file = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-    file.write_all(br#"{"LeaseTask":{"worker_id":"w-00"#).unwrap();
+    // A record header claiming 100 bytes, and the first few of them: a batch cut short by a crash.
+    file.write_all(&[100, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, b'{', b'"']).unwrap();
     drop(file);
 
     let server = start(dir.path(), &clock).await;
     let report = status(&server).await;
     assert_eq!(report.log.index, index, "every acknowledged command survived");
     assert_eq!(report.overall_tasks.done, 1);
-    assert_eq!(std::fs::read(&log).unwrap(), intact, "the torn line is gone from disk");
+    assert_eq!(std::fs::read(&log).unwrap(), intact, "the torn record is gone from disk");
     let mut client = crate::support::client(&server).await;
     let next = take(&mut client, &a).await;
     assert_eq!(next.task_id, "iter-1/rollout/1");
@@ -118,4 +121,47 @@ async fn a_worker_reregistering_under_its_id_gives_up_its_old_lease_at_once() {
         other => panic!("{other:?}"),
     }
     server.shutdown().await;
+}
+
+fn last_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut segments: Vec<_> = std::fs::read_dir(dir.join(WAL_DIR)).unwrap().map(|e| e.unwrap().path()).collect();
+    segments.sort();
+    segments.pop().expect("a segment")
+}
+
+#[tokio::test]
+async fn a_second_coordinator_on_a_state_folder_in_use_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let server = start(dir.path(), &clock).await;
+    match serve(config(dir.path(), &clock)).await {
+        Err(e @ Error::StateLocked { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains(&dir.path().display().to_string()), "names the folder: {text}");
+            assert!(text.contains(&format!("pid {}", std::process::id())), "names the holder: {text}");
+        }
+        other => panic!("expected the folder's lock to refuse it, got {:?}", other.map(|s| s.grpc_addr())),
+    }
+    server.shutdown().await;
+    start(dir.path(), &clock).await.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restart_with_another_run_config_is_refused_naming_both_hashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let original = config(dir.path(), &clock);
+    let before = iro_coordinator::driver::config_sha256(&original.run).unwrap();
+    serve(original).await.unwrap().shutdown().await;
+    let mut changed = config(dir.path(), &clock);
+    changed.run.sampling.temperature += 0.25;
+    let after = iro_coordinator::driver::config_sha256(&changed.run).unwrap();
+    assert_ne!(before, after);
+    match serve(changed).await {
+        Err(Error::StateMismatch { message, .. }) => {
+            assert!(message.contains(&before) && message.contains(&after), "{message}")
+        }
+        other => panic!("expected a state mismatch, got {:?}", other.map(|s| s.grpc_addr())),
+    }
+    start(dir.path(), &clock).await.shutdown().await;
 }

@@ -217,3 +217,63 @@ fn random_schedules_with_few_attempts_fail_cleanly() {
     }
     assert!(failed_runs > 0, "the schedule should be harsh enough to fail some runs");
 }
+
+/// Reviews A4 and A7: what the driver does with its log, done on disk. A random schedule's durable
+/// commands are appended in small batches, the live state is snapshotted every 100 entries, and the
+/// segments behind the snapshots are deleted; reopening the folder then rebuilds, from the newest
+/// snapshot and the entries after it, the same durable state as a full replay of every command.
+#[test]
+fn replay_from_a_snapshot_after_compaction_matches_a_full_replay() {
+    use crate::driver::log::{CommandLog, FileLog, Recovered};
+    for seed in [3, 11] {
+        let mut p = plan(3, 7, 3, 2);
+        p.max_attempts = 1_000;
+        let mut sim = Sim::new(seed, p.clone(), 6);
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = FileLog::open(dir.path(), "sim", &p, "hash").unwrap();
+        log.load(&mut |_| Ok(())).unwrap();
+        let (mut written, mut snapshot_at) = (0, 0);
+        let mut flush = |sim: &Sim, log: &mut FileLog| {
+            log.append(&sim.h.durable[written..]).unwrap();
+            written = sim.h.durable.len();
+            // As the driver does: the live state, right after a durable commit, every so many entries.
+            if log.last_index() >= snapshot_at + 100 {
+                snapshot_at = log.begin_snapshot(sim.h.state.clone()).unwrap().run().unwrap();
+            }
+        };
+        for step in 0..3_000 {
+            sim.step();
+            if step % 5 == 4 {
+                flush(&sim, &mut log);
+            }
+        }
+        sim.drain();
+        flush(&sim, &mut log);
+        assert_eq!(*sim.h.state.status(), RunStatus::Finished, "seed {seed}");
+        assert_eq!(log.snapshots().unwrap().len(), 2, "seed {seed}: the newest two snapshots are kept");
+        let first_segment = log.segments().unwrap()[0].0;
+        assert!(first_segment > 100, "seed {seed}: old segments were compacted away, still from {first_segment}");
+        drop(log);
+
+        let mut log = FileLog::open(dir.path(), "sim", &p, "hash").unwrap();
+        let (mut state, mut replayed) = (RunState::new(p.clone()).unwrap(), 0);
+        let loaded = log
+            .load(&mut |item| {
+                match item {
+                    Recovered::Snapshot { state: snapshot, .. } => state = *snapshot,
+                    Recovered::Entry { command, .. } => {
+                        let _ = state.apply(command);
+                        replayed += 1;
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        let durable = sim.h.durable.len() as u64;
+        assert_eq!(loaded.last_index, durable, "seed {seed}");
+        assert!(loaded.snapshot_index > 0 && replayed == durable - loaded.snapshot_index, "seed {seed}: {loaded:?}");
+        let full = RunState::replay(p.clone(), sim.h.durable.clone()).unwrap();
+        assert_eq!(state.durable_digest(), full.durable_digest(), "seed {seed}: snapshot + tail vs full replay");
+        assert_eq!(state.durable_digest(), sim.h.state.durable_digest(), "seed {seed}: vs the live state");
+    }
+}
