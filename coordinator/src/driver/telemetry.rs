@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::state::{Applied, Command, Event, Reply, phase_name};
+use crate::state::{Applied, Command, Event, Fenced, LossCause, Reply, phase_name};
 
 /// Throughput is measured over this much recent time.
 pub const WINDOW_MS: u64 = 5 * 60 * 1000;
@@ -46,14 +46,21 @@ pub struct Telemetry {
     pub recent_rejections: VecDeque<Rejection>,
     pub log_batches: u64,
     pub log_entries: u64,
-    pub log_write_seconds: f64,
+    /// Each batched write + fsync of the command log (its latency bounds every reply, and Raft's timing).
+    pub log_sync: Histogram,
     /// Why the driver stopped taking commands, if it did.
     pub log_error: Option<String>,
 }
 
 impl Telemetry {
+    /// Every labelled counter starts with all its known labels at zero: a series that appears only at its
+    /// first event breaks `rate()` and alerts (Prometheus practice, review A17).
     pub fn new(started_ms: u64, recovered: u64) -> Self {
-        Self { started_ms, recovered, ..Self::default() }
+        let mut t = Self { started_ms, recovered, ..Self::default() };
+        t.applied.extend(Command::KINDS.map(|k| (k, 0)));
+        t.fenced.extend(Fenced::KINDS.map(|k| (k, 0)));
+        t.losses.extend(LossCause::ALL.map(|c| (c.kind(), 0)));
+        t
     }
 
     /// Records one command's outcome and emits its log lines.
@@ -146,7 +153,7 @@ impl Telemetry {
     pub fn note_log_write(&mut self, entries: usize, seconds: f64) {
         self.log_batches += 1;
         self.log_entries += entries as u64;
-        self.log_write_seconds += seconds;
+        self.log_sync.observe(seconds);
     }
 
     pub fn note_log_error(&mut self, error: &Error) {
@@ -161,7 +168,9 @@ impl Telemetry {
 }
 
 /// Upper bounds (seconds) of the RPC latency histogram.
-pub const LATENCY_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+/// They reach 30 s: a client's request timeout.
+pub const LATENCY_BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 10.0, 30.0];
 
 #[derive(Debug, Clone, Default)]
 pub struct Histogram {

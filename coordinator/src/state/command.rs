@@ -108,6 +108,18 @@ pub enum Command {
 }
 
 impl Command {
+    /// Every `kind()`, so metrics can show a zero before the first of each.
+    pub const KINDS: [&'static str; 8] = [
+        "register_worker",
+        "heartbeat",
+        "lease_task",
+        "complete_task",
+        "fail_task",
+        "expire_leases",
+        "join_gang",
+        "abort_gang",
+    ];
+
     pub fn now_ms(&self) -> u64 {
         match self {
             Command::RegisterWorker { now_ms, .. }
@@ -268,6 +280,10 @@ pub enum Fenced {
 }
 
 impl Fenced {
+    /// Every `kind()`, so metrics can show a zero before the first of each.
+    pub const KINDS: [&'static str; 6] =
+        ["run_over", "already_done", "stale_attempt", "not_holder", "task_failed", "gang_not_started"];
+
     pub fn kind(&self) -> &'static str {
         match self {
             Fenced::RunOver => "run_over",
@@ -319,6 +335,17 @@ pub enum LossCause {
 }
 
 impl LossCause {
+    pub const ALL: [LossCause; 8] = [
+        LossCause::Released,
+        LossCause::Failed,
+        LossCause::Infrastructure,
+        LossCause::LeaseExpired,
+        LossCause::WorkerDead,
+        LossCause::WorkerRestarted,
+        LossCause::GangJoinTimeout,
+        LossCause::GangAborted,
+    ];
+
     /// Whether the loss may be the task's (or its worker's) fault, and so counts toward `max_attempts`
     /// and the worker's quarantine: a poison task fails the run instead of looping forever. A release, an
     /// infrastructure error and a gang that could not gather say nothing about the task.

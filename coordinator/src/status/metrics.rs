@@ -5,7 +5,7 @@
 use std::fmt::Write;
 
 use super::{Counters, StatusReport};
-use crate::driver::telemetry::{LATENCY_BUCKETS, RpcMetrics};
+use crate::driver::telemetry::{Histogram, LATENCY_BUCKETS, RpcMetrics};
 use crate::state::Counts;
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -45,6 +45,14 @@ fn states(counts: &Counts) -> [(&'static str, u64); 4] {
 pub fn render(report: &StatusReport, counters: &Counters, rpc: &RpcMetrics) -> String {
     let mut out = Out(String::with_capacity(8 * 1024));
 
+    out.family("iro_build_info", "gauge", "The iro build serving this endpoint (always 1).");
+    out.sample("iro_build_info", &[("version", env!("CARGO_PKG_VERSION"))], 1);
+    out.family(
+        "process_start_time_seconds",
+        "gauge",
+        "When this coordinator started, in seconds since the Unix epoch.",
+    );
+    out.sample("process_start_time_seconds", &[], counters.started_ms as f64 / 1000.0);
     out.family("iro_run_info", "gauge", "The run this coordinator drives (always 1).");
     out.sample("iro_run_info", &[("run_id", &report.run_id)], 1);
     out.family("iro_run_status", "gauge", "1 for the run's current status.");
@@ -86,14 +94,9 @@ pub fn render(report: &StatusReport, counters: &Counters, rpc: &RpcMetrics) -> S
     out.family("iro_workers_busy", "gauge", "Workers holding a lease.");
     out.sample("iro_workers_busy", &[], report.workers.iter().filter(|w| w.current_task.is_some()).count());
 
-    out.family("iro_throughput_tasks_per_minute", "gauge", "Accepted tasks per minute over the recent window.");
-    out.sample("iro_throughput_tasks_per_minute", &[], report.throughput.tasks_per_minute);
-    out.family(
-        "iro_throughput_records_per_second",
-        "gauge",
-        "Records of accepted outputs per second over the recent window.",
-    );
-    out.sample("iro_throughput_records_per_second", &[], report.throughput.records_per_second);
+    // No precomputed rates (not base units): dashboards take rate() of the _total counters below.
+    out.family("iro_leases_held_back", "gauge", "1 while the active stage's leases wait for the manifests it reads.");
+    out.sample("iro_leases_held_back", &[], u8::from(report.leases_held_back.is_some()));
     if let Some(eta) = report.eta_s {
         out.family(
             "iro_eta_seconds",
@@ -132,8 +135,8 @@ pub fn render(report: &StatusReport, counters: &Counters, rpc: &RpcMetrics) -> S
     out.sample("iro_log_writes_total", &[], counters.log_batches);
     out.family("iro_log_entries_total", "counter", "Commands written to the command log.");
     out.sample("iro_log_entries_total", &[], counters.log_entries);
-    out.family("iro_log_write_seconds_total", "counter", "Time spent writing and syncing the command log.");
-    out.sample("iro_log_write_seconds_total", &[], counters.log_write_seconds);
+    out.family("iro_log_sync_duration_seconds", "histogram", "Each batched write and fsync of the command log.");
+    histogram(&mut out, "iro_log_sync_duration_seconds", &[], &counters.log_sync);
     out.family("iro_log_healthy", "gauge", "0 once the command log could not be written (commands are refused).");
     out.sample("iro_log_healthy", &[], u8::from(report.log.error.is_none()));
 
@@ -144,19 +147,22 @@ pub fn render(report: &StatusReport, counters: &Counters, rpc: &RpcMetrics) -> S
     out.family("iro_auth_failures_total", "counter", "Calls refused for a missing or wrong cluster token.");
     out.sample("iro_auth_failures_total", &[], rpc.auth_failures.load(std::sync::atomic::Ordering::Relaxed));
     out.family("iro_rpc_duration_seconds", "histogram", "gRPC handler latency by method.");
-    for (method, histogram) in rpc.latency() {
-        let mut cumulative = 0;
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += histogram.counts[i];
-            out.sample(
-                "iro_rpc_duration_seconds_bucket",
-                &[("method", method), ("le", &bound.to_string())],
-                cumulative,
-            );
-        }
-        out.sample("iro_rpc_duration_seconds_bucket", &[("method", method), ("le", "+Inf")], histogram.count);
-        out.sample("iro_rpc_duration_seconds_sum", &[("method", method)], histogram.sum);
-        out.sample("iro_rpc_duration_seconds_count", &[("method", method)], histogram.count);
+    for (method, h) in rpc.latency() {
+        histogram(&mut out, "iro_rpc_duration_seconds", &[("method", method)], &h);
     }
     out.0
+}
+
+/// One histogram's `_bucket` (cumulative, `le` last), `_sum` and `_count` samples.
+fn histogram(out: &mut Out, name: &str, labels: &[(&str, &str)], h: &Histogram) {
+    let bucket = format!("{name}_bucket");
+    let mut cumulative = 0;
+    for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+        cumulative += h.counts[i];
+        let le = bound.to_string();
+        out.sample(&bucket, &[labels, &[("le", le.as_str())]].concat(), cumulative);
+    }
+    out.sample(&bucket, &[labels, &[("le", "+Inf")]].concat(), h.count);
+    out.sample(&format!("{name}_sum"), labels, h.sum);
+    out.sample(&format!("{name}_count"), labels, h.count);
 }

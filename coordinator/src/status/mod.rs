@@ -157,7 +157,9 @@ pub struct Counters {
     pub losses: BTreeMap<&'static str, u64>,
     pub log_batches: u64,
     pub log_entries: u64,
-    pub log_write_seconds: f64,
+    pub log_sync: crate::driver::telemetry::Histogram,
+    /// When this coordinator started (ms since the Unix epoch).
+    pub started_ms: u64,
 }
 
 pub fn report(run_id: &str, view: View<'_>) -> StatusReport {
@@ -250,7 +252,8 @@ fn counters(telemetry: &Telemetry) -> Counters {
         losses: telemetry.losses.clone(),
         log_batches: telemetry.log_batches,
         log_entries: telemetry.log_entries,
-        log_write_seconds: telemetry.log_write_seconds,
+        log_sync: telemetry.log_sync.clone(),
+        started_ms: telemetry.started_ms,
     }
 }
 

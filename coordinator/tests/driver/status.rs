@@ -48,6 +48,9 @@ async fn status_metrics_and_page_answer_with_their_content_types_and_the_run_num
 
     let metrics = http(&server, "/metrics").await;
     assert_eq!(metrics.content_type, "text/plain; version=0.0.4; charset=utf-8");
+    let build = format!("iro_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    assert!(metrics.body.lines().any(|l| l.starts_with("process_start_time_seconds ")), "{}", metrics.body);
+    assert!(metrics.body.contains("iro_log_sync_duration_seconds_bucket{le=\"30\"}"), "{}", metrics.body);
     for line in [
         "iro_run_status{status=\"running\"} 1",
         "iro_tasks{phase=\"rollout\",state=\"done\"} 1",
@@ -60,6 +63,12 @@ async fn status_metrics_and_page_answer_with_their_content_types_and_the_run_num
         "iro_commands_total{command=\"lease_task\"} 2",
         "iro_rpc_requests_total{method=\"lease_task\",code=\"ok\"} 2",
         "iro_rpc_duration_seconds_count{method=\"complete_task\"} 1",
+        // Labelled counters exist at zero before their first event; the build and the start time are there.
+        "iro_fenced_total{kind=\"stale_attempt\"} 0",
+        "iro_lease_losses_total{cause=\"infrastructure\"} 0",
+        "iro_commands_total{command=\"abort_gang\"} 0",
+        build.as_str(),
+        "iro_leases_held_back 0",
     ] {
         assert!(metrics.body.lines().any(|l| l == line), "missing `{line}` in\n{}", metrics.body);
     }
