@@ -323,17 +323,7 @@ pub async fn read_manifest(store: &Store, layout: &RunLayout, iteration: u32, ph
 
 /// Reads one accepted shard's object and checks its sha256 against the manifest.
 pub async fn read_shard_bytes(store: &Store, entry: &ShardEntry) -> Result<bytes::Bytes> {
-    let bytes = store.get(&entry.key).await?;
-    let actual = sha256_hex(&bytes);
-    if actual != entry.sha256 {
-        return Err(Error::ChecksumMismatch {
-            url: store.url().to_owned(),
-            key: entry.key.clone(),
-            expected: entry.sha256.clone(),
-            actual,
-        });
-    }
-    Ok(bytes)
+    store.get_verified(&entry.key, &entry.sha256).await
 }
 
 /// Reads and decodes one accepted shard, checking checksum and record count.
@@ -369,7 +359,7 @@ pub(crate) fn is_sha256_hex(s: &str) -> bool {
 }
 
 /// Names the store in a validation error about a manifest that is (or is about to be) in it.
-fn in_store(e: Error, store: &Store, key: &str) -> Error {
+pub(crate) fn in_store(e: Error, store: &Store, key: &str) -> Error {
     match e {
         Error::ManifestInvalid { message, .. } => Error::ManifestInvalid { location: store.describe(key), message },
         other => other,

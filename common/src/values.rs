@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::layout::RunLayout;
-use crate::records::is_sha256_hex;
+use crate::records::{in_store, is_sha256_hex};
 use crate::store::{Store, sha256_hex};
 
 /// Bump when the value manifest's meaning changes; readers refuse versions they do not know.
@@ -125,41 +125,21 @@ pub async fn write_value_manifest(store: &Store, layout: &RunLayout, manifest: &
 pub async fn read_value_manifest(store: &Store, layout: &RunLayout, iteration: u32) -> Result<Option<ValueManifest>> {
     let key = layout.value_manifest(iteration);
     let Some(bytes) = store.get_if_exists(&key).await? else { return Ok(None) };
-    let manifest: ValueManifest = serde_json::from_slice(&bytes).map_err(|e| Error::MalformedJson {
-        location: store.describe(&key),
-        line: None,
-        message: e.to_string(),
-    })?;
+    let manifest: ValueManifest = store.decode_json(&key, &bytes)?;
     if manifest.iteration != iteration {
         return Err(Error::ManifestInvalid {
             location: store.describe(&key),
             message: format!("describes iteration {}, not {iteration}", manifest.iteration),
         });
     }
-    manifest.validate(layout).map_err(|e| match e {
-        Error::ManifestInvalid { message, .. } => Error::ManifestInvalid { location: store.describe(&key), message },
-        other => other,
-    })?;
+    manifest.validate(layout).map_err(|e| in_store(e, store, &key))?;
     Ok(Some(manifest))
 }
 
 /// The accepted attempt's file list, checked against the manifest's sha256.
 pub async fn read_value_files(store: &Store, manifest: &ValueManifest) -> Result<ValueFiles> {
-    let bytes = store.get(&manifest.key).await?;
-    let actual = sha256_hex(&bytes);
-    if actual != manifest.sha256 {
-        return Err(Error::ChecksumMismatch {
-            url: store.url().to_owned(),
-            key: manifest.key.clone(),
-            expected: manifest.sha256.clone(),
-            actual,
-        });
-    }
-    let files: ValueFiles = serde_json::from_slice(&bytes).map_err(|e| Error::MalformedJson {
-        location: store.describe(&manifest.key),
-        line: None,
-        message: e.to_string(),
-    })?;
+    let bytes = store.get_verified(&manifest.key, &manifest.sha256).await?;
+    let files: ValueFiles = store.decode_json(&manifest.key, &bytes)?;
     for f in &files.files {
         if f.name.is_empty() || f.name.contains('/') || !is_sha256_hex(&f.sha256) {
             return Err(Error::ManifestInvalid {

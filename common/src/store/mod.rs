@@ -241,12 +241,32 @@ impl Store {
 
     /// Reads the JSON object at `key`; [`Error::MalformedJson`] names the key and the line when it does not parse.
     pub async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<T> {
-        let bytes = self.get(key).await?;
-        serde_json::from_slice(&bytes).map_err(|e| Error::MalformedJson {
+        self.decode_json(key, &self.get(key).await?)
+    }
+
+    /// Decodes `bytes`, read from `key`, as JSON; [`Error::MalformedJson`] names the key and the line.
+    pub fn decode_json<T: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Result<T> {
+        serde_json::from_slice(bytes).map_err(|e| Error::MalformedJson {
             location: self.describe(key),
             line: Some(e.line()),
             message: e.to_string(),
         })
+    }
+
+    /// The object at `key`, which must hash to `sha256` (what a manifest recorded for it);
+    /// [`Error::ChecksumMismatch`] when it does not: corrupted or overwritten.
+    pub async fn get_verified(&self, key: &str, sha256: &str) -> Result<Bytes> {
+        let bytes = self.get(key).await?;
+        let actual = sha256_hex(&bytes);
+        if actual != sha256 {
+            return Err(Error::ChecksumMismatch {
+                url: self.url.clone(),
+                key: key.to_owned(),
+                expected: sha256.to_owned(),
+                actual,
+            });
+        }
+        Ok(bytes)
     }
 
     /// `key` as errors name it: `` `runs/x/manifest.json` in store s3://bucket/prefix ``.

@@ -96,23 +96,20 @@ fn sharded_phase(pipeline: &mut Pipeline, t: u32, phase: ShardedPhase, on_progre
 /// One more than the highest attempt of V_t's training already in the store.
 fn next_train_attempt(pipeline: &Pipeline, t: u32) -> Result<u32> {
     let prefix = format!("{}/", pipeline.layout.value_dir(t));
-    let keys = pipeline.block_on(pipeline.store.list(&prefix))?;
-    let highest = keys
-        .iter()
-        .filter_map(|k| k.strip_prefix(&prefix)?.strip_prefix("attempt-")?.split('/').next()?.parse::<u32>().ok())
-        .max();
-    Ok(highest.map_or(1, |a| a + 1))
+    next_after(pipeline, &prefix, |k| k.strip_prefix(&prefix)?.strip_prefix("attempt-")?.split('/').next())
 }
 
 /// One more than the highest attempt of `shard` already in the store.
 fn next_attempt(pipeline: &Pipeline, t: u32, phase: ShardedPhase, shard: u32) -> Result<u32> {
     let prefix = format!("{}/{phase}/", pipeline.layout.iteration(t));
     let stem = format!("shard-{shard:05}.attempt-");
-    let keys = pipeline.block_on(pipeline.store.list(&prefix))?;
-    let highest = keys
-        .iter()
-        .filter_map(|k| k.rsplit('/').next()?.strip_prefix(&stem)?.strip_suffix(".jsonl")?.parse::<u32>().ok())
-        .max();
+    next_after(pipeline, &prefix, |k| k.rsplit('/').next()?.strip_prefix(&stem)?.strip_suffix(".jsonl"))
+}
+
+/// One more than the highest attempt number `attempt_of` finds among the keys under `prefix` (1 when none).
+fn next_after(pipeline: &Pipeline, prefix: &str, attempt_of: impl Fn(&str) -> Option<&str>) -> Result<u32> {
+    let keys = pipeline.block_on(pipeline.store.list(prefix))?;
+    let highest = keys.iter().filter_map(|k| attempt_of(k)?.parse::<u32>().ok()).max();
     Ok(highest.map_or(1, |a| a + 1))
 }
 
