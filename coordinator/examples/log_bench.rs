@@ -66,6 +66,83 @@ impl Logged {
     }
 }
 
+/// The live run state and the two logs of the same commands: every one (the old policy) and only the
+/// durable changes (now).
+struct Bench {
+    plan: Plan,
+    state: RunState,
+    dirs: [tempfile::TempDir; 2],
+    logs: [Logged; 2],
+}
+
+/// One log's size and restart cost.
+struct Row {
+    entries: u64,
+    bytes: u64,
+    restart_s: f64,
+}
+
+impl Bench {
+    fn new(plan: Plan) -> Result<Self, Box<dyn std::error::Error>> {
+        let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
+        let logs = [Logged::new(dirs[0].path(), &plan, true)?, Logged::new(dirs[1].path(), &plan, false)?];
+        Ok(Self { state: RunState::new(plan.clone())?, plan, dirs, logs })
+    }
+
+    fn send(&mut self, command: Command) -> Reply {
+        let reply = self.state.apply(command.clone()).expect("the bench sends valid commands").reply;
+        for log in &mut self.logs {
+            log.note(&self.state, &command, &reply);
+        }
+        reply
+    }
+
+    fn register(&mut self, workers: &[WorkerId], now_ms: u64) {
+        for w in workers {
+            let resources = Resources { device: "cuda:0".into(), memory_bytes: 80 << 30, cached_models: vec![] };
+            self.send(Command::RegisterWorker { worker_id: w.clone(), name: w.to_string(), resources, now_ms });
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), Box<dyn std::error::Error>> {
+        self.logs.iter_mut().try_for_each(Logged::flush)
+    }
+
+    /// Closes both logs, restarts each and checks it rebuilds the live state; then, on the log of durable
+    /// changes, takes a snapshot of the final state (as the driver does every `snapshot_every` entries) and
+    /// restarts from it. Returns [every command, durable changes, after the snapshot].
+    fn finish(self) -> Result<[Row; 3], Box<dyn std::error::Error>> {
+        let Self { plan, state, dirs, logs } = self;
+        let live = state.durable_digest();
+        let entries = logs.each_ref().map(|l| l.entries);
+        drop(logs); // releases the state folders' locks
+        let mut rows = Vec::new();
+        for (dir, entries) in dirs.iter().zip(entries) {
+            let bytes = dir_bytes(dir.path());
+            let (restart_s, digest) = restart(dir.path(), &plan)?;
+            assert_eq!(digest, live, "a replay diverged from the live state");
+            rows.push(Row { entries, bytes, restart_s });
+        }
+        let mut log = FileLog::open(dirs[1].path(), "bench", &plan, CONFIG_SHA)?;
+        log.load(&mut |_| Ok(()))?;
+        log.begin_snapshot(state)?.run()?;
+        drop(log);
+        let (restart_s, digest) = restart(dirs[1].path(), &plan)?;
+        assert_eq!(digest, live, "the restart from the snapshot diverged");
+        rows.push(Row { entries: 0, bytes: dir_bytes(dirs[1].path()), restart_s });
+        Ok(rows.try_into().map_err(|_| "three rows")?)
+    }
+}
+
+fn print(rows: &[Row; 3]) {
+    println!("| log | entries | bytes on disk | restart (open + replay) |");
+    println!("|---|---|---|---|");
+    for (label, row) in ["every command (before)", "durable changes only (now)"].iter().zip(rows) {
+        println!("| {label} | {} | {} | {:.4} s |", row.entries, row.bytes, row.restart_s);
+    }
+    println!("| now, after a snapshot | - | {} | {:.4} s |", rows[2].bytes, rows[2].restart_s);
+}
+
 /// Reopens the log in `dir` and replays it into a fresh state: a coordinator restart. Returns seconds
 /// and the rebuilt state's durable digest.
 fn restart(dir: &Path, plan: &Plan) -> Result<(f64, u64), Box<dyn std::error::Error>> {
@@ -84,56 +161,30 @@ fn restart(dir: &Path, plan: &Plan) -> Result<(f64, u64), Box<dyn std::error::Er
     Ok((started.elapsed().as_secs_f64(), state.durable_digest()))
 }
 
-fn resources() -> Resources {
-    Resources { device: "cuda:0".into(), memory_bytes: 80 << 30, cached_models: vec![] }
+fn workers(n: usize) -> Vec<WorkerId> {
+    (0..n).map(|i| WorkerId::new(format!("w-{i:04}"))).collect()
 }
 
 fn idle_polls(polls: u64) -> Result<(), Box<dyn std::error::Error>> {
     // One rollout shard held by a busy worker keeps the barrier closed; 64 idle workers poll.
-    let plan = Plan::new(1, 1, 1, 1);
-    let (before_dir, after_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let mut before = Logged::new(before_dir.path(), &plan, true)?;
-    let mut after = Logged::new(after_dir.path(), &plan, false)?;
-    let mut state = RunState::new(plan.clone())?;
-    let workers: Vec<WorkerId> = (0..65).map(|i| WorkerId::new(format!("w-{i:04}"))).collect();
+    let mut bench = Bench::new(Plan::new(1, 1, 1, 1))?;
+    let workers = workers(65);
     let mut now = 1_000u64;
-    let send = |state: &mut RunState, before: &mut Logged, after: &mut Logged, command: Command| {
-        let reply = state.apply(command.clone()).expect("the bench sends valid commands").reply;
-        before.note(state, &command, &reply);
-        after.note(state, &command, &reply);
-        reply
-    };
-    for w in &workers {
-        let c =
-            Command::RegisterWorker { worker_id: w.clone(), name: w.to_string(), resources: resources(), now_ms: now };
-        send(&mut state, &mut before, &mut after, c);
-    }
-    let c = Command::LeaseTask { worker_id: workers[0].clone(), now_ms: now };
-    send(&mut state, &mut before, &mut after, c);
+    bench.register(&workers, now);
+    bench.send(Command::LeaseTask { worker_id: workers[0].clone(), now_ms: now });
     let started = Instant::now();
     for i in 0..polls {
-        let worker = workers[1 + (i % 64) as usize].clone();
         if i % 64 == 0 {
             now += 1_000;
-            before.flush()?;
-            after.flush()?;
+            bench.flush()?;
         }
-        send(&mut state, &mut before, &mut after, Command::LeaseTask { worker_id: worker, now_ms: now });
+        bench.send(Command::LeaseTask { worker_id: workers[1 + (i % 64) as usize].clone(), now_ms: now });
     }
-    before.flush()?;
-    after.flush()?;
+    bench.flush()?;
     let wrote = started.elapsed().as_secs_f64();
-    let live = state.durable_digest();
-    let (before_entries, after_entries) = (before.entries, after.entries);
-    drop((before, after)); // releases the state folders' locks
-    let (before_s, before_digest) = restart(before_dir.path(), &plan)?;
-    let (after_s, after_digest) = restart(after_dir.path(), &plan)?;
-    assert_eq!((before_digest, after_digest), (live, live), "a replay diverged from the live state");
+    let rows = bench.finish()?;
     println!("{polls} idle LeaseTask polls by 64 workers at a barrier ({wrote:.1} s to apply and log both ways)");
-    println!("| log | entries | bytes on disk | restart (open + replay) |");
-    println!("|---|---|---|---|");
-    println!("| every command (before) | {before_entries} | {} | {before_s:.2} s |", dir_bytes(before_dir.path()));
-    println!("| durable changes only (now) | {after_entries} | {} | {after_s:.3} s |", dir_bytes(after_dir.path()));
+    print(&rows);
     Ok(())
 }
 
@@ -146,57 +197,39 @@ enum Doing {
 }
 
 fn simulated_run() -> Result<(), Box<dyn std::error::Error>> {
-    let (iterations, workers_n) = (10u32, 64usize);
-    let plan = Plan::new(iterations, 64, 16, 1);
-    let (before_dir, after_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
-    let mut before = Logged::new(before_dir.path(), &plan, true)?;
-    let mut after = Logged::new(after_dir.path(), &plan, false)?;
-    let mut state = RunState::new(plan.clone())?;
-    let send = |state: &mut RunState, before: &mut Logged, after: &mut Logged, command: Command| {
-        let reply = state.apply(command.clone()).expect("the bench sends valid commands").reply;
-        before.note(state, &command, &reply);
-        after.note(state, &command, &reply);
-        reply
-    };
-    let workers: Vec<WorkerId> = (0..workers_n).map(|i| WorkerId::new(format!("w-{i:04}"))).collect();
-    let mut doing = vec![Doing::Idle; workers_n];
+    let iterations = 10u32;
+    let mut bench = Bench::new(Plan::new(iterations, 64, 16, 1))?;
+    let workers = workers(64);
+    let mut doing = vec![Doing::Idle; workers.len()];
     let mut now = 1_000u64;
-    for w in &workers {
-        let c =
-            Command::RegisterWorker { worker_id: w.clone(), name: w.to_string(), resources: resources(), now_ms: now };
-        send(&mut state, &mut before, &mut after, c);
-    }
+    bench.register(&workers, now);
     let started = Instant::now();
-    let mut commands = 0u64;
-    while state.current_stage().is_some() {
+    while bench.state.current_stage().is_some() {
         now += 1_000;
         for (i, w) in workers.iter().enumerate() {
-            commands += 1;
+            // Heartbeats every 10 s, staggered across workers.
+            let heartbeat_due = (now / 1_000 + i as u64) % 10 == 0;
             match doing[i] {
-                Doing::Idle => match send(
-                    &mut state,
-                    &mut before,
-                    &mut after,
-                    Command::LeaseTask { worker_id: w.clone(), now_ms: now },
-                ) {
-                    Reply::Lease(Lease::Task { task_id, attempt, .. }) => {
-                        let secs = if task_id.phase == iro_coordinator::plan::Phase::Eval { 30 } else { 60 };
-                        doing[i] = Doing::Working { task: task_id, attempt, until: now + secs * 1_000 };
+                Doing::Idle => {
+                    match bench.send(Command::LeaseTask { worker_id: w.clone(), now_ms: now }) {
+                        Reply::Lease(Lease::Task { task_id, attempt, .. }) => {
+                            let secs = if task_id.phase == iro_coordinator::plan::Phase::Eval { 30 } else { 60 };
+                            doing[i] = Doing::Working { task: task_id, attempt, until: now + secs * 1_000 };
+                        }
+                        Reply::Lease(Lease::GangRank { task_id, attempt, .. }) => {
+                            doing[i] = Doing::Joining { task: task_id, attempt };
+                        }
+                        _ => {}
                     }
-                    Reply::Lease(Lease::GangRank { task_id, attempt, .. }) => {
-                        doing[i] = Doing::Joining { task: task_id, attempt };
+                    if heartbeat_due && matches!(doing[i], Doing::Idle) {
+                        let progress = Progress::default();
+                        bench.send(Command::Heartbeat { worker_id: w.clone(), lease: None, progress, now_ms: now });
                     }
-                    _ => {}
-                },
+                }
                 Doing::Joining { task, attempt } => {
-                    let c = Command::JoinGang {
-                        worker_id: w.clone(),
-                        task_id: task,
-                        attempt,
-                        endpoint: "rank-0-of-1".into(),
-                        now_ms: now,
-                    };
-                    if let Reply::GangReady { .. } = send(&mut state, &mut before, &mut after, c) {
+                    let endpoint = "rank-0-of-1".into();
+                    let c = Command::JoinGang { worker_id: w.clone(), task_id: task, attempt, endpoint, now_ms: now };
+                    if let Reply::GangReady { .. } = bench.send(c) {
                         doing[i] = Doing::Working { task, attempt, until: now + 300_000 };
                     }
                 }
@@ -207,70 +240,38 @@ fn simulated_run() -> Result<(), Box<dyn std::error::Error>> {
                         records: 64,
                         tokens: 64 * 200,
                     };
-                    let c = Command::CompleteTask { worker_id: w.clone(), task_id: task, attempt, output, now_ms: now };
-                    send(&mut state, &mut before, &mut after, c);
+                    bench.send(Command::CompleteTask {
+                        worker_id: w.clone(),
+                        task_id: task,
+                        attempt,
+                        output,
+                        now_ms: now,
+                    });
                     doing[i] = Doing::Idle;
                 }
                 Doing::Working { task, attempt, .. } => {
-                    if (now / 1_000 + i as u64) % 10 == 0 {
+                    if heartbeat_due {
                         let lease = Some(iro_coordinator::state::LeaseRef { task_id: task, attempt });
                         let progress = Progress { done: 1, total: 2 };
-                        send(
-                            &mut state,
-                            &mut before,
-                            &mut after,
-                            Command::Heartbeat { worker_id: w.clone(), lease, progress, now_ms: now },
-                        );
-                    } else {
-                        commands -= 1;
+                        bench.send(Command::Heartbeat { worker_id: w.clone(), lease, progress, now_ms: now });
                     }
                 }
             }
         }
-        // Idle workers also heartbeat without a lease every 10 s, and the driver ticks every second.
-        for (i, w) in workers.iter().enumerate() {
-            if matches!(doing[i], Doing::Idle) && (now / 1_000 + i as u64) % 10 == 0 {
-                commands += 1;
-                let c = Command::Heartbeat {
-                    worker_id: w.clone(),
-                    lease: None,
-                    progress: Progress::default(),
-                    now_ms: now,
-                };
-                send(&mut state, &mut before, &mut after, c);
-            }
-        }
-        commands += 1;
-        send(&mut state, &mut before, &mut after, Command::ExpireLeases { now_ms: now });
-        before.flush()?;
-        after.flush()?;
+        // The driver ticks every second.
+        bench.send(Command::ExpireLeases { now_ms: now });
+        bench.flush()?;
     }
     let wrote = started.elapsed().as_secs_f64();
-    let live = state.durable_digest();
-    let (before_entries, after_entries) = (before.entries, after.entries);
-    drop((before, after)); // releases the state folders' locks
-    let (before_bytes, after_bytes) = (dir_bytes(before_dir.path()), dir_bytes(after_dir.path()));
-    let (before_s, before_digest) = restart(before_dir.path(), &plan)?;
-    let (after_s, after_digest) = restart(after_dir.path(), &plan)?;
-    assert_eq!((before_digest, after_digest), (live, live), "a replay diverged from the live state");
-    // A snapshot of the finished state (as the driver takes every `snapshot_every` entries), then the
-    // restart from it.
-    let mut log = FileLog::open(after_dir.path(), "bench", &plan, CONFIG_SHA)?;
-    log.load(&mut |_| Ok(()))?;
-    log.begin_snapshot(state.clone())?.run()?;
-    drop(log);
-    let (snap_s, snap_digest) = restart(after_dir.path(), &plan)?;
-    assert_eq!(snap_digest, live, "the restart from the snapshot diverged");
+    let rows = bench.finish()?;
     println!(
-        "\nsimulated run: {workers_n} workers, {iterations} iterations of 64 rollout shards (60 s), a train task (300 s), \
-         16 eval shards (30 s); {:.0} simulated minutes, {commands} commands ({wrote:.1} s to apply and log both ways)",
-        (now - 1_000) as f64 / 60_000.0
+        "\nsimulated run: {} workers, {iterations} iterations of 64 rollout shards (60 s), a train task (300 s), \
+         16 eval shards (30 s); {:.0} simulated minutes, {} commands ({wrote:.1} s to apply and log both ways)",
+        workers.len(),
+        (now - 1_000) as f64 / 60_000.0,
+        rows[0].entries
     );
-    println!("| log | entries | bytes on disk | restart (open + replay) |");
-    println!("|---|---|---|---|");
-    println!("| every command (before) | {before_entries} | {before_bytes} | {before_s:.3} s |");
-    println!("| durable changes only (now) | {after_entries} | {after_bytes} | {after_s:.3} s |");
-    println!("| now, after a snapshot | - | {} | {snap_s:.4} s |", dir_bytes(after_dir.path()));
+    print(&rows);
     Ok(())
 }
 
