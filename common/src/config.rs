@@ -250,6 +250,23 @@ pub struct ValueSection {
     /// What V_t regresses onto: `reward` (the paper) or `prompt_centred`, each reward minus the mean reward of
     /// its prompt's selected candidates.
     pub targets: ValueTargets,
+    /// How a `head`-kind value is fitted: `adamw` (the MLP of width `head_width`, trained like the `model` kind)
+    /// or `ridge` (a linear head solved in closed form, its shrinkage chosen by cross-validation over prompts).
+    pub head_fit: HeadFit,
+    /// Folds of the ridge fit's cross-validation (prompts are dealt to folds; at most one fold per prompt).
+    pub ridge_folds: usize,
+}
+
+/// How a `head`-kind value function is fitted (`value.head_fit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadFit {
+    /// An MLP head trained by AdamW on the Monte-Carlo loss, as the `model` kind is.
+    Adamw,
+    /// A linear head `w·h + b`: ridge regression of the same targets on the frozen states, the shrinkage picked
+    /// by cross-validation over held-out prompts, shrunk towards V_{t-1} on a warm start (our addition: on a few
+    /// hundred candidates the MLP memorises its prompts; worker/src/train/ridge.rs).
+    Ridge,
 }
 
 /// The regression target of value training.
@@ -282,6 +299,8 @@ impl Default for ValueSection {
             checkpoint_every: 50,
             head_width: 256,
             targets: ValueTargets::Reward,
+            head_fit: HeadFit::Adamw,
+            ridge_folds: 5,
         }
     }
 }
@@ -522,6 +541,24 @@ impl RunConfig {
         if !(v.weight_decay >= 0.0 && v.weight_decay.is_finite()) {
             return bad("value.weight_decay", format!("{} must be a finite number >= 0", v.weight_decay));
         }
+        if v.ridge_folds < 2 {
+            return bad("value.ridge_folds", format!("{} must be at least 2 (one fold is held out)", v.ridge_folds));
+        }
+        if v.head_fit == HeadFit::Ridge && self.cluster.train_ranks > 1 {
+            return bad(
+                "cluster.train_ranks",
+                format!(
+                    "{} ranks, but a ridge head (value.head_fit) is one closed-form fit: set 1",
+                    self.cluster.train_ranks
+                ),
+            );
+        }
+        if v.head_fit == HeadFit::Ridge && v.kind != ValueKind::Head {
+            return bad(
+                "value.head_fit",
+                "`ridge` fits a head on the policy's states: it needs value.kind = \"head\"".into(),
+            );
+        }
         if !v.batch_size.is_multiple_of(v.micro_batch_size * self.cluster.train_ranks) {
             return bad(
                 "value.batch_size",
@@ -609,6 +646,8 @@ mod tests {
             ("[value]\nbatch_size = 10\nmicro_batch_size = 4\n", "value.batch_size"),
             ("[value]\nbetas = []\n", "value.betas"),
             ("[value]\nweight_decay = -0.1\n", "value.weight_decay"),
+            ("[value]\nridge_folds = 1\n", "value.ridge_folds"),
+            ("[value]\nkind = \"model\"\nhead_fit = \"ridge\"\n", "value.head_fit"),
             ("[baselines]\nargs_weight = -1.0\n", "baselines.args_weight"),
             ("[reward]\nkind = \"embedding_similarity\"\nprompt_format = \"chatml\"\n", "reward.prompt_format"),
             ("[policy]\nprompt_format = \"llama3\"\n[reward]\nprompt_format = \"tldr\"\n", "reward.prompt_format"),

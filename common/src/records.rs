@@ -97,6 +97,12 @@ pub struct ValueTraining {
     pub first_loss: f64,
     pub constant_loss: f64,
     pub mean_target: f64,
+    /// A ridge-fitted head (`value.head_fit = "ridge"`): the shrinkage cross-validation chose (a multiple of the
+    /// row count) and that choice's held-out-prompt loss.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ridge_alpha: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cv_loss: Option<f64>,
 }
 
 /// The value functions against the reward on one prompt's held-out candidates: the N plain samples Best-of-N

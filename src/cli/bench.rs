@@ -49,6 +49,14 @@ pub struct BenchValueArgs {
     /// Among reward, prompt_centred; default: the config's value.targets.
     #[arg(long, value_delimiter = ',')]
     pub targets: Vec<String>,
+    /// Among adamw (the MLP head, over the epochs/lr/decay/width grid) and ridge (a linear head, shrinkage by
+    /// cross-validation); default: the config's value.head_fit.
+    #[arg(long, value_delimiter = ',')]
+    pub fits: Vec<String>,
+    /// Feature depths: the states after this many decoder layers (then the final norm); 0 = all layers, the
+    /// states a shipped head reads.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub layers: Vec<usize>,
     /// Where the table (.md) and rows (.json) go.
     #[arg(long, default_value = "runs/bench-value")]
     pub out: PathBuf,
@@ -122,7 +130,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 }
 
 fn value(a: BenchValueArgs) -> anyhow::Result<()> {
-    use iro_common::config::ValueTargets;
+    use iro_common::config::{HeadFit, ValueTargets};
     use iro_worker::pipeline::Pipeline;
     use iro_worker::pipeline::value_bench::{ValueBenchSpec, value_bench_json, value_bench_markdown};
     let config = iro_common::RunConfig::load(&a.config)?;
@@ -140,6 +148,18 @@ fn value(a: BenchValueArgs) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<Vec<_>>>()?
     };
+    let fits = if a.fits.is_empty() {
+        vec![v.head_fit]
+    } else {
+        a.fits
+            .iter()
+            .map(|f| match f.as_str() {
+                "adamw" => Ok(HeadFit::Adamw),
+                "ridge" => Ok(HeadFit::Ridge),
+                other => anyhow::bail!("--fits: `{other}` is not adamw or ridge"),
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
     let spec = ValueBenchSpec {
         train_prompts: a.train_prompts,
         samples: or(a.samples, config.select.first_samples),
@@ -149,6 +169,8 @@ fn value(a: BenchValueArgs) -> anyhow::Result<()> {
         weight_decays: if a.weight_decay.is_empty() { vec![v.weight_decay] } else { a.weight_decay },
         widths: or(a.width, v.head_width),
         targets,
+        fits,
+        layers: a.layers,
     };
     let pipeline = Pipeline::open(config, a.device.as_deref(), &a.work_dir)?;
     let mut bar = super::progress::Bar::new("bench value");

@@ -157,6 +157,47 @@ fn model_kind_values_are_published_as_hf_seqcls_folders_and_guide_the_next_rollo
 }
 
 #[test]
+fn ridge_heads_are_published_as_linear_heads_and_guide_the_next_rollout() {
+    use iro_common::config::HeadFit;
+    use iro_common::records::ValueTraining;
+    use iro_worker::model::heads::{Head, LINEAR_VALUE_HEAD, load_value_head};
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir.path().join("store"), ValueKind::Head, 2, vec![Baseline::Base]);
+    c.value.head_fit = HeadFit::Ridge;
+    c.select.first_samples = 2;
+    c.validate(Path::new("test")).unwrap();
+    let summary = run(&c, &dir.path().join("work"));
+    let store = Store::open(&c.run.store).unwrap();
+    let layout = RunLayout::new("tiny").unwrap();
+    let mut weights = Vec::new();
+    for t in 1..=2 {
+        let folder = dir.path().join(format!("store/runs/tiny/iter-{t}/value/attempt-1/model"));
+        let Head::Linear(head) = load_value_head(&folder, Device::Cpu).unwrap() else {
+            panic!("V_{t} is not a linear head")
+        };
+        let names: Vec<String> = tch::Tensor::read_safetensors(folder.join("model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(LINEAR_VALUE_HEAD.iter().all(|n| names.iter().any(|m| m == n)), "{names:?}");
+        let training: ValueTraining =
+            block_on(store.get_json(&format!("{}/training.json", layout.value_model(t, 1)))).unwrap();
+        let alpha = training.ridge_alpha.expect("a ridge fit records its shrinkage");
+        assert!(iro_worker::train::ridge::ALPHAS.contains(&alpha), "{training:?}");
+        assert!(training.cv_loss.is_some_and(f64::is_finite), "{training:?}");
+        // Raw reward targets are fitted pooled: at or below the best constant's loss.
+        assert!(training.final_loss <= training.constant_loss + 1e-9, "{training:?}");
+        weights.push(head.weight);
+    }
+    // V_2 is its own fit (shrunk towards V_1, not a copy of it), and it guided iteration 2's search.
+    assert!(weights[0].size() == weights[1].size() && weights[0] != weights[1]);
+    assert!(rollouts(&store, 2).iter().all(|r| r.method == "cbs" && r.value_score.is_some_and(f64::is_finite)));
+    assert_eq!(summary.rows.len(), 3);
+}
+
+#[test]
 fn a_config_whose_data_is_too_small_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(&dir.path().join("store"), ValueKind::Head, 1, vec![]);
@@ -269,6 +310,7 @@ fn the_sample_efficiency_benchmark_pairs_cbs_with_best_of_n_and_counts_sampled_t
 
 #[test]
 fn the_value_benchmark_retrains_the_runs_own_v1_and_ranks_its_diagnostic_candidates_alike() {
+    use iro_common::config::HeadFit;
     use iro_common::config::ValueTargets;
     use iro_common::records::ValueTraining;
     use iro_worker::pipeline::report::summarize_values;
@@ -296,11 +338,32 @@ fn the_value_benchmark_retrains_the_runs_own_v1_and_ranks_its_diagnostic_candida
         weight_decays: vec![c.value.weight_decay],
         widths: vec![c.value.head_width],
         targets: vec![ValueTargets::PromptCentred, ValueTargets::Reward],
+        fits: vec![HeadFit::Adamw, HeadFit::Ridge],
+        // All layers, then the tiny model's 2 of 2 (the same states), then its first layer alone.
+        layers: vec![0, 2, 1],
     };
     let mut last = (0, 0);
-    let rows = p.value_bench(&spec, |done, total| last = (done, total)).unwrap();
-    assert_eq!(rows.len(), 8);
-    assert_eq!(last, (8, 8));
+    let all_rows = p.value_bench(&spec, |done, total| last = (done, total)).unwrap();
+    // 3 depths × 2 samples × 2 targets × (2 epoch settings of adamw + 1 ridge row).
+    assert_eq!(all_rows.len(), 36);
+    assert_eq!(last, (36, 36));
+    let (rows, rest) = all_rows.split_at(12);
+    let (two, one) = rest.split_at(12);
+    for (a, b) in rows.iter().zip(two) {
+        assert_eq!((a.layers, b.layers), (0, 2));
+        assert_eq!((a.final_loss, a.concordance.mean), (b.final_loss, b.concordance.mean), "{a:?} vs {b:?}");
+    }
+    assert!(one.iter().all(|r| r.layers == 1));
+    assert!(rows.iter().zip(one).any(|(a, b)| a.final_loss != b.final_loss), "one layer's states are not the last's");
+    for r in rows.iter().filter(|r| r.fit == HeadFit::Ridge) {
+        let alpha = r.alpha.unwrap();
+        assert!(iro_worker::train::ridge::ALPHAS.contains(&alpha), "{r:?}");
+        // Pooled, the ridge fit's loss is at or below the constant's (w = 0 is a candidate and the penalty only
+        // adds); the within-prompt fit minimises a different loss and has no such bound.
+        if r.targets == ValueTargets::Reward {
+            assert!(r.final_loss <= r.constant_loss + 1e-9, "{r:?}");
+        }
+    }
     // The run's own settings (2 samples, centred, the config's epochs) train the run's V_1 again: the same examples
     // in the same order, seed and schedule, so the same fit and the same ranking of the report's candidates.
     let own = rows

@@ -174,6 +174,13 @@ impl ModelConfig {
         }
     }
 
+    pub fn num_layers(&self) -> usize {
+        match &self.arch {
+            ArchConfig::GptNeoX(c) => c.num_layers as usize,
+            ArchConfig::Llama(c) => c.num_layers as usize,
+        }
+    }
+
     pub fn tie_word_embeddings(&self) -> bool {
         match &self.arch {
             ArchConfig::GptNeoX(c) => c.tie_word_embeddings,

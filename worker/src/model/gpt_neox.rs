@@ -68,7 +68,7 @@ impl GptNeoX {
     pub fn forward(&self, ids: &Tensor, step: &mut Step) -> Tensor {
         let mut x = Tensor::embedding(&self.embed_in, ids, -1, false, false);
         let (cos, sin) = self.rope.cos_sin(&step.positions, x.kind());
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (i, layer) in self.layers.iter().enumerate().take(step.depth.unwrap_or(usize::MAX)) {
             let attn = self.attention(layer, &layer.input_layernorm.forward(&x), i, &cos, &sin, step);
             x = if self.cfg.use_parallel_residual {
                 let mlp = Self::mlp(layer, &layer.post_attention_layernorm.forward(&x));

@@ -60,9 +60,9 @@ pub struct ScalarHead {
 }
 
 impl ScalarHead {
-    /// [B, T, H] → [B, T]
+    /// [B, T, H] → [B, T], in the head's own dtype (an f32 value head on bf16 states reads them in f32).
     pub fn forward(&self, hidden: &Tensor) -> Tensor {
-        let out = hidden.linear(&self.weight, self.bias.as_ref()).squeeze_dim(-1);
+        let out = hidden.to_kind(self.weight.kind()).linear(&self.weight, self.bias.as_ref()).squeeze_dim(-1);
         if self.offset == 0.0 { out } else { out - self.offset }
     }
 }
@@ -125,14 +125,57 @@ impl MlpHead {
     }
 }
 
-/// The head of a `ScalarModel`: a linear map (reward models, `model`-kind values) or the MLP of a `head`-kind
-/// value function on the frozen policy's hidden states.
+/// Tensor names of a linear `head`-kind value (`value.head_fit = "ridge"`): weight [1, H], bias [1].
+pub const LINEAR_VALUE_HEAD: [&str; 2] = ["value_head.linear.weight", "value_head.linear.bias"];
+
+/// The head of a `head`-kind value folder (`model.safetensors`): the MLP (`MlpHead::NAMES`) or the linear head
+/// of a ridge fit (`LINEAR_VALUE_HEAD`), in f32 on `device`.
+pub fn load_value_head(dir: &Path, device: Device) -> Result<Head> {
+    let file = dir.join("model.safetensors");
+    let tensors = Tensor::read_safetensors(&file)
+        .map_err(|e| Error::Checkpoint { path: file.clone(), message: format!("cannot read safetensors: {e}") })?;
+    if tensors.iter().any(|(n, _)| n == MlpHead::NAMES[0]) {
+        return Ok(Head::Mlp(MlpHead::load(dir, device)?));
+    }
+    let get = |name: &str| {
+        tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.to_kind(Kind::Float).to_device(device)).ok_or_else(
+            || Error::MissingTensor {
+                path: dir.to_owned(),
+                name: format!("{name} (or the MLP head's {})", MlpHead::NAMES[0]),
+                files: file.display().to_string(),
+            },
+        )
+    };
+    let (weight, bias) = (get(LINEAR_VALUE_HEAD[0])?, get(LINEAR_VALUE_HEAD[1])?);
+    if weight.dim() != 2 || weight.size()[0] != 1 || bias.size() != [1] {
+        return Err(Error::Checkpoint {
+            path: file,
+            message: format!(
+                "a linear value head needs weight [1, H] and bias [1], got {:?} and {:?}",
+                weight.size(),
+                bias.size()
+            ),
+        });
+    }
+    Ok(Head::Linear(ScalarHead { weight, bias: Some(bias), offset: 0.0 }))
+}
+
+/// The head of a `ScalarModel`: a linear map (reward models, `model`-kind values, ridge-fitted `head`-kind values)
+/// or the MLP of a `head`-kind value function on the frozen policy's hidden states.
 pub enum Head {
     Linear(ScalarHead),
     Mlp(MlpHead),
 }
 
 impl Head {
+    /// Width of the hidden state the head reads.
+    pub fn input_width(&self) -> i64 {
+        match self {
+            Head::Linear(h) => h.weight.size()[1],
+            Head::Mlp(h) => h.dense_weight.size()[1],
+        }
+    }
+
     /// [B, T, H] → [B, T]
     pub fn forward(&self, hidden: &Tensor) -> Tensor {
         match self {

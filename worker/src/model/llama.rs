@@ -96,7 +96,7 @@ impl Llama {
     pub fn forward(&self, ids: &Tensor, step: &mut Step) -> Tensor {
         let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
         let (cos, sin) = self.rope.cos_sin(&step.positions, x.kind());
-        for (i, layer) in self.layers.iter().enumerate() {
+        for (i, layer) in self.layers.iter().enumerate().take(step.depth.unwrap_or(usize::MAX)) {
             x = &x + self.attention(layer, &layer.input_layernorm.forward(&x), i, &cos, &sin, step);
             let h = layer.post_attention_layernorm.forward(&x);
             x = &x + layer.down_proj.forward(&(layer.gate_proj.forward(&h).silu() * layer.up_proj.forward(&h)));

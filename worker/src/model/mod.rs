@@ -110,6 +110,8 @@ pub struct Step<'a> {
     pub positions: Tensor,
     pub mask: Tensor,
     cache: Option<&'a mut KvCache>,
+    /// Run only the first this many decoder layers (then the final norm); `None`: all of them.
+    pub depth: Option<usize>,
 }
 
 impl Step<'_> {
@@ -140,6 +142,19 @@ impl Backbone {
     /// (false for left padding); `positions` [B, T] are the rotary positions. With a cache, the new tokens
     /// attend to every cached slot and are appended to it.
     pub fn forward(&self, ids: &Tensor, valid: &Tensor, positions: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
+        self.forward_to_depth(ids, valid, positions, cache, None)
+    }
+
+    /// `forward` through the first `depth` decoder layers only, then the final norm (`None`: every layer): the
+    /// states an intermediate-layer value head reads. A cache filled this way holds only those layers' keys.
+    pub fn forward_to_depth(
+        &self,
+        ids: &Tensor,
+        valid: &Tensor,
+        positions: &Tensor,
+        cache: Option<&mut KvCache>,
+        depth: Option<usize>,
+    ) -> Tensor {
         let new = ids.size()[1];
         let (mask, cache) = match cache {
             Some(c) => {
@@ -153,7 +168,7 @@ impl Backbone {
         // directly, while a bool one is converted inside every attention call (worker/examples/sdpa_probe.rs).
         let mask = Tensor::zeros(mask.size(), (self.kind(), mask.device()))
             .masked_fill(&mask.logical_not(), f64::NEG_INFINITY);
-        let mut step = Step { positions: positions.shallow_clone(), mask, cache };
+        let mut step = Step { positions: positions.shallow_clone(), mask, cache, depth };
         let hidden = match self {
             Backbone::GptNeoX(m) => m.forward(ids, &mut step),
             Backbone::Llama(m) => m.forward(ids, &mut step),

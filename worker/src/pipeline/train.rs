@@ -4,10 +4,10 @@
 //! newest checkpoint of an earlier attempt, so a killed training ends with the same weights.
 
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use iro_common::config::{ValueKind, ValueTargets};
+use iro_common::config::{HeadFit, ValueKind, ValueTargets};
 use iro_common::layout::ShardedPhase;
 use iro_common::records::{RolloutRecord, read_accepted, read_manifest};
 use iro_common::store::sha256_hex;
@@ -21,11 +21,14 @@ use crate::collective::{Collective, SingleRank};
 use crate::error::{Error, Result};
 use crate::jobs::generate::pad_token;
 use crate::model::config::ModelConfig;
+use crate::model::heads::{Head, load_value_head};
 use crate::runtime::{TaskControl, TaskOutput, TaskRef};
 use crate::text::{Tokenizer, prompt};
 use crate::train::checkpoint;
+use crate::train::ridge::{Centring, RidgeFit, fit_ridge};
 use crate::train::{
-    DataParallel, ValueExample, ValueInit, ValueTrainConfig, constant_predictor_loss, mean_target, train_value_ranked,
+    DataParallel, FeatureCache, TrainReport, ValueExample, ValueInit, ValueTrainConfig, constant_predictor_loss,
+    mean_target, train_value_ranked,
 };
 pub use iro_common::records::ValueTraining;
 
@@ -75,6 +78,10 @@ impl Pipeline {
         let pad = value_tokens.as_ref().map_or(self.pad, |vt| vt.pad);
         let cfg = ValueTrainConfig::new(v, self.config.run.seed ^ u64::from(t), pad);
         let out_dir = self.value_train_dir(t, task.attempt);
+        if v.kind == ValueKind::Head && v.head_fit == HeadFit::Ridge {
+            let (report, ridge) = self.fit_ridge_value(&examples, previous.as_deref(), &out_dir)?;
+            return self.publish_value(t, task, &examples, &report, Some(ridge), None, start);
+        }
         self.resume_checkpoint(t, task.attempt, task.rank, &out_dir)?;
         let mut uploaded = checkpoint::latest(&out_dir);
         // One rank trains alone; a gang sums its gradients through the collective its ranks agreed on. Every
@@ -110,6 +117,23 @@ impl Pipeline {
         if report.steps < report.total_steps {
             return Err(Error::Cancelled(format!("value training stopped at step {}", report.steps)));
         }
+        self.publish_value(t, task, &examples, &report, None, previous, start)
+    }
+
+    /// Rank 0 writes V_t's folder (the checkpoint's model files, the tokenizer of a `model` value, training.json)
+    /// to the store; other ranks report only that their share is done.
+    #[allow(clippy::too_many_arguments)]
+    fn publish_value(
+        &self,
+        t: u32,
+        task: &TaskRef,
+        examples: &[ValueExample],
+        report: &TrainReport,
+        ridge: Option<RidgeFit>,
+        previous: Option<PathBuf>,
+        start: Instant,
+    ) -> Result<TaskOutput> {
+        let v = &self.config.value;
         if task.rank != 0 {
             // Rank 0 publishes V_t; the others only report that their share is done.
             let what = format!(
@@ -145,8 +169,10 @@ impl Pipeline {
             steps: report.steps,
             final_loss: report.final_loss,
             first_loss: report.losses.first().copied().unwrap_or(f64::NAN),
-            constant_loss: constant_predictor_loss(&examples),
-            mean_target: mean_target(&examples),
+            constant_loss: constant_predictor_loss(examples),
+            mean_target: mean_target(examples),
+            ridge_alpha: ridge.as_ref().map(|r| r.alpha),
+            cv_loss: ridge.as_ref().map(|r| r.cv_loss),
         };
         let training_json = serde_json::to_vec_pretty(&training)
             .map_err(|e| Error::InvalidRequest(format!("cannot encode {TRAINING_FILE}: {e}")))?;
@@ -160,6 +186,63 @@ impl Pipeline {
             seconds = start.elapsed().as_secs_f64(), key = %key, "value function published"
         );
         Ok(TaskOutput { key, sha256, records: report.steps as u64, tokens: 0 })
+    }
+
+    /// V_t as a ridge-fitted linear head (`value.head_fit = "ridge"`): the frozen policy's states of every example
+    /// once, the closed-form fit (`train::ridge`), shrunk towards V_{t-1}'s weight on a warm start, written as the
+    /// one checkpoint `checkpoint-00000001` under `out_dir`. Deterministic and seconds long, so a retried attempt
+    /// simply fits again; there is nothing to resume.
+    fn fit_ridge_value(
+        &self,
+        examples: &[ValueExample],
+        previous: Option<&Path>,
+        out_dir: &Path,
+    ) -> Result<(TrainReport, RidgeFit)> {
+        let v = &self.config.value;
+        let prior = match previous {
+            None => None,
+            Some(dir) => match load_value_head(dir, self.device)? {
+                Head::Linear(h) => Some(h.weight),
+                Head::Mlp(_) => {
+                    return Err(Error::Checkpoint {
+                        path: dir.to_owned(),
+                        message: "V_{t-1} is an MLP head; a ridge fit warm-starts only from a linear (ridge) head"
+                            .into(),
+                    });
+                }
+            },
+        };
+        let (states, targets, groups) = FeatureCache::default().all_rows(
+            &self.policy.backbone,
+            examples,
+            self.pad,
+            self.device,
+            v.micro_batch_size,
+        )?;
+        let centring = match v.targets {
+            ValueTargets::Reward => Centring::Pooled,
+            ValueTargets::PromptCentred => Centring::WithinPrompt,
+        };
+        let fit = fit_ridge(&states, &targets, &groups, centring, prior.as_ref(), v.ridge_folds)?;
+        tracing::info!(
+            rows = states.size()[0],
+            prompts = groups.iter().max().map_or(0, |g| g + 1),
+            alpha = fit.alpha,
+            cv_loss = fit.cv_loss,
+            train_loss = fit.train_loss,
+            folds = fit.folds,
+            warm = prior.is_some(),
+            "ridge value head fitted"
+        );
+        let dir = checkpoint::save_linear_head(out_dir, &fit.weight, &fit.bias)?;
+        let report = TrainReport {
+            steps: 1,
+            total_steps: 1,
+            final_loss: fit.train_loss,
+            losses: vec![fit.train_loss],
+            checkpoint: dir,
+        };
+        Ok((report, fit))
     }
 
     /// What a `model`-kind value starting from `dir` reads, when its tokenizer is not the policy's.

@@ -19,12 +19,13 @@ use super::report::{Estimate, concordance, estimate};
 use super::scoring::TextRewardScorer;
 use super::train::centre_per_prompt;
 use crate::error::{Error, Result};
-use crate::model::heads::MlpHead;
+use crate::model::heads::{Head, MlpHead, ScalarHead};
 use crate::search::{Candidate, argmax, best_of_n};
+use crate::train::ridge::{Centring, fit_ridge};
 use crate::train::{
     FeatureCache, ValueExample, ValueInit, ValueTrainConfig, constant_predictor_loss, train_value_sharing_features,
 };
-use iro_common::config::ValueTargets;
+use iro_common::config::{HeadFit, ValueTargets};
 
 /// The grid. Every list must be non-empty.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +41,12 @@ pub struct ValueBenchSpec {
     pub weight_decays: Vec<f64>,
     pub widths: Vec<usize>,
     pub targets: Vec<ValueTargets>,
+    /// `adamw` rows vary every knob above; a `ridge` row only the data and targets (it has no epochs, lr, decay
+    /// or width: its shrinkage is chosen by cross-validation, `value.ridge_folds` folds).
+    pub fits: Vec<HeadFit>,
+    /// Feature depths: the states after this many decoder layers (then the final norm); 0 means every layer (the
+    /// states a shipped `head` reads). The outermost loop: each depth runs the backbone once more.
+    pub layers: Vec<usize>,
 }
 
 /// One trained V and how it ranks the held-out candidates.
@@ -53,6 +60,11 @@ pub struct ValueBenchRow {
     pub weight_decay: f64,
     pub width: usize,
     pub targets: ValueTargets,
+    pub fit: HeadFit,
+    /// Decoder layers the features passed through (0: all).
+    pub layers: usize,
+    /// The ridge fit's chosen shrinkage (a multiple of the row count); absent for `adamw`.
+    pub alpha: Option<f64>,
     pub steps: usize,
     pub final_loss: f64,
     pub constant_loss: f64,
@@ -68,9 +80,11 @@ pub struct ValueBenchRow {
 
 /// One point of the grid.
 struct Point {
+    layers: usize,
     prompts: usize,
     samples: usize,
     targets: ValueTargets,
+    fit: HeadFit,
     epochs: usize,
     lr: f64,
     weight_decay: f64,
@@ -80,14 +94,36 @@ struct Point {
 /// Every combination of the spec's lists, the data knobs outermost.
 fn grid(spec: &ValueBenchSpec) -> Vec<Point> {
     let mut points = Vec::new();
-    for &prompts in &spec.train_prompts {
-        for &samples in &spec.samples {
-            for &targets in &spec.targets {
-                for &epochs in &spec.epochs {
-                    for &lr in &spec.lrs {
-                        for &weight_decay in &spec.weight_decays {
-                            for &width in &spec.widths {
-                                points.push(Point { prompts, samples, targets, epochs, lr, weight_decay, width });
+    for &layers in &spec.layers {
+        for &prompts in &spec.train_prompts {
+            for &samples in &spec.samples {
+                for &targets in &spec.targets {
+                    if spec.fits.contains(&HeadFit::Ridge) {
+                        let fit = HeadFit::Ridge;
+                        let (epochs, lr, weight_decay, width) = (0, 0.0, 0.0, 0);
+                        points.push(Point { layers, prompts, samples, targets, fit, epochs, lr, weight_decay, width });
+                    }
+                    if !spec.fits.contains(&HeadFit::Adamw) {
+                        continue;
+                    }
+                    for &epochs in &spec.epochs {
+                        for &lr in &spec.lrs {
+                            for &weight_decay in &spec.weight_decays {
+                                for &width in &spec.widths {
+                                    let fit = HeadFit::Adamw;
+                                    let p = Point {
+                                        layers,
+                                        prompts,
+                                        samples,
+                                        targets,
+                                        fit,
+                                        epochs,
+                                        lr,
+                                        weight_decay,
+                                        width,
+                                    };
+                                    points.push(p);
+                                }
                             }
                         }
                     }
@@ -121,6 +157,8 @@ impl Pipeline {
             spec.weight_decays.len(),
             spec.widths.len(),
             spec.targets.len(),
+            spec.fits.len(),
+            spec.layers.len(),
         ];
         if lists.contains(&0) || spec.test_prompts == 0 {
             return Err(Error::InvalidRequest(
@@ -165,30 +203,46 @@ impl Pipeline {
             }
         }
         let start = std::time::Instant::now();
-        let held_out = self.held_out(spec.test_prompts)?;
+        let (test_items, test_candidates) = self.held_out_candidates(spec.test_prompts)?;
         tracing::info!(
-            prompts = held_out.len(),
+            prompts = test_items.len(),
             seconds = start.elapsed().as_secs_f64(),
             "bench value: held-out candidates drawn"
         );
         let prefix_tokens = self.config.search.chunk_length.min(self.config.sampling.max_new_tokens);
 
         let points = grid(spec);
-        // The backbone's states of every example, once; each grid row trains on a re-indexed view of them.
-        let mut features = FeatureCache::default();
-        let keyed: Vec<(usize, &ValueExample)> = examples.iter().enumerate().map(|(i, (_, _, e))| (i, e)).collect();
-        for chunk in keyed.chunks(self.config.sampling.batch_size.max(1)) {
-            let _ = features.micro_batch(&self.policy.backbone, chunk, self.pad, self.device)?;
+        let depth_layers = self.policy.config.num_layers();
+        if let Some(&l) = spec.layers.iter().find(|&&l| l > depth_layers) {
+            return Err(Error::InvalidRequest(format!("bench value: --layers {l}, but the policy has {depth_layers}")));
         }
-        tracing::info!(
-            examples = examples.len(),
-            points = points.len(),
-            "bench value: backbone states ready; training the grid"
-        );
+        // Per feature depth, the backbone's states of every example and of the held-out candidates, once; each grid
+        // row trains on a re-indexed view of them. Points come depth by depth, so one depth's states are held.
+        let mut states: Option<(usize, FeatureCache, Vec<HeldOut>)> = None;
         let mut rows = Vec::with_capacity(points.len());
         // Each training's checkpoint lives here only until its head is loaded.
         let scratch = self.work_dir.join("bench-value");
         for (done, p) in points.iter().enumerate() {
+            if states.as_ref().is_none_or(|(l, _, _)| *l != p.layers) {
+                drop(states.take());
+                let depth = (p.layers > 0).then_some(p.layers);
+                let mut features = FeatureCache::at_depth(depth);
+                let keyed: Vec<(usize, &ValueExample)> =
+                    examples.iter().enumerate().map(|(i, (_, _, e))| (i, e)).collect();
+                for chunk in keyed.chunks(self.config.sampling.batch_size.max(1)) {
+                    let _ = features.micro_batch(&self.policy.backbone, chunk, self.pad, self.device)?;
+                }
+                let held_out = self.held_out_states(&test_items, &test_candidates, depth)?;
+                tracing::info!(
+                    examples = examples.len(),
+                    layers = p.layers,
+                    points = points.len(),
+                    "bench value: backbone states ready; training the grid"
+                );
+                states = Some((p.layers, features, held_out));
+            }
+            let Some((_, features, held_out)) = states.as_mut() else { unreachable!("filled above") };
+            let held_out = &*held_out;
             let start = std::time::Instant::now();
             let keep: Vec<usize> =
                 (0..examples.len()).filter(|&i| examples[i].0 < p.prompts && examples[i].1 < p.samples).collect();
@@ -196,23 +250,45 @@ impl Pipeline {
             if p.targets == ValueTargets::PromptCentred {
                 centre_per_prompt(&mut subset);
             }
-            let mut section = self.config.value.clone();
-            section.epochs = p.epochs;
-            section.lr = p.lr;
-            section.weight_decay = p.weight_decay;
-            section.checkpoint_every = 0;
-            let cfg = ValueTrainConfig::new(&section, self.config.run.seed ^ 1, self.pad);
-            let init = ValueInit::Head {
-                backbone: self.policy.backbone.clone(),
-                hidden: self.policy.config.hidden_size(),
-                width: p.width as i64,
-                from: None,
+            let (head, steps, final_loss, alpha) = match p.fit {
+                HeadFit::Ridge => {
+                    let mut view = features.select(&keep);
+                    let batch = self.config.sampling.batch_size;
+                    let (states, targets, groups) =
+                        view.all_rows(&self.policy.backbone, &subset, self.pad, self.device, batch)?;
+                    let centring = match p.targets {
+                        ValueTargets::Reward => Centring::Pooled,
+                        ValueTargets::PromptCentred => Centring::WithinPrompt,
+                    };
+                    let fit = fit_ridge(&states, &targets, &groups, centring, None, self.config.value.ridge_folds)?;
+                    let head = ScalarHead {
+                        weight: fit.weight.to_device(self.device),
+                        bias: Some(fit.bias.to_device(self.device)),
+                        offset: 0.0,
+                    };
+                    (Head::Linear(head), 1, fit.train_loss, Some(fit.alpha))
+                }
+                HeadFit::Adamw => {
+                    let mut section = self.config.value.clone();
+                    section.epochs = p.epochs;
+                    section.lr = p.lr;
+                    section.weight_decay = p.weight_decay;
+                    section.checkpoint_every = 0;
+                    let cfg = ValueTrainConfig::new(&section, self.config.run.seed ^ 1, self.pad);
+                    let init = ValueInit::Head {
+                        backbone: self.policy.backbone.clone(),
+                        hidden: self.policy.config.hidden_size(),
+                        width: p.width as i64,
+                        from: None,
+                    };
+                    let out = scratch.join(format!("v{done}"));
+                    let report = train_value_sharing_features(&cfg, &subset, &init, &out, &mut features.select(&keep))?;
+                    let head = MlpHead::load(&report.checkpoint, self.device)?;
+                    let _ = std::fs::remove_dir_all(&out);
+                    (Head::Mlp(head), report.steps, report.final_loss, None)
+                }
             };
-            let out = scratch.join(format!("v{done}"));
-            let report = train_value_sharing_features(&cfg, &subset, &init, &out, &mut features.select(&keep))?;
-            let head = MlpHead::load(&report.checkpoint, self.device)?;
-            let _ = std::fs::remove_dir_all(&out);
-            let (concordance, prefix_concordance, argmax_agreement) = rank_held_out(&head, &held_out);
+            let (concordance, prefix_concordance, argmax_agreement) = rank_held_out(&head, held_out);
             rows.push(ValueBenchRow {
                 train_prompts: p.prompts.min(items.len()),
                 samples: p.samples,
@@ -222,8 +298,11 @@ impl Pipeline {
                 weight_decay: p.weight_decay,
                 width: p.width,
                 targets: p.targets,
-                steps: report.steps,
-                final_loss: report.final_loss,
+                fit: p.fit,
+                layers: p.layers,
+                alpha,
+                steps,
+                final_loss,
                 constant_loss: constant_predictor_loss(&subset),
                 concordance,
                 prefix_concordance,
@@ -250,16 +329,26 @@ impl Pipeline {
         Ok(out)
     }
 
-    /// The first `n` test prompts' Best-of-N candidates with the states V reads on them: as the guiding scorer
-    /// feeds them, a finished candidate with EOS (the policy's tokens already end in it), a cut one as it stands.
-    fn held_out(&self, n: usize) -> Result<Vec<HeldOut>> {
+    /// The first `n` test prompts and their Best-of-N candidates.
+    fn held_out_candidates(&self, n: usize) -> Result<(Vec<PromptItem>, Vec<Vec<Candidate>>)> {
         let picked: Vec<usize> = self.data.test_prompts().iter().copied().take(n).collect();
         let items = self.test_items(&picked)?;
         let candidates = self.sampled_candidates(&items, self.config.baselines.best_of_n)?;
+        Ok((items, candidates))
+    }
+
+    /// The held-out candidates with the states V reads on them (after `depth` layers): as the guiding scorer feeds
+    /// them, a finished candidate with EOS (the policy's tokens already end in it), a cut one as it stands.
+    fn held_out_states(
+        &self,
+        items: &[PromptItem],
+        candidates: &[Vec<Candidate>],
+        depth: Option<usize>,
+    ) -> Result<Vec<HeldOut>> {
         let prefix = self.config.search.chunk_length.min(self.config.sampling.max_new_tokens);
-        let mut cache = FeatureCache::default();
+        let mut cache = FeatureCache::at_depth(depth);
         let mut out = Vec::with_capacity(items.len());
-        for (p, (item, cs)) in items.iter().zip(&candidates).enumerate() {
+        for (p, (item, cs)) in items.iter().zip(candidates).enumerate() {
             let examples: Vec<ValueExample> = cs
                 .iter()
                 .map(|c| {
@@ -291,7 +380,7 @@ impl Pipeline {
 }
 
 /// Concordance on complete candidates, after the first chunk, and argmax agreement, over the held-out prompts.
-fn rank_held_out(head: &MlpHead, held_out: &[HeldOut]) -> (Estimate, Estimate, Estimate) {
+fn rank_held_out(head: &Head, held_out: &[HeldOut]) -> (Estimate, Estimate, Estimate) {
     let values = |states: &Tensor| -> Vec<f64> {
         tch::no_grad(|| Vec::<f64>::try_from(head.forward(states).to_kind(tch::Kind::Double)).unwrap_or_default())
     };
@@ -315,13 +404,27 @@ pub fn value_bench_json(rows: &[ValueBenchRow]) -> Result<Vec<u8>> {
 /// The rows as a Markdown table.
 pub fn value_bench_markdown(rows: &[ValueBenchRow]) -> String {
     let mut s = String::from(
-        "| prompts | samples | examples | targets | epochs | lr | wd | width | loss / constant | concordance | \
-         first-chunk concordance | argmax = argmax r |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| layers | prompts | samples | examples | targets | fit | epochs | lr | wd | width | loss / constant | concordance | \
+         first-chunk concordance | argmax = argmax r |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let pct = |e: &Estimate| format!("{:.1} ± {:.1} %", 100.0 * e.mean, 100.0 * e.se);
     for r in rows {
+        // A ridge row has no epochs, lr, decay or width; it shows the shrinkage cross-validation chose.
+        let (fit, epochs, lr, wd, width) = match (r.fit, r.alpha) {
+            (HeadFit::Ridge, alpha) => {
+                (format!("ridge (α {})", alpha.unwrap_or(f64::NAN)), "—".into(), "—".into(), "—".into(), "—".into())
+            }
+            (HeadFit::Adamw, _) => (
+                "adamw".to_owned(),
+                r.epochs.to_string(),
+                r.lr.to_string(),
+                r.weight_decay.to_string(),
+                r.width.to_string(),
+            ),
+        };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.5} / {:.5} | {} | {} (L = {}) | {} |\n",
+            "| {} | {} | {} | {} | {} | {fit} | {epochs} | {lr} | {wd} | {width} | {:.5} / {:.5} | {} | {} (L = {}) | {} |\n",
+            if r.layers == 0 { "all".to_owned() } else { r.layers.to_string() },
             r.train_prompts,
             r.samples,
             r.examples,
@@ -329,10 +432,6 @@ pub fn value_bench_markdown(rows: &[ValueBenchRow]) -> String {
                 ValueTargets::Reward => "reward",
                 ValueTargets::PromptCentred => "prompt_centred",
             },
-            r.epochs,
-            r.lr,
-            r.weight_decay,
-            r.width,
             r.final_loss,
             r.constant_loss,
             pct(&r.concordance),

@@ -14,7 +14,7 @@ use tch::{Device, Kind};
 use super::Pipeline;
 use super::scoring::Retokenized;
 use crate::error::{Error, Result};
-use crate::model::heads::{Head, MlpHead};
+use crate::model::heads::{LINEAR_VALUE_HEAD, MlpHead, load_value_head};
 use crate::model::{CausalLm, ScalarModel};
 use crate::search::{CachedValueEnsemble, PolicyHeadEnsemble, PrefixScorer};
 use crate::text::Tokenizer;
@@ -77,8 +77,9 @@ pub(crate) async fn published_value_dir(store: &Store, layout: &RunLayout, t: u3
     Ok(dir)
 }
 
-/// The kind of value function in `dir`: `head` when its model.safetensors holds `value_head.dense.weight` (an MLP
-/// on the policy's own backbone), else `model` (a `*ForSequenceClassification` folder). Reads only the header.
+/// The kind of value function in `dir`: `head` when its model.safetensors holds `value_head.dense.weight` (an MLP)
+/// or `value_head.linear.weight` (a ridge fit) on the policy's own backbone, else `model` (a
+/// `*ForSequenceClassification` folder). Reads only the header.
 pub(crate) fn value_kind(dir: &Path) -> Result<ValueKind> {
     let file = dir.join("model.safetensors");
     if !file.exists() {
@@ -94,7 +95,8 @@ pub(crate) fn value_kind(dir: &Path) -> Result<ValueKind> {
         return Err(Error::Checkpoint { path: dir.to_owned(), message });
     }
     let names = safetensors_names(&file)?;
-    Ok(if names.iter().any(|n| n == MlpHead::NAMES[0]) { ValueKind::Head } else { ValueKind::Model })
+    let head = names.iter().any(|n| n == MlpHead::NAMES[0] || n == LINEAR_VALUE_HEAD[0]);
+    Ok(if head { ValueKind::Head } else { ValueKind::Model })
 }
 
 /// The tensor names in a safetensors file's header (8-byte little-endian length, then a JSON object).
@@ -136,8 +138,8 @@ pub(crate) fn load_value(
             LoadedValue { model, kind, tokenizer }
         }
         ValueKind::Head => {
-            let head = MlpHead::load(dir, device)?;
-            let (width, policy_width) = (head.dense_weight.size()[1], policy.config.hidden_size());
+            let head = load_value_head(dir, device)?;
+            let (width, policy_width) = (head.input_width(), policy.config.hidden_size());
             if width != policy_width {
                 return Err(Error::Checkpoint {
                     path: dir.to_owned(),
@@ -148,8 +150,7 @@ pub(crate) fn load_value(
                     ),
                 });
             }
-            let model =
-                ScalarModel { config: policy.config.clone(), backbone: policy.backbone.clone(), head: Head::Mlp(head) };
+            let model = ScalarModel { config: policy.config.clone(), backbone: policy.backbone.clone(), head };
             LoadedValue { model, kind, tokenizer: None }
         }
     })

@@ -147,6 +147,30 @@ pub fn save(out_dir: &Path, value: &TrainableValue, opt: &AdamW, state: &TrainSt
     Ok(final_dir)
 }
 
+/// Writes a linear `head`-kind value (a ridge fit: `weight` [1, H], `bias` [1]) as the one checkpoint
+/// `checkpoint-00000001` under `out_dir`, atomically, with a `train_state.json` marking it complete.
+pub fn save_linear_head(out_dir: &Path, weight: &Tensor, bias: &Tensor) -> Result<PathBuf> {
+    std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
+    let final_dir = checkpoint_dir(out_dir, 1);
+    let tmp = out_dir.join(format!(".tmp-{PREFIX}{:08}", 1));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let names = crate::model::heads::LINEAR_VALUE_HEAD;
+    let tensors = [(names[0].to_owned(), weight.shallow_clone()), (names[1].to_owned(), bias.shallow_clone())];
+    write_tensors(&tmp.join("model.safetensors"), &tensors)?;
+    let hidden = weight.size().last().copied().unwrap_or(0);
+    write_json(&tmp.join("config.json"), &json!({"iro_value_kind": "head", "head": "linear", "hidden_size": hidden}))?;
+    let state = json!({"step": 1, "total_steps": 1, "kind": "head", "fit": "ridge"});
+    write_json(&tmp.join("train_state.json"), &state)?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+    Ok(final_dir)
+}
+
 /// Reads `train_state.json` and fills `opt`'s moments from `train_state.safetensors` (by parameter name).
 pub fn load_train_state(dir: &Path, value: &TrainableValue, opt: &mut AdamW) -> Result<TrainState> {
     let json_path = dir.join("train_state.json");

@@ -21,9 +21,16 @@ use crate::model::positions_from_valid;
 #[derive(Default)]
 pub struct FeatureCache {
     by_example: HashMap<usize, Tensor>,
+    /// The states after this many decoder layers (then the final norm); `None`: the last layer's.
+    depth: Option<usize>,
 }
 
 impl FeatureCache {
+    /// An empty cache of the states after the first `depth` decoder layers (`iro bench value --layers`).
+    pub fn at_depth(depth: Option<usize>) -> Self {
+        Self { by_example: HashMap::new(), depth }
+    }
+
     pub fn len(&self) -> usize {
         self.by_example.len()
     }
@@ -40,7 +47,7 @@ impl FeatureCache {
             .enumerate()
             .filter_map(|(j, i)| self.by_example.get(i).map(|t| (j, t.shallow_clone())))
             .collect();
-        FeatureCache { by_example }
+        FeatureCache { by_example, depth: self.depth }
     }
 
     /// The micro-batch's target states [N, H] (N = Σ targets, in the order given) and the reward each target
@@ -55,8 +62,10 @@ impl FeatureCache {
         let missing: Vec<(usize, &ValueExample)> =
             examples.iter().copied().filter(|(i, _)| !self.by_example.contains_key(i)).collect();
         if !missing.is_empty() {
-            for (i, states) in
-                missing.iter().map(|(i, _)| *i).zip(shared_prompt_states(backbone, &missing, pad_id, device)?)
+            for (i, states) in missing
+                .iter()
+                .map(|(i, _)| *i)
+                .zip(shared_prompt_states(backbone, &missing, pad_id, device, self.depth)?)
             {
                 self.by_example.insert(i, states);
             }
@@ -65,6 +74,34 @@ impl FeatureCache {
         let rewards: Vec<f32> =
             examples.iter().flat_map(|(_, e)| std::iter::repeat_n(e.reward as f32, e.targets())).collect();
         Ok((Tensor::cat(&states, 0), Tensor::from_slice(&rewards).to_device(device)))
+    }
+
+    /// Every example's target states [N, H] (N = Σ targets), the reward of each row [N], and each row's prompt (a
+    /// dense id shared by the examples whose prompt tokens are equal), computing missing states `chunk` examples
+    /// at a time. Example `i` of `examples` is this cache's example `i`.
+    pub fn all_rows(
+        &mut self,
+        backbone: &Backbone,
+        examples: &[ValueExample],
+        pad_id: i64,
+        device: Device,
+        chunk: usize,
+    ) -> Result<(Tensor, Tensor, Vec<usize>)> {
+        let keyed: Vec<(usize, &ValueExample)> = examples.iter().enumerate().collect();
+        let (mut states, mut rewards) = (Vec::new(), Vec::new());
+        for part in keyed.chunks(chunk.max(1)) {
+            let (s, r) = self.micro_batch(backbone, part, pad_id, device)?;
+            states.push(s);
+            rewards.push(r);
+        }
+        let mut prompts: HashMap<&[i64], usize> = HashMap::new();
+        let mut groups = Vec::new();
+        for e in examples {
+            let next = prompts.len();
+            let g = *prompts.entry(e.prompt.as_slice()).or_insert(next);
+            groups.extend(std::iter::repeat_n(g, e.targets()));
+        }
+        Ok((Tensor::cat(&states, 0), Tensor::cat(&rewards, 0), groups))
     }
 }
 
@@ -75,6 +112,7 @@ fn shared_prompt_states(
     examples: &[(usize, &ValueExample)],
     pad_id: i64,
     device: Device,
+    depth: Option<usize>,
 ) -> Result<Vec<Tensor>> {
     if let Some((_, e)) = examples.iter().find(|(_, e)| e.prompt.is_empty()) {
         return Err(Error::InvalidRequest(format!(
@@ -100,7 +138,7 @@ fn shared_prompt_states(
         let (ids, valid) = left_pad(&prompts, width, pad_id, device);
         let positions = positions_from_valid(&valid);
         let mut cache = backbone.new_cache(prompts.len() as i64, (width + longest) as i64);
-        let prompt_hidden = backbone.forward(&ids, &valid, &positions, Some(&mut cache)).select(1, -1);
+        let prompt_hidden = backbone.forward_to_depth(&ids, &valid, &positions, Some(&mut cache), depth).select(1, -1);
         let index = Tensor::from_slice(&which).to_device(device);
         let last = prompt_hidden.index_select(0, &index).to_kind(Kind::Float);
         if longest == 0 {
@@ -111,7 +149,7 @@ fn shared_prompt_states(
         let (ids, valid) = right_pad(&responses, longest, pad_id, device);
         let next = positions.select(1, -1).index_select(0, &index) + 1;
         let positions = next.unsqueeze(1) + Tensor::arange(longest as i64, (Kind::Int64, device)).unsqueeze(0);
-        let hidden = backbone.forward(&ids, &valid, &positions, Some(&mut cache)).to_kind(Kind::Float);
+        let hidden = backbone.forward_to_depth(&ids, &valid, &positions, Some(&mut cache), depth).to_kind(Kind::Float);
         Ok(examples
             .iter()
             .enumerate()

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod features;
 pub mod loss;
 pub mod optim;
+pub mod ridge;
 pub mod value;
 
 use std::ops::ControlFlow;

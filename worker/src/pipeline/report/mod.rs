@@ -281,6 +281,17 @@ pub fn markdown(summary: &Summary) -> String {
         s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
         for v in &summary.values {
             let (loss, constant, size) = match &v.training {
+                // A ridge head has no steps: its fit's loss, beside the loss on prompts held out of the fit.
+                Some(t) if t.ridge_alpha.is_some() => (
+                    format!(
+                        "ridge {:.4} (held-out prompts {:.4}, α {})",
+                        t.final_loss,
+                        t.cv_loss.unwrap_or(f64::NAN),
+                        t.ridge_alpha.unwrap_or(f64::NAN)
+                    ),
+                    format!("{:.4}", t.constant_loss),
+                    format!("{}, closed form", t.examples),
+                ),
                 Some(t) => (
                     format!("{:.4} → {:.4}", t.first_loss, t.final_loss),
                     format!("{:.4}", t.constant_loss),
