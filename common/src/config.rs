@@ -253,6 +253,10 @@ pub struct ValueSection {
     /// How a `head`-kind value is fitted: `adamw` (the MLP of width `head_width`, trained like the `model` kind)
     /// or `ridge` (a linear head solved in closed form, its shrinkage chosen by cross-validation over prompts).
     pub head_fit: HeadFit,
+    /// `head` kind: the head reads the policy's states after this many decoder layers (then the final norm); 0
+    /// means all of them. `iro bench value --layers` measures which depth's states rank candidates best; the
+    /// decoder keeps that layer's states beside the logits, so guidance still costs no extra forward pass.
+    pub feature_layers: usize,
     /// Folds of the ridge fit's cross-validation (prompts are dealt to folds; at most one fold per prompt).
     pub ridge_folds: usize,
 }
@@ -300,6 +304,7 @@ impl Default for ValueSection {
             head_width: 256,
             targets: ValueTargets::Reward,
             head_fit: HeadFit::Adamw,
+            feature_layers: 0,
             ridge_folds: 5,
         }
     }
@@ -553,6 +558,9 @@ impl RunConfig {
                 ),
             );
         }
+        if v.feature_layers > 0 && v.kind != ValueKind::Head {
+            return bad("value.feature_layers", "only a `head`-kind value reads the policy's inner states".into());
+        }
         if v.head_fit == HeadFit::Ridge && v.kind != ValueKind::Head {
             return bad(
                 "value.head_fit",
@@ -647,6 +655,7 @@ mod tests {
             ("[value]\nbetas = []\n", "value.betas"),
             ("[value]\nweight_decay = -0.1\n", "value.weight_decay"),
             ("[value]\nridge_folds = 1\n", "value.ridge_folds"),
+            ("[value]\nkind = \"model\"\nfeature_layers = 12\n", "value.feature_layers"),
             ("[value]\nkind = \"model\"\nhead_fit = \"ridge\"\n", "value.head_fit"),
             ("[baselines]\nargs_weight = -1.0\n", "baselines.args_weight"),
             ("[reward]\nkind = \"embedding_similarity\"\nprompt_format = \"chatml\"\n", "reward.prompt_format"),

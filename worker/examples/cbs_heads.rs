@@ -48,6 +48,7 @@ fn main() {
             config: lm.config.clone(),
             backbone: lm.backbone.clone(),
             head: Head::Mlp(MlpHead::new(h, 256, seed, Device::Cpu)),
+            depth: None,
         })
         .collect();
     let timed = |scorer: &mut dyn PrefixScorer| {

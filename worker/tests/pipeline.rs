@@ -198,6 +198,42 @@ fn ridge_heads_are_published_as_linear_heads_and_guide_the_next_rollout() {
 }
 
 #[test]
+fn heads_on_an_inner_layer_record_it_and_guide_from_that_layers_states() {
+    use iro_common::config::HeadFit;
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir.path().join("store"), ValueKind::Head, 2, vec![Baseline::Base]);
+    // The fixture has 2 decoder layers: the heads read the states after the first.
+    c.value.feature_layers = 1;
+    c.value.head_fit = HeadFit::Ridge;
+    c.select.first_samples = 2;
+    c.validate(Path::new("test")).unwrap();
+    let summary = run(&c, &dir.path().join("work"));
+    for t in 1..=2 {
+        let folder = dir.path().join(format!("store/runs/tiny/iter-{t}/value/attempt-1/model"));
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["feature_layers"], 1, "V_{t}: {config}");
+    }
+    // The same run on the final states: the depth reaches the guide, so iteration 2's value scores differ.
+    // (That the tapped states CBS reads equal a forward to that depth is tests/search.rs's check.)
+    let store = Store::open(&c.run.store).unwrap();
+    let mut flat = c.clone();
+    flat.value.feature_layers = 0;
+    flat.run.store = dir.path().join("store-flat").display().to_string();
+    let _ = run(&flat, &dir.path().join("work-flat"));
+    let scores = |s: &Store| -> Vec<f64> { rollouts(s, 2).iter().map(|r| r.value_score.unwrap()).collect() };
+    let (inner, last) = (scores(&store), scores(&Store::open(&flat.run.store).unwrap()));
+    assert!(inner.iter().all(|v| v.is_finite()) && inner != last, "{inner:?} vs {last:?}");
+    assert_eq!(summary.rows.len(), 3);
+    // A depth beyond the policy's layers is named.
+    c.value.feature_layers = 3;
+    c.run.store = dir.path().join("store-deep").display().to_string();
+    let mut p = Pipeline::open(c, None, &dir.path().join("work-deep")).unwrap();
+    let err = local::run_local(&mut p, &mut |_, _, _| {}).unwrap_err().to_string();
+    assert!(err.contains("value.feature_layers = 3"), "{err}");
+}
+
+#[test]
 fn a_config_whose_data_is_too_small_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(&dir.path().join("store"), ValueKind::Head, 1, vec![]);

@@ -312,39 +312,59 @@ impl PrefixScorer for HiddenOnly<'_> {
         true
     }
 
+    fn feature_depth(&self) -> Option<usize> {
+        self.0.feature_depth()
+    }
+
     fn score_policy_hidden(&mut self, hidden: &tch::Tensor) -> Result<Vec<f64>> {
         self.1 += 1;
         self.0.score_policy_hidden(hidden)
     }
 }
 
-fn policy_heads(lm: &CausalLm) -> (ScalarModel, ScalarModel) {
+/// Two MLP heads on the policy's states after `depth` layers (`None`: the final states).
+fn policy_heads(lm: &CausalLm, depth: Option<usize>) -> (ScalarModel, ScalarModel) {
     let h = lm.config.hidden_size();
     let head = |seed| ScalarModel {
         config: lm.config.clone(),
         backbone: lm.backbone.clone(),
         head: Head::Mlp(MlpHead::new(h, 16, seed, Device::Cpu)),
+        depth,
     };
     (head(1), head(2))
 }
 
 #[test]
 fn decoder_scoring_hidden_equals_a_full_forward_of_the_scored_sequences() {
+    // The final states, and (tapped beside them) the states after the first of the fixture's 2 layers.
+    for tap in [None, Some(1)] {
+        scoring_hidden_at(tap);
+    }
+}
+
+fn scoring_hidden_at(tap: Option<usize>) {
     let lm = policy();
     let _g = tch::no_grad_guard();
     // 6 tokens: some rows stop at one of EOS, others are cut off (last token unfed, EOS appended).
-    let mut dec = Decoder::new(&lm, &prompts(), &[41, 42], 6, 3).unwrap();
+    let mut dec = Decoder::new_tapped(&lm, &prompts(), &[41, 42], 6, 3, tap).unwrap();
     let (index, forks): (Vec<i64>, Vec<u64>) = (0..8).map(|r| ((r / 4) as i64, (r % 4) as u64)).unzip();
     dec.reorder(&index, Some(&forks));
     let mut checked_mid_search = false;
     while !dec.all_finished() {
         dec.step(&SAMPLING, &EOS, 6);
         if !checked_mid_search && (0..8).any(|r| dec.is_finished(r)) && !dec.all_finished() {
-            check_scoring_hidden(&lm, &mut dec);
+            check_scoring_hidden(&lm, &mut dec, tap);
             checked_mid_search = true;
         }
     }
-    let finished = check_scoring_hidden(&lm, &mut dec);
+    let finished = check_scoring_hidden(&lm, &mut dec, tap);
+    // Tapping leaves sampling alone: the same tokens as an untapped decoder with the same seeds.
+    let mut plain = Decoder::new(&lm, &prompts(), &[41, 42], 6, 3).unwrap();
+    plain.reorder(&index, Some(&forks));
+    while !plain.all_finished() {
+        plain.step(&SAMPLING, &EOS, 6);
+    }
+    assert!((0..8).all(|r| plain.tokens(r) == dec.tokens(r)), "tap {tap:?} changed the sampled tokens");
     assert!(finished.contains(&true) && finished.contains(&false), "want EOS-stopped and cut-off rows: {finished:?}");
     // Rewound: asking again gives the same states.
     let again = dec.scoring_hidden(&EOS);
@@ -352,7 +372,7 @@ fn decoder_scoring_hidden_equals_a_full_forward_of_the_scored_sequences() {
 }
 
 /// Compares the decoder's states with a fresh forward; returns which rows stopped at an EOS.
-fn check_scoring_hidden(lm: &CausalLm, dec: &mut Decoder) -> Vec<bool> {
+fn check_scoring_hidden(lm: &CausalLm, dec: &mut Decoder, depth: Option<usize>) -> Vec<bool> {
     let got = dec.scoring_hidden(&EOS);
     let rows = dec.batch();
     let mut seqs = Vec::new();
@@ -369,16 +389,31 @@ fn check_scoring_hidden(lm: &CausalLm, dec: &mut Decoder) -> Vec<bool> {
     }
     let width = seqs.iter().map(Vec::len).max().unwrap();
     let (ids, valid) = left_pad(&seqs, width, 3, Device::Cpu);
-    let want = lm.backbone.forward(&ids, &valid, &positions_from_valid(&valid), None).select(1, -1);
-    let err = f64::try_from((got - want).abs().max()).unwrap();
-    assert!(err <= 1e-4, "scoring_hidden differs from a full forward by {err}");
+    let want = lm.backbone.forward_to_depth(&ids, &valid, &positions_from_valid(&valid), None, depth).select(1, -1);
+    let err = f64::try_from((&got - want).abs().max()).unwrap();
+    assert!(err <= 1e-4, "scoring_hidden (after {depth:?} layers) differs from a full forward by {err}");
+    if depth.is_some() {
+        let last = lm.backbone.forward(&ids, &valid, &positions_from_valid(&valid), None).select(1, -1);
+        assert!(f64::try_from((&got - last).abs().max()).unwrap() > 1e-3, "the tapped states are the final ones");
+    }
     at_eos
 }
 
 #[test]
 fn policy_heads_guide_cbs_from_the_decoders_states_as_re_encoding_would() {
+    for depth in [None, Some(1)] {
+        heads_guide_cbs_at(depth);
+    }
+    // One ensemble reads one depth.
     let lm = policy();
-    let (v1, v2) = policy_heads(&lm);
+    let ((a, _), (b, _)) = (policy_heads(&lm, None), policy_heads(&lm, Some(1)));
+    let err = PolicyHeadEnsemble::new(&lm, vec![(&a, 1.0), (&b, 1.0)], EOS.to_vec()).err().unwrap();
+    assert!(err.to_string().contains("one depth"), "{err}");
+}
+
+fn heads_guide_cbs_at(depth: Option<usize>) {
+    let lm = policy();
+    let (v1, v2) = policy_heads(&lm, depth);
     let members = || vec![(&v1, 1.0), (&v2, 2.5)];
     let params = cbs_params(2, 3, 3, 10);
     let mut from_hidden = HiddenOnly(PolicyHeadEnsemble::new(&lm, members(), EOS.to_vec()).unwrap(), 0);

@@ -42,7 +42,13 @@ fn model_init(name: &str) -> ValueInit {
 
 fn head_init(name: &str) -> ValueInit {
     let ck = Checkpoint::load(&fixture(name), Kind::Float, Device::Cpu).unwrap();
-    ValueInit::Head { backbone: ck.backbone().unwrap(), hidden: ck.config.hidden_size(), width: 16, from: None }
+    ValueInit::Head {
+        backbone: ck.backbone().unwrap(),
+        hidden: ck.config.hidden_size(),
+        width: 16,
+        from: None,
+        depth: None,
+    }
 }
 
 fn train(cfg: &ValueTrainConfig, data: &[ValueExample], init: &ValueInit, out: &Path) -> TrainReport {
@@ -94,7 +100,7 @@ fn a_fresh_head_starts_at_the_mean_target() {
     let weighted: f64 = data.iter().map(|e| e.reward * e.targets() as f64).sum::<f64>()
         / data.iter().map(|e| e.targets() as f64).sum::<f64>();
     assert!((mean - weighted).abs() < 1e-12);
-    let value = TrainableValue::head(backbone.clone(), *hidden, 16, None, 7, mean).unwrap();
+    let value = TrainableValue::head(backbone.clone(), *hidden, 16, None, 7, mean, None).unwrap();
     let TrainableValue::Head { head, .. } = &value else { unreachable!() };
     assert!((head.out_bias.double_value(&[0]) - mean).abs() < 1e-6);
 }
@@ -103,7 +109,7 @@ fn a_fresh_head_starts_at_the_mean_target() {
 fn cached_backbone_states_give_the_loss_and_gradient_of_a_full_forward() {
     let init = head_init("neox_parallel");
     let ValueInit::Head { backbone, hidden, .. } = &init else { unreachable!() };
-    let value = TrainableValue::head(backbone.clone(), *hidden, 16, None, 3, 0.4).unwrap();
+    let value = TrainableValue::head(backbone.clone(), *hidden, 16, None, 3, 0.4, None).unwrap();
     let TrainableValue::Head { head, .. } = &value else { unreachable!() };
     let data = examples(6, 9);
     let micro: Vec<(usize, &ValueExample)> = data.iter().enumerate().collect();
@@ -224,6 +230,6 @@ fn resumed_head_training_ends_with_the_same_weights() {
     let init = head_init("neox_parallel");
     let ValueInit::Head { backbone, hidden, .. } = &init else { unreachable!() };
     let (backbone, hidden): (Arc<_>, i64) = (backbone.clone(), *hidden);
-    let again = move || ValueInit::Head { backbone: backbone.clone(), hidden, width: 16, from: None };
+    let again = move || ValueInit::Head { backbone: backbone.clone(), hidden, width: 16, from: None, depth: None };
     assert_resume_is_exact(&init, again, 1e-2);
 }

@@ -40,11 +40,14 @@ pub struct Decoder<'m> {
     next_logits: Tensor,
     /// [B] rotary position of the next token.
     next_pos: Tensor,
-    /// [B, H] the final hidden state at each row's last token fed through the model (what a value head on the
-    /// policy's own backbone reads, so guided search needs no second forward pass for it).
+    /// [B, H] the hidden state at each row's last token fed through the model (what a value head on the
+    /// policy's own backbone reads, so guided search needs no second forward pass for it): after the final layer,
+    /// or after the first `tap` layers.
     last_hidden: Tensor,
     rows: Vec<RowState>,
     pad: i64,
+    /// The layer count whose states `last_hidden` holds (`None`: the final states, those the logits come from).
+    tap: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +71,19 @@ impl<'m> Decoder<'m> {
         max_new_tokens: usize,
         pad: i64,
     ) -> Result<Self> {
+        Self::new_tapped(model, prompts, seeds, max_new_tokens, pad, None)
+    }
+
+    /// `new`, with `scoring_hidden` giving the states after the first `tap` decoder layers (an intermediate-layer
+    /// value head's input) instead of the final ones; sampling is unchanged.
+    pub fn new_tapped(
+        model: &'m CausalLm,
+        prompts: &[Vec<i64>],
+        seeds: &[u64],
+        max_new_tokens: usize,
+        pad: i64,
+        tap: Option<usize>,
+    ) -> Result<Self> {
         if prompts.is_empty() || prompts.len() != seeds.len() {
             return Err(Error::InvalidRequest(format!("{} prompts with {} seeds", prompts.len(), seeds.len())));
         }
@@ -80,10 +96,10 @@ impl<'m> Decoder<'m> {
         let positions = positions_from_valid(&valid);
         // Two slots beyond the generation: `scoring_hidden` may feed a cut-off row's last token and an EOS.
         let mut cache = model.backbone.new_cache(prompts.len() as i64, (width + max_new_tokens + 2) as i64);
-        let hidden = model.backbone.forward(&ids, &valid, &positions, Some(&mut cache));
-        let last_hidden = hidden.select(1, -1);
+        let (hidden, features) = model.backbone.forward_tapped(&ids, &valid, &positions, Some(&mut cache), tap);
+        let last_hidden = features.select(1, -1);
         // Only the last position's logits are needed: skip the [B, T, V] projection of the whole prompt.
-        let next_logits = model.logits(&last_hidden);
+        let next_logits = model.logits(&hidden.select(1, -1));
         let next_pos = positions.select(1, -1) + 1;
         let rows = seeds
             .iter()
@@ -96,7 +112,7 @@ impl<'m> Decoder<'m> {
                 rng: RowRng::new(s),
             })
             .collect();
-        Ok(Self { model, cache, next_logits, next_pos, last_hidden, rows, pad })
+        Ok(Self { model, cache, next_logits, next_pos, last_hidden, rows, pad, tap })
     }
 
     pub fn batch(&self) -> usize {
@@ -155,14 +171,15 @@ impl<'m> Decoder<'m> {
         let ids = Tensor::from_slice(&fed).to_device(device).unsqueeze(1);
         let valid = Tensor::from_slice(&live).to_device(device).unsqueeze(1);
         let positions = self.next_pos.unsqueeze(1);
-        let hidden = self.model.backbone.forward(&ids, &valid, &positions, Some(&mut self.cache)).select(1, 0);
-        self.next_logits = self.model.logits(&hidden);
+        let (hidden, features) =
+            self.model.backbone.forward_tapped(&ids, &valid, &positions, Some(&mut self.cache), self.tap);
+        self.next_logits = self.model.logits(&hidden.select(1, 0));
         // A finished row was fed padding: it keeps the hidden state of its own last token.
-        self.last_hidden = hidden.where_self(&valid, &self.last_hidden);
+        self.last_hidden = features.select(1, 0).where_self(&valid, &self.last_hidden);
         self.next_pos = &self.next_pos + 1;
     }
 
-    /// [B, H] final hidden states at the last token of what a value function scores for each row: prompt ⊕
+    /// [B, H] hidden states (final, or after the `tap` layers) at the last token of what a value function scores for each row: prompt ⊕
     /// response, with `eos[0]` appended to a finished row that does not end in an EOS (as `PrefixScorer`s
     /// score it; with no EOS given, nothing is appended). Usually that is `last_hidden` as it stands; a row
     /// whose last token was never fed, or that needs the EOS, gets one extra forward of at most two tokens
@@ -200,7 +217,7 @@ impl<'m> Decoder<'m> {
         let last: Vec<i64> = pending.iter().map(|feed| feed.len().saturating_sub(1) as i64).collect();
         let positions = self.next_pos.unsqueeze(1) + Tensor::arange(block as i64, (Kind::Int64, device)).unsqueeze(0);
         let len = self.cache.len();
-        let hidden = self.model.backbone.forward(&ids, &valid, &positions, Some(&mut self.cache));
+        let (_, hidden) = self.model.backbone.forward_tapped(&ids, &valid, &positions, Some(&mut self.cache), self.tap);
         self.cache.rewind(len);
         let h = hidden.size()[2];
         let index = Tensor::from_slice(&last).to_device(device).view([rows, 1, 1]).expand([rows, 1, h], true);

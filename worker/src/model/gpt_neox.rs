@@ -78,8 +78,13 @@ impl GptNeoX {
                 let mlp = Self::mlp(layer, &layer.post_attention_layernorm.forward(&x));
                 x + mlp
             };
+            step.after_layer(i, &x);
         }
         self.final_layer_norm.forward(&x)
+    }
+
+    pub(super) fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.final_layer_norm.forward(x)
     }
 
     fn attention(&self, layer: &Layer, x: &Tensor, i: usize, cos: &Tensor, sin: &Tensor, step: &mut Step) -> Tensor {

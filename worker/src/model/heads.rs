@@ -190,6 +190,9 @@ pub struct ScalarModel {
     pub config: ModelConfig,
     pub backbone: Arc<Backbone>,
     pub head: Head,
+    /// The head reads the states after this many decoder layers (then the final norm); `None`: the final ones.
+    /// Only a `head`-kind value on an intermediate layer (`value.feature_layers`) sets it.
+    pub depth: Option<usize>,
 }
 
 impl ScalarModel {
@@ -221,12 +224,12 @@ impl ScalarModel {
                 files: "model weights".into(),
             });
         };
-        Ok(Self { config: ck.config.clone(), backbone: ck.backbone()?, head: Head::Linear(head) })
+        Ok(Self { config: ck.config.clone(), backbone: ck.backbone()?, head: Head::Linear(head), depth: None })
     }
 
     /// Per-position values [B, T].
     pub fn values(&self, ids: &Tensor, valid: &Tensor, positions: &Tensor, cache: Option<&mut KvCache>) -> Tensor {
-        self.head.forward(&self.backbone.forward(ids, valid, positions, cache))
+        self.head.forward(&self.backbone.forward_to_depth(ids, valid, positions, cache, self.depth))
     }
 
     /// One score per row, read at the last real token (works for left and right padding).

@@ -100,8 +100,13 @@ impl Llama {
             x = &x + self.attention(layer, &layer.input_layernorm.forward(&x), i, &cos, &sin, step);
             let h = layer.post_attention_layernorm.forward(&x);
             x = &x + layer.down_proj.forward(&(layer.gate_proj.forward(&h).silu() * layer.up_proj.forward(&h)));
+            step.after_layer(i, &x);
         }
         self.norm.forward(&x)
+    }
+
+    pub(super) fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.norm.forward(x)
     }
 
     fn attention(&self, layer: &Layer, x: &Tensor, i: usize, cos: &Tensor, sin: &Tensor, step: &mut Step) -> Tensor {

@@ -112,6 +112,18 @@ pub struct Step<'a> {
     cache: Option<&'a mut KvCache>,
     /// Run only the first this many decoder layers (then the final norm); `None`: all of them.
     pub depth: Option<usize>,
+    /// Keep the residual stream after this many layers in `tapped` (the forward goes on through every layer).
+    pub tap: Option<usize>,
+    pub tapped: Option<Tensor>,
+}
+
+impl Step<'_> {
+    /// Called by an architecture after its layer `i` (from 0) with the residual stream `x`.
+    fn after_layer(&mut self, i: usize, x: &Tensor) {
+        if self.tap == Some(i + 1) {
+            self.tapped = Some(x.shallow_clone());
+        }
+    }
 }
 
 impl Step<'_> {
@@ -155,6 +167,41 @@ impl Backbone {
         cache: Option<&mut KvCache>,
         depth: Option<usize>,
     ) -> Tensor {
+        self.forward_impl(ids, valid, positions, cache, depth, None).0
+    }
+
+    /// `forward` through every layer, and also the states after the first `tap` layers (with the final norm,
+    /// as `forward_to_depth(tap)` gives them): the decoder's logits and an intermediate-layer value head's input
+    /// from one pass. `None`, or every layer: the second output is the first.
+    pub fn forward_tapped(
+        &self,
+        ids: &Tensor,
+        valid: &Tensor,
+        positions: &Tensor,
+        cache: Option<&mut KvCache>,
+        tap: Option<usize>,
+    ) -> (Tensor, Tensor) {
+        let (hidden, tapped) = self.forward_impl(ids, valid, positions, cache, None, tap);
+        let tapped = tapped.map_or_else(|| hidden.shallow_clone(), |x| self.final_norm(&x));
+        (hidden, tapped)
+    }
+
+    fn final_norm(&self, x: &Tensor) -> Tensor {
+        match self {
+            Backbone::GptNeoX(m) => m.final_norm(x),
+            Backbone::Llama(m) => m.final_norm(x),
+        }
+    }
+
+    fn forward_impl(
+        &self,
+        ids: &Tensor,
+        valid: &Tensor,
+        positions: &Tensor,
+        cache: Option<&mut KvCache>,
+        depth: Option<usize>,
+        tap: Option<usize>,
+    ) -> (Tensor, Option<Tensor>) {
         let new = ids.size()[1];
         let (mask, cache) = match cache {
             Some(c) => {
@@ -168,7 +215,7 @@ impl Backbone {
         // directly, while a bool one is converted inside every attention call (worker/examples/sdpa_probe.rs).
         let mask = Tensor::zeros(mask.size(), (self.kind(), mask.device()))
             .masked_fill(&mask.logical_not(), f64::NEG_INFINITY);
-        let mut step = Step { positions: positions.shallow_clone(), mask, cache, depth };
+        let mut step = Step { positions: positions.shallow_clone(), mask, cache, depth, tap, tapped: None };
         let hidden = match self {
             Backbone::GptNeoX(m) => m.forward(ids, &mut step),
             Backbone::Llama(m) => m.forward(ids, &mut step),
@@ -176,7 +223,7 @@ impl Backbone {
         if let Some(c) = step.cache {
             c.advance(new);
         }
-        hidden
+        (hidden, step.tapped)
     }
 
     pub fn cache_shape(&self) -> CacheShape {

@@ -168,6 +168,7 @@ mod tests {
             config: p.policy.config.clone(),
             backbone: p.policy.backbone.clone(),
             head: Head::Mlp(MlpHead::new(hidden, 8, 7, Device::Cpu)),
+            depth: None,
         };
         let mut scorer: Box<dyn PrefixScorer> =
             Box::new(PolicyHeadEnsemble::new(&p.policy, vec![(&model, 1.0)], p.eos.clone()).unwrap());

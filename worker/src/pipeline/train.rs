@@ -67,6 +67,7 @@ impl Pipeline {
                 hidden: self.policy.config.hidden_size(),
                 width: v.head_width as i64,
                 from: previous.clone(),
+                depth: self.value_depth()?,
             },
         };
         let mut examples = self.value_examples(&records, value_tokens.as_ref())?;
@@ -188,6 +189,18 @@ impl Pipeline {
         Ok(TaskOutput { key, sha256, records: report.steps as u64, tokens: 0 })
     }
 
+    /// The decoder layers a `head`-kind value's states pass through (`value.feature_layers`; `None`: all).
+    pub(super) fn value_depth(&self) -> Result<Option<usize>> {
+        let (want, have) = (self.config.value.feature_layers, self.policy.config.num_layers());
+        if want > have {
+            return Err(Error::InvalidRequest(format!(
+                "value.feature_layers = {want}, but the policy {} has {have} decoder layers",
+                self.policy_dir.display()
+            )));
+        }
+        Ok((want > 0 && want < have).then_some(want))
+    }
+
     /// V_t as a ridge-fitted linear head (`value.head_fit = "ridge"`): the frozen policy's states of every example
     /// once, the closed-form fit (`train::ridge`), shrunk towards V_{t-1}'s weight on a warm start, written as the
     /// one checkpoint `checkpoint-00000001` under `out_dir`. Deterministic and seconds long, so a retried attempt
@@ -212,7 +225,8 @@ impl Pipeline {
                 }
             },
         };
-        let (states, targets, groups) = FeatureCache::default().all_rows(
+        let depth = self.value_depth()?;
+        let (states, targets, groups) = FeatureCache::at_depth(depth).all_rows(
             &self.policy.backbone,
             examples,
             self.pad,
@@ -234,7 +248,7 @@ impl Pipeline {
             warm = prior.is_some(),
             "ridge value head fitted"
         );
-        let dir = checkpoint::save_linear_head(out_dir, &fit.weight, &fit.bias)?;
+        let dir = checkpoint::save_linear_head(out_dir, &fit.weight, &fit.bias, depth)?;
         let report = TrainReport {
             steps: 1,
             total_steps: 1,

@@ -280,6 +280,7 @@ impl Pipeline {
                         hidden: self.policy.config.hidden_size(),
                         width: p.width as i64,
                         from: None,
+                        depth: (p.layers > 0).then_some(p.layers),
                     };
                     let out = scratch.join(format!("v{done}"));
                     let report = train_value_sharing_features(&cfg, &subset, &init, &out, &mut features.select(&keep))?;

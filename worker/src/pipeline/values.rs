@@ -150,10 +150,40 @@ pub(crate) fn load_value(
                     ),
                 });
             }
-            let model = ScalarModel { config: policy.config.clone(), backbone: policy.backbone.clone(), head };
+            let depth = head_depth(dir, policy.config.num_layers())?;
+            let model = ScalarModel { config: policy.config.clone(), backbone: policy.backbone.clone(), head, depth };
             LoadedValue { model, kind, tokenizer: None }
         }
     })
+}
+
+/// The decoder layers a `head`-kind value in `dir` reads the states after (`config.json`'s `feature_layers`; absent
+/// or 0: all of them, as every head saved before the key existed), checked against the policy's `layers`.
+fn head_depth(dir: &Path, layers: usize) -> Result<Option<usize>> {
+    let path = dir.join("config.json");
+    let want = match std::fs::read(&path) {
+        Ok(bytes) => {
+            let config: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint {
+                path: path.clone(),
+                message: format!("malformed config.json: {e}"),
+            })?;
+            match config.get(crate::train::checkpoint::FEATURE_LAYERS) {
+                None => 0,
+                Some(v) => v.as_u64().ok_or_else(|| Error::Checkpoint {
+                    path: path.clone(),
+                    message: format!("`feature_layers` must be a whole number, got {v}"),
+                })? as usize,
+            }
+        }
+        Err(_) => 0,
+    };
+    if want > layers {
+        return Err(Error::Checkpoint {
+            path,
+            message: format!("the head reads the states after {want} layers, but the policy has {layers}"),
+        });
+    }
+    Ok((want > 0 && want < layers).then_some(want))
 }
 
 /// `Σ_i V_i / betas[i]` over `values`, guiding `policy`: `head`-kind values read the policy's own hidden states;

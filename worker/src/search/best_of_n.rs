@@ -27,7 +27,7 @@ pub fn sample_replicas(
         return Err(Error::InvalidRequest("Best-of-N needs N ≥ 1".into()));
     }
     let _g = tch::no_grad_guard();
-    let mut dec = replicated_decoder(policy, prompts, seeds, n, opts.max_new_tokens, opts.pad_token_id)?;
+    let mut dec = replicated_decoder(policy, prompts, seeds, n, opts.max_new_tokens, opts.pad_token_id, None)?;
     while !dec.all_finished() {
         dec.step(&opts.sampling, &opts.eos_token_ids, opts.max_new_tokens);
     }

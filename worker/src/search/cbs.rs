@@ -114,7 +114,9 @@ pub fn chunk_beam_search(
     }
     let _g = tch::no_grad_guard();
     let group = w * k;
-    let mut dec = replicated_decoder(policy, prompts, seeds, group, params.max_new_tokens, params.pad_token_id)?;
+    // A head on an intermediate layer reads that layer's states: the decoder keeps them beside the logits.
+    let tap = if scorer.reads_policy_hidden() { scorer.feature_depth() } else { None };
+    let mut dec = replicated_decoder(policy, prompts, seeds, group, params.max_new_tokens, params.pad_token_id, tap)?;
     let row_prompts = repeat_prompts(prompts, group);
     scorer.reset();
     let rows = dec.batch();

@@ -38,8 +38,9 @@ pub(crate) fn replicated_decoder<'m>(
     n: usize,
     max_new_tokens: usize,
     pad: i64,
+    tap: Option<usize>,
 ) -> Result<Decoder<'m>> {
-    let mut dec = Decoder::new(policy, prompts, seeds, max_new_tokens, pad)?;
+    let mut dec = Decoder::new_tapped(policy, prompts, seeds, max_new_tokens, pad, tap)?;
     let (index, forks) = replicate_index(prompts.len(), n);
     dec.reorder(&index, Some(&forks));
     Ok(dec)

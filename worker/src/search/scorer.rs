@@ -32,6 +32,11 @@ pub trait PrefixScorer {
         Err(Error::InvalidRequest("this scorer runs its own model; it does not read the policy's hidden states".into()))
     }
 
+    /// With `reads_policy_hidden`: the states after how many decoder layers it reads (`None`: the final ones).
+    fn feature_depth(&self) -> Option<usize> {
+        None
+    }
+
     /// The caller's rows were reordered: new row i is old row `index[i]`. Stateful scorers move their
     /// per-row state along; stateless ones ignore it.
     fn reorder(&mut self, _index: &[i64]) {}
@@ -201,6 +206,8 @@ pub struct PolicyHeadEnsemble<'m> {
     backbone: &'m Backbone,
     heads: Vec<(&'m Head, f64)>,
     eos: Vec<i64>,
+    /// The layer count every member reads its states after (`ScalarModel::depth`).
+    depth: Option<usize>,
 }
 
 impl<'m> PolicyHeadEnsemble<'m> {
@@ -213,8 +220,15 @@ impl<'m> PolicyHeadEnsemble<'m> {
                 "value model {i} has a backbone of its own: only heads on the policy's backbone read its hidden states"
             )));
         }
+        let depth = members.first().and_then(|(m, _)| m.depth);
+        if let Some(i) = members.iter().position(|(m, _)| m.depth != depth) {
+            return Err(Error::InvalidRequest(format!(
+                "value head {i} reads the states after {:?} layers, head 0 after {depth:?}: one ensemble reads one depth",
+                members[i].0.depth
+            )));
+        }
         let heads = members.into_iter().map(|(m, beta)| (&m.head, beta)).collect();
-        Ok(Self { backbone: &policy.backbone, heads, eos: eos_token_ids })
+        Ok(Self { backbone: &policy.backbone, heads, eos: eos_token_ids, depth })
     }
 
     /// `Σ_i head_i(h) / beta_i` for `hidden` [B, H].
@@ -231,13 +245,17 @@ impl PrefixScorer for PolicyHeadEnsemble<'_> {
         let _g = tch::no_grad_guard();
         let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
         let (ids, valid) = left_pad(&seqs, width, 0, self.backbone.device());
-        let hidden = self.backbone.forward(&ids, &valid, &positions_from_valid(&valid), None);
+        let hidden = self.backbone.forward_to_depth(&ids, &valid, &positions_from_valid(&valid), None, self.depth);
         // Left padding: every row's last token sits in the last column.
         Ok(self.combine(&hidden.select(1, -1)))
     }
 
     fn reads_policy_hidden(&self) -> bool {
         true
+    }
+
+    fn feature_depth(&self) -> Option<usize> {
+        self.depth
     }
 
     fn score_policy_hidden(&mut self, hidden: &Tensor) -> Result<Vec<f64>> {

@@ -38,6 +38,9 @@ pub struct TrainState {
 
 const PREFIX: &str = "checkpoint-";
 
+/// The `config.json` key of a `head`-kind value: the decoder layers its states pass through (0: all of them).
+pub const FEATURE_LAYERS: &str = "feature_layers";
+
 /// The folder name of the checkpoint after `step` optimizer steps.
 pub fn checkpoint_dir(out_dir: &Path, step: usize) -> PathBuf {
     out_dir.join(format!("{PREFIX}{step:08}"))
@@ -103,10 +106,13 @@ fn model_files(value: &TrainableValue) -> (Vec<(String, Tensor)>, Value) {
             }
             (tensors, config)
         }
-        TrainableValue::Head { head, .. } => {
+        TrainableValue::Head { head, depth, .. } => {
             let width = head.dense_weight.size()[0];
             let hidden = head.dense_weight.size()[1];
-            let config = json!({"iro_value_kind": "head", "hidden_size": hidden, "head_width": width});
+            let config = json!({
+                "iro_value_kind": "head", "hidden_size": hidden, "head_width": width,
+                FEATURE_LAYERS: depth.unwrap_or(0),
+            });
             (head.named(), config)
         }
     }
@@ -149,7 +155,7 @@ pub fn save(out_dir: &Path, value: &TrainableValue, opt: &AdamW, state: &TrainSt
 
 /// Writes a linear `head`-kind value (a ridge fit: `weight` [1, H], `bias` [1]) as the one checkpoint
 /// `checkpoint-00000001` under `out_dir`, atomically, with a `train_state.json` marking it complete.
-pub fn save_linear_head(out_dir: &Path, weight: &Tensor, bias: &Tensor) -> Result<PathBuf> {
+pub fn save_linear_head(out_dir: &Path, weight: &Tensor, bias: &Tensor, depth: Option<usize>) -> Result<PathBuf> {
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let final_dir = checkpoint_dir(out_dir, 1);
     let tmp = out_dir.join(format!(".tmp-{PREFIX}{:08}", 1));
@@ -161,7 +167,9 @@ pub fn save_linear_head(out_dir: &Path, weight: &Tensor, bias: &Tensor) -> Resul
     let tensors = [(names[0].to_owned(), weight.shallow_clone()), (names[1].to_owned(), bias.shallow_clone())];
     write_tensors(&tmp.join("model.safetensors"), &tensors)?;
     let hidden = weight.size().last().copied().unwrap_or(0);
-    write_json(&tmp.join("config.json"), &json!({"iro_value_kind": "head", "head": "linear", "hidden_size": hidden}))?;
+    let config =
+        json!({"iro_value_kind": "head", "head": "linear", "hidden_size": hidden, FEATURE_LAYERS: depth.unwrap_or(0)});
+    write_json(&tmp.join("config.json"), &config)?;
     let state = json!({"step": 1, "total_steps": 1, "kind": "head", "fit": "ridge"});
     write_json(&tmp.join("train_state.json"), &state)?;
     if final_dir.exists() {

@@ -65,8 +65,9 @@ impl ValueTrainConfig {
 pub enum ValueInit {
     /// `model` kind from an HF folder: a policy gets a fresh head, a seqcls/reward model (or V_{t-1}) keeps its own.
     Model { dir: PathBuf, kind: Kind, device: Device },
-    /// `head` kind on a frozen backbone of hidden size `hidden`: fresh MLP of width `width`, or loaded from `from`.
-    Head { backbone: Arc<Backbone>, hidden: i64, width: i64, from: Option<PathBuf> },
+    /// `head` kind on a frozen backbone of hidden size `hidden`: fresh MLP of width `width`, or loaded from `from`,
+    /// reading the states after the first `depth` layers (`None`: the final ones).
+    Head { backbone: Arc<Backbone>, hidden: i64, width: i64, from: Option<PathBuf>, depth: Option<usize> },
 }
 
 impl ValueInit {
@@ -83,8 +84,8 @@ impl ValueInit {
             ValueInit::Model { dir, kind, device } => {
                 TrainableValue::model_from_dir(from.unwrap_or(dir), *kind, *device, seed)
             }
-            ValueInit::Head { backbone, hidden, width, from: init } => {
-                TrainableValue::head(backbone.clone(), *hidden, *width, from.or(init.as_deref()), seed, start)
+            ValueInit::Head { backbone, hidden, width, from: init, depth } => {
+                TrainableValue::head(backbone.clone(), *hidden, *width, from.or(init.as_deref()), seed, start, *depth)
             }
         }
     }
@@ -165,7 +166,11 @@ pub fn train_value_ranked(
     gang: DataParallel<'_>,
     progress: impl FnMut(&Progress) -> ControlFlow<()>,
 ) -> Result<TrainReport> {
-    train_loop(config, examples, init, out_dir, resume, gang, &mut FeatureCache::default(), progress)
+    let depth = match init {
+        ValueInit::Head { depth, .. } => *depth,
+        ValueInit::Model { .. } => None,
+    };
+    train_loop(config, examples, init, out_dir, resume, gang, &mut FeatureCache::at_depth(depth), progress)
 }
 
 /// [`train_value`] on one rank, fresh (no resume), reading and filling `features` — the frozen-backbone states of
@@ -356,7 +361,7 @@ fn micro_loss_sum(
     device: Device,
 ) -> Result<Tensor> {
     match value {
-        TrainableValue::Head { backbone, head } => {
+        TrainableValue::Head { backbone, head, .. } => {
             let (states, rewards) = features.micro_batch(backbone, micro, pad_id, device)?;
             let diff = head.forward(&states) - rewards;
             Ok(diff.square().sum(Kind::Float) * 0.5)

@@ -38,8 +38,8 @@ pub enum TrainableValue {
         /// `score.weight`, `score.bias`), sorted by name.
         params: Vec<(String, Tensor)>,
     },
-    /// Only the head; the backbone runs under `no_grad`.
-    Head { backbone: Arc<Backbone>, head: MlpHead },
+    /// Only the head; the backbone runs under `no_grad`, through its first `depth` layers (`None`: all).
+    Head { backbone: Arc<Backbone>, head: MlpHead, depth: Option<usize> },
 }
 
 /// HF's own prefix for the backbone of `*ForSequenceClassification`.
@@ -69,6 +69,7 @@ impl TrainableValue {
                 config: ck.config.clone(),
                 backbone: ck.backbone()?,
                 head: Head::Linear(ScalarHead { weight: w, bias: None, offset: 0.0 }),
+                depth: None,
             }
         };
         let canonical = canonical_prefix(&ck.config);
@@ -111,6 +112,7 @@ impl TrainableValue {
         from: Option<&Path>,
         seed: u64,
         start: f64,
+        depth: Option<usize>,
     ) -> Result<Self> {
         let device = backbone.device();
         let head = match from {
@@ -126,7 +128,7 @@ impl TrainableValue {
         for (_, t) in head.named() {
             let _ = t.set_requires_grad(true);
         }
-        Ok(Self::Head { backbone, head })
+        Ok(Self::Head { backbone, head, depth })
     }
 
     /// The trainable tensors with their saved names, in a fixed order.
@@ -145,8 +147,8 @@ impl TrainableValue {
     pub fn values(&self, ids: &Tensor, valid: &Tensor, positions: &Tensor) -> Tensor {
         match self {
             Self::Model { model, .. } => model.values(ids, valid, positions, None).to_kind(Kind::Float),
-            Self::Head { backbone, head } => {
-                let hidden = tch::no_grad(|| backbone.forward(ids, valid, positions, None)).detach();
+            Self::Head { backbone, head, depth } => {
+                let hidden = tch::no_grad(|| backbone.forward_to_depth(ids, valid, positions, None, *depth)).detach();
                 head.forward(&hidden)
             }
         }
