@@ -359,6 +359,7 @@ pub fn lease_response(reply: Reply, payloads: &Payloads) -> Result<pb::LeaseTask
             match reason {
                 WaitReason::PhaseBarrier => "phase_barrier",
                 WaitReason::GangFull => "gang_full",
+                WaitReason::GangGathering => "gang_gathering",
                 WaitReason::Backoff => "backoff",
                 WaitReason::Quarantined => "quarantined",
             },
