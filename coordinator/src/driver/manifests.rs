@@ -305,8 +305,8 @@ impl Writer {
                             task = %r.task_id,
                             attempt = r.attempt,
                             problem = r.problem.kind(),
-                            "an accepted output is {}; re-opening the task instead of writing {key}: {}",
-                            r.problem.kind().replace('_', " "),
+                            "rejecting an accepted output ({}) and re-opening its task instead of writing {key}: {}",
+                            r.problem.kind(),
                             r.detail
                         );
                     }
@@ -339,8 +339,13 @@ impl Writer {
         {
             return Ok(Written::AlreadyThere);
         }
-        let checked: Vec<Checked> = futures::stream::iter(&stage.shards)
-            .map(|shard| check_shard(&self.store, shard))
+        // Owned items and store: a stream over borrowed ones makes the writer's future not provably Send.
+        let store = self.store.clone();
+        let checked: Vec<Checked> = futures::stream::iter(stage.shards.clone())
+            .map(move |shard| {
+                let store = store.clone();
+                async move { check_shard(&store, &shard).await }
+            })
             .buffered(CHECKS_IN_FLIGHT)
             .try_collect()
             .await?;
@@ -455,16 +460,15 @@ enum Checked {
 async fn check_shard(store: &Store, shard: &ShardOutput) -> iro_common::Result<Checked> {
     let bytes = match store.get(&shard.key).await {
         Ok(bytes) => bytes,
-        Err(e @ iro_common::Error::ObjectMissing { .. }) => return Ok(Checked::Bad(OutputProblem::Missing, e.to_string())),
+        Err(e @ iro_common::Error::ObjectMissing { .. }) => {
+            return Ok(Checked::Bad(OutputProblem::Missing, e.to_string()));
+        }
         Err(e) => return Err(e),
     };
     let actual = sha256_hex(&bytes);
     if actual != shard.sha256 {
-        let detail = format!(
-            "{} hashes to sha256 {actual}, its worker reported {}",
-            store.describe(&shard.key),
-            shard.sha256
-        );
+        let detail =
+            format!("{} hashes to sha256 {actual}, its worker reported {}", store.describe(&shard.key), shard.sha256);
         return Ok(Checked::Bad(OutputProblem::ChecksumMismatch, detail));
     }
     // What `records::decode_jsonl` counts: every line that is not blank.

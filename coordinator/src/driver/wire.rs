@@ -236,6 +236,8 @@ pub fn status(error: Error) -> Status {
         | Error::LogCompacted { .. }
         | Error::StateMismatch { .. }
         | Error::Config { .. }
+        | Error::CannotReject { .. }
+        | Error::RunExists { .. }
         | Error::Bind { .. } => Status::internal(message),
     }
 }

@@ -134,7 +134,8 @@ pub enum OutputProblem {
 }
 
 impl OutputProblem {
-    pub const ALL: [OutputProblem; 3] = [OutputProblem::Missing, OutputProblem::ChecksumMismatch, OutputProblem::Malformed];
+    pub const ALL: [OutputProblem; 3] =
+        [OutputProblem::Missing, OutputProblem::ChecksumMismatch, OutputProblem::Malformed];
 
     pub fn kind(self) -> &'static str {
         match self {
@@ -282,15 +283,6 @@ pub enum Lease {
     RetryAfter {
         ms: u64,
         reason: WaitReason,
-    },
-    /// A done task's accepted output was found missing or wrong; the task is pending again and its stage
-    /// (`reopened`: the run had moved past it, or finished) active again.
-    OutputRejected {
-        task: TaskId,
-        attempt: u32,
-        problem: OutputProblem,
-        reopened: bool,
-        message: String,
     },
     RunFinished,
     RunFailed {

@@ -44,7 +44,7 @@ impl Gang {
         self.members.iter().find(|m| &m.worker == worker).map(|m| m.rank)
     }
 
-    fn joined(&self) -> u32 {
+    pub(super) fn joined(&self) -> u32 {
         self.members.iter().filter(|m| m.endpoint.is_some()).count() as u32
     }
 }
@@ -90,8 +90,12 @@ impl RunState {
                     started: false,
                 });
                 // Every member holds its rank's lease from now; the others hear of it when they next ask.
+                // Each counts as seen now: it asked within a worker timeout, but by polls that need not be
+                // logged, so the time it was last seen is not the same in a replay. A lease holder's liveness
+                // must be (it decides when the lease dies), so it starts over here, alike in both.
                 let mut rank = 0;
                 for member in &members {
+                    self.touch(member);
                     let r = self.add_rank(index, member);
                     if member == worker {
                         rank = r;

@@ -457,7 +457,7 @@ impl RunState {
             let message = format!(
                 "gang {task} attempt {}: only {} of {} ranks joined within {} ms",
                 gang.attempt,
-                gang.members.len(),
+                gang.joined(),
                 self.plan.train_ranks,
                 self.plan.gang_join_timeout_ms
             );

@@ -65,9 +65,17 @@ pub async fn work_until_finished(
             };
             let joined = client.join_gang(join).await.unwrap().into_inner().outcome.unwrap();
             assert!(matches!(joined, pb::join_gang_response::Outcome::Ready(_)), "{joined:?}");
-            let files = vec![("model.safetensors".to_owned(), vec![7u8; 100]), ("config.json".to_owned(), b"{}".to_vec())];
-            let (key, sha256) = write_value_folder(store, &layout(), task.iteration, task.attempt, files).await.unwrap();
-            pb::CompleteTaskRequest { output_key: key, sha256, records: 1, tokens: 0, ..complete_request(&worker, &task) }
+            let files =
+                vec![("model.safetensors".to_owned(), vec![7u8; 100]), ("config.json".to_owned(), b"{}".to_vec())];
+            let (key, sha256) =
+                write_value_folder(store, &layout(), task.iteration, task.attempt, files).await.unwrap();
+            pb::CompleteTaskRequest {
+                output_key: key,
+                sha256,
+                records: 1,
+                tokens: 0,
+                ..complete_request(&worker, &task)
+            }
         } else {
             let payload: serde_json::Value = serde_json::from_str(&task.payload_json).unwrap();
             let (start, end) = (payload["prompt_start"].as_u64().unwrap(), payload["prompt_end"].as_u64().unwrap());

@@ -992,7 +992,12 @@ impl Drop for Links {
 /// not an error, a stalled one past the deadline is `TimedOut`).
 /// Writes all of `bytes` before `deadline` (each blocked write returns after the socket's write timeout, a
 /// tick), or until `abort` is raised.
-fn write_by(mut s: &TcpStream, mut bytes: &[u8], deadline: Instant, abort: Option<&AbortSignal>) -> std::io::Result<()> {
+fn write_by(
+    mut s: &TcpStream,
+    mut bytes: &[u8],
+    deadline: Instant,
+    abort: Option<&AbortSignal>,
+) -> std::io::Result<()> {
     while !bytes.is_empty() {
         match s.write(bytes) {
             Ok(0) => return Err(std::io::Error::new(ErrorKind::WriteZero, "the connection took no more data")),

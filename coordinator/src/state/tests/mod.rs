@@ -138,13 +138,17 @@ impl Harness {
         assert_eq!(workers.len() as u32, self.state.plan().train_ranks, "a gang gathers exactly R workers");
         let train = self.state.tasks[self.state.plan.stage_tasks(self.state.stage).start].not_before_ms;
         self.now = self.now.max(train);
-        for worker in &workers[..workers.len() - 1] {
+        let (last, first) = workers.split_last().expect("a gang has at least one rank");
+        for worker in first {
             match self.lease(worker) {
                 Lease::RetryAfter { reason: WaitReason::GangGathering, .. } => {}
                 other => panic!("{worker} should wait for the gang to gather, got {other:?}"),
             }
         }
-        workers.iter().map(|worker| self.take_rank(worker)).collect()
+        let formed = self.take_rank(last);
+        let mut leases: Vec<_> = first.iter().map(|worker| self.take_rank(worker)).collect();
+        leases.push(formed);
+        leases
     }
 
     pub fn complete(&mut self, worker: &WorkerId, task_id: TaskId, attempt: u32) -> Reply {

@@ -51,9 +51,10 @@ fn a_rejected_output_reopens_its_stage_and_is_leased_again_as_a_new_attempt() {
     assert_eq!(h.take(&b), (rollout(1, 1), 2));
     assert_eq!(h.complete(&b, rollout(1, 1), 2), Reply::Accepted { task_id: rollout(1, 1), attempt: 2 });
     assert_eq!(h.phase(), Some((1, Phase::Train)));
-    assert_eq!(h.state.manifest(1, Phase::Rollout).unwrap().shards.iter().map(|s| s.attempt).collect::<Vec<_>>(), [
-        1, 2
-    ]);
+    assert_eq!(
+        h.state.manifest(1, Phase::Rollout).unwrap().shards.iter().map(|s| s.attempt).collect::<Vec<_>>(),
+        [1, 2]
+    );
     check_invariants(&h.state);
     let replayed = RunState::replay(h.state.plan().clone(), h.durable.clone()).unwrap();
     assert_eq!(replayed.durable_digest(), h.state.durable_digest(), "the log re-opens the same task");
@@ -111,8 +112,9 @@ fn a_finished_run_whose_last_output_is_rejected_runs_again_until_it_is_redone() 
     reject(&mut h, eval(1, 1), 1, OutputProblem::Malformed).unwrap();
     assert_eq!(h.state.status(), &RunStatus::Running);
     assert_eq!(h.phase(), Some((1, Phase::Eval)));
-    assert_eq!(h.take(&a), (eval(1, 1), 2));
-    h.complete(&a, eval(1, 1), 2);
+    let b = h.register("b");
+    assert_eq!(h.take(&b), (eval(1, 1), 2));
+    h.complete(&b, eval(1, 1), 2);
     assert_eq!(h.state.status(), &RunStatus::Finished);
     check_invariants(&h.state);
 }
