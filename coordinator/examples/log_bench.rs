@@ -208,7 +208,7 @@ fn simulated_run() -> Result<(), Box<dyn std::error::Error>> {
         now += 1_000;
         for (i, w) in workers.iter().enumerate() {
             // Heartbeats every 10 s, staggered across workers.
-            let heartbeat_due = (now / 1_000 + i as u64) % 10 == 0;
+            let heartbeat_due = (now / 1_000 + i as u64).is_multiple_of(10);
             match doing[i] {
                 Doing::Idle => {
                     match bench.send(Command::LeaseTask { worker_id: w.clone(), now_ms: now }) {

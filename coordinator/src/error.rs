@@ -20,6 +20,10 @@ pub enum Error {
     /// JoinGang / AbortGang naming a task that is not gang-scheduled.
     #[error("task `{task_id}` is not a gang task: only the train phase is gang-scheduled")]
     NotAGangTask { task_id: String },
+    /// RejectOutput naming an output that is not (or no longer) the accepted one, or a stage that cannot be
+    /// re-opened any more because a later one has started.
+    #[error("cannot reject the output of task `{task_id}` attempt {attempt}: {message}")]
+    CannotReject { task_id: String, attempt: u32, message: String },
     /// The plan derived from a run config (or built by hand) cannot be run.
     #[error("invalid plan: `{field}` {message}")]
     InvalidPlan { field: &'static str, message: String },
@@ -41,6 +45,15 @@ pub enum Error {
     /// The state folder belongs to another run or another plan than the config being started.
     #[error("state folder `{path}` does not match this run: {message}")]
     StateMismatch { path: String, message: String },
+    /// A fresh state folder over an object store that already holds this run's manifests: starting over would
+    /// overwrite the outputs they name (review A16).
+    #[error(
+        "refusing to start run `{run_id}` from an empty state folder: {found} exists, so the run was started \
+         before and starting it over would overwrite its accepted outputs. Restart with the state folder it ran \
+         with (it resumes), give the run a new run.id, or pass --force-fresh-state (CoordinatorConfig \
+         force_fresh_state) to start over anyway"
+    )]
+    RunExists { run_id: String, found: String },
     /// The driver stopped, or refuses commands since its log could not be written.
     #[error("coordinator unavailable: {message}")]
     Unavailable { message: String },
@@ -71,12 +84,14 @@ impl Error {
             Error::InvalidTaskId { .. } => "invalid_task_id",
             Error::InvalidWorkerId { .. } => "invalid_worker_id",
             Error::NotAGangTask { .. } => "not_a_gang_task",
+            Error::CannotReject { .. } => "cannot_reject",
             Error::InvalidPlan { .. } => "invalid_plan",
             Error::Storage { .. } => "storage",
             Error::CorruptLog { .. } => "corrupt_log",
             Error::StateLocked { .. } => "state_locked",
             Error::LogCompacted { .. } => "log_compacted",
             Error::StateMismatch { .. } => "state_mismatch",
+            Error::RunExists { .. } => "run_exists",
             Error::Unavailable { .. } => "unavailable",
             Error::Config { .. } => "config",
             Error::Bind { .. } => "bind",

@@ -29,6 +29,11 @@ pub struct CoordinatorArgs {
     /// Where the command log lives; restarting on the same folder resumes the run.
     #[arg(long)]
     pub state_dir: PathBuf,
+    /// Start from an empty --state-dir even though the store already holds this run's manifests, writing over
+    /// the outputs they name. Without it such a start is refused: the run was started before, and the state
+    /// folder it ran with is what resumes it.
+    #[arg(long)]
+    pub force_fresh_state: bool,
     /// File holding the cluster token (else the IRO_CLUSTER_TOKEN variable; without either, loopback only).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
@@ -51,6 +56,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     config.listen = args.listen;
     config.status_listen = args.status_listen;
     config.state_dir = Some(args.state_dir);
+    config.force_fresh_state = args.force_fresh_state;
     config.token = ClusterToken::load(args.token_file.as_deref(), std::env::var(TOKEN_ENV).ok())?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {

@@ -12,7 +12,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use iro_worker::collective::{Collective, RingOptions, SingleRank, TcpRing, all_reduce_bucketed};
+use iro_worker::collective::{AbortSignal, Collective, RingOptions, SingleRank, TcpRing, all_reduce_bucketed};
 use iro_worker::train::{
     DataParallel, TrainReport, ValueExample, ValueInit, ValueTrainConfig, checkpoint, train_value, train_value_ranked,
 };
@@ -299,6 +299,61 @@ fn a_stalled_rank_is_named_by_every_other_rank() {
         assert_names(&err, stalled);
         assert!(took < Duration::from_millis(deadline + 2000), "rank {rank} took {took:?}: {err}");
     }
+}
+
+/// Review A9: survivors of an aborted gang, blocked on a rank that died, must be back asking for work before
+/// the next gang's join timeout, not at their collective deadline (10 minutes in the GPU overlays). Raising
+/// their abort signal (the task loop does when a heartbeat says the lease is gone) stops the call at once,
+/// while joining as well as mid-call; raised on one rank only, the ABORT it sends stops the next ones too.
+#[test]
+fn a_raised_abort_signal_stops_blocked_ranks_long_before_their_deadline() {
+    let (world, stalled, deadline) = (3, 2, 60_000);
+    let (ls, eps) = listeners(world);
+    let signals: Vec<AbortSignal> = (0..world).map(|_| AbortSignal::default()).collect();
+    let results: Vec<Option<(usize, iro_worker::Error, Duration)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ls
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let (eps, abort) = (eps.clone(), signals[rank].clone());
+                s.spawn(move || {
+                    let mut ring = TcpRing::connect_abortable(rank, eps, l, opts(deadline), abort).unwrap();
+                    let mut t = input(rank, 100, Kind::Float);
+                    ring.all_reduce_sum(&mut t).unwrap();
+                    if rank == stalled {
+                        // Stuck (a hung GPU, a paused process): it makes no more calls until the others are done.
+                        std::thread::sleep(Duration::from_secs(3));
+                        return None;
+                    }
+                    let start = Instant::now();
+                    let err = ring.all_reduce_sum(&mut t).unwrap_err();
+                    Some((rank, err, start.elapsed()))
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        signals[0].raise();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (rank, err, took) in results.into_iter().flatten() {
+        let text = err.to_string();
+        assert_eq!(err.kind(), "collective", "{text}");
+        assert!(text.contains("lease on the gang was taken back"), "rank {rank}: {text}");
+        assert!(took < Duration::from_secs(2), "rank {rank} took {took:?} of its {deadline} ms deadline: {text}");
+    }
+
+    // Joining: rank 1 never comes, and rank 0 stops waiting for it as soon as its signal is raised.
+    let (mut ls, eps) = listeners(2);
+    let _absent = ls.pop();
+    let abort = AbortSignal::default();
+    let raise = abort.clone();
+    let start = Instant::now();
+    let joining = std::thread::spawn(move || TcpRing::connect_abortable(0, eps, ls.remove(0), opts(deadline), abort));
+    std::thread::sleep(Duration::from_millis(300));
+    raise.raise();
+    let err = joining.join().unwrap().unwrap_err();
+    assert!(err.to_string().contains("joining") && err.to_string().contains("taken back"), "{err}");
+    assert!(start.elapsed() < Duration::from_secs(3), "took {:?}", start.elapsed());
 }
 
 #[test]

@@ -9,7 +9,9 @@
 //! failed log write it refuses every command, reports itself unhealthy, and ends with the error.
 //! With a manifest `Publisher`, it queues every stage it moves past for publishing once the move is
 //! durable, and holds LeaseTask back ("retry later") until the stages before the active one are
-//! published, so no worker can start a stage before the manifest it reads exists.
+//! published, so no worker can start a stage before the manifest it reads exists. An accepted output the
+//! publisher found missing or wrong comes back as a rejection, which the driver applies and logs as
+//! `RejectOutput` like any command: the task is leased again as a new attempt.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +21,7 @@ use tokio::task::JoinHandle;
 
 use super::clock::Clock;
 use super::log::{CommandLog, Recovered};
-use super::manifests::Publisher;
+use super::manifests::{Publisher, Rejection};
 use super::snapshots::Snapshots;
 use super::telemetry::Telemetry;
 use crate::error::{Error, Result};
@@ -198,7 +200,8 @@ impl Handle {
 /// Starts the driver: loads the log's latest snapshot and replays the entries after it into the state
 /// for `plan`, and spawns the task.
 /// With a `publisher`, the manifests of every stage the replayed run has finished are (re)written
-/// before any lease is handed out, and each stage's as it finishes.
+/// before any lease is handed out, and each stage's as it finishes; an empty log over a store that
+/// already holds the run's manifests is refused (`Publisher::check_fresh_start`).
 pub async fn start(
     plan: Plan,
     mut log: Box<dyn CommandLog>,
@@ -244,6 +247,11 @@ pub async fn start(
             stage = ?state.current_stage(),
             "resumed the run from the command log"
         );
+    }
+    if recovered == 0
+        && let Some(publisher) = &publisher
+    {
+        publisher.check_fresh_start(state.plan()).await?;
     }
     let published = publisher.as_mut().map(|p| {
         p.queue_finished(&state);
@@ -307,6 +315,8 @@ struct Actor {
 
 enum Next {
     Msg(Msg),
+    /// The manifest writer rejected an accepted output.
+    Rejected(Rejection),
     /// The timer (or the pulse) fired.
     Wake,
     /// The delay after a failed log write is over.
@@ -338,8 +348,16 @@ impl Actor {
                         None => std::future::pending().await,
                     }
                 };
+                let publisher = self.publisher.as_mut();
+                let rejected = async move {
+                    match publisher {
+                        Some(publisher) => publisher.rejected().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let next = tokio::select! {
                     msg = rx.recv() => msg.map_or(Next::Closed, Next::Msg),
+                    rejection = rejected => Next::Rejected(rejection),
                     () = sleep => Next::Wake,
                     () = exit => Next::Exit,
                 };
@@ -354,7 +372,11 @@ impl Actor {
                     // whether to tick is decided below, after the queue is drained.
                     Next::Wake => {}
                     Next::Msg(msg) => stop = self.take(msg, &mut batch),
+                    Next::Rejected(rejection) => self.reject(rejection, &mut batch),
                 }
+            }
+            while let Some(rejection) = self.publisher.as_mut().and_then(Publisher::try_rejected) {
+                self.reject(rejection, &mut batch);
             }
             let mut drained = false;
             while stop.is_none() && batch.len < MAX_BATCH {
@@ -437,6 +459,31 @@ impl Actor {
         let now = self.clock.now_ms();
         self.last_tick_ms = Some(now);
         self.apply(Command::ExpireLeases { now_ms: now }, None, batch);
+    }
+
+    /// Applies the manifest writer's rejection of an accepted output as a RejectOutput command: logged like
+    /// any other, so a replay re-opens the same task. Once it applies, the publisher queues the re-opened
+    /// stage again when it is done again.
+    fn reject(&mut self, rejection: Rejection, batch: &mut Batch) {
+        let Rejection { task_id, attempt, problem, detail } = rejection;
+        let stage = self.state.plan().stage_of(task_id.iteration, task_id.phase);
+        let now_ms = self.clock.now_ms();
+        self.apply(Command::RejectOutput { task_id, attempt, problem, detail, now_ms }, None, batch);
+        match batch.replies.last() {
+            Some((_, Ok(_))) => {
+                if let Some(publisher) = &mut self.publisher {
+                    publisher.rewind(stage);
+                }
+            }
+            Some((_, Err(error))) => tracing::error!(
+                task = %task_id,
+                attempt,
+                error = %error,
+                "the manifest writer rejected an output that cannot be re-opened; leases of the next stage \
+                 stay held back"
+            ),
+            None => {}
+        }
     }
 
     /// Handles one message; returns the stop reply when it asks the driver to stop.

@@ -61,6 +61,10 @@ pub struct CoordinatorConfig {
     /// of the next stage before it is written. On by default; off only where workers write no real
     /// objects (protocol tests, benchmarks), since a manifest names the objects the next phase reads.
     pub write_manifests: bool,
+    /// Start from an empty state folder even when `run.store` already holds this run's manifests, writing
+    /// over the outputs they name (`--force-fresh-state`). Off: such a start is refused, since the run was
+    /// started before and its state folder is what resumes it.
+    pub force_fresh_state: bool,
 }
 
 impl fmt::Debug for CoordinatorConfig {
@@ -74,6 +78,7 @@ impl fmt::Debug for CoordinatorConfig {
             .field("token", &self.token)
             .field("status_requires_token", &self.status_requires_token)
             .field("write_manifests", &self.write_manifests)
+            .field("force_fresh_state", &self.force_fresh_state)
             .finish_non_exhaustive()
     }
 }
@@ -94,6 +99,7 @@ impl CoordinatorConfig {
             clock: Arc::new(SystemClock::new()),
             driver: DriverOptions::default(),
             write_manifests: true,
+            force_fresh_state: false,
         })
     }
 
@@ -210,7 +216,7 @@ pub async fn serve(config: CoordinatorConfig) -> Result<ServerHandle> {
     let publisher = if config.write_manifests {
         let store = Store::open(&config.run.run.store)
             .map_err(|e| Error::Config { field: "run.store", message: format!("cannot open the object store: {e}") })?;
-        Some(Publisher::start(store, &run_id)?)
+        Some(Publisher::start(store, &run_id)?.force_fresh_start(config.force_fresh_state))
     } else {
         None
     };

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::state::{Applied, Command, Event, Fenced, LossCause, Reply, phase_name};
+use crate::state::{Applied, Command, Event, Fenced, LossCause, OutputProblem, Reply, phase_name};
 
 /// Throughput is measured over this much recent time.
 pub const WINDOW_MS: u64 = 5 * 60 * 1000;
@@ -38,6 +38,8 @@ pub struct Telemetry {
     pub fenced: BTreeMap<&'static str, u64>,
     /// Leases lost without a completion, by cause.
     pub losses: BTreeMap<&'static str, u64>,
+    /// Accepted outputs the manifest writer found missing or wrong (and re-opened), by problem.
+    pub outputs_rejected: BTreeMap<&'static str, u64>,
     pub tasks_accepted: u64,
     pub records: u64,
     pub tokens: u64,
@@ -60,6 +62,7 @@ impl Telemetry {
         t.applied.extend(Command::KINDS.map(|k| (k, 0)));
         t.fenced.extend(Fenced::KINDS.map(|k| (k, 0)));
         t.losses.extend(LossCause::ALL.map(|c| (c.kind(), 0)));
+        t.outputs_rejected.extend(OutputProblem::ALL.map(|p| (p.kind(), 0)));
         t
     }
 
@@ -128,6 +131,14 @@ impl Telemetry {
             Event::GangStarted { task, attempt, world } => tracing::info!(%task, attempt, world, "gang started"),
             Event::GangAborted { task, attempt, cause, message } => {
                 tracing::warn!(%task, attempt, cause = cause.kind(), "gang aborted: {message}")
+            }
+            Event::OutputRejected { task, attempt, problem, reopened, message } => {
+                *self.outputs_rejected.entry(problem.kind()).or_default() += 1;
+                if *reopened {
+                    tracing::warn!(%task, attempt, problem = problem.kind(), "stage re-opened: {message}");
+                } else {
+                    tracing::warn!(%task, attempt, problem = problem.kind(), "output rejected: {message}");
+                }
             }
             Event::RunFinished => tracing::info!("run finished"),
             Event::RunFailed { reason } => tracing::error!("run failed: {reason}"),

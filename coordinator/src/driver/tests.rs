@@ -479,11 +479,19 @@ fn task_payloads_give_prompt_ranges_and_attempt_specific_keys() {
     assert_eq!(json["output_key"], "runs/demo/iter-1/value/attempt-2/model/files.json");
 }
 
-/// Completes the leased rollout shard with an output at its layout key (the object is not written).
-async fn complete_at_layout_key(handle: &Handle, worker: &WorkerId, layout: &iro_common::layout::RunLayout) {
+/// Leases a rollout shard, writes `bytes` (one record) at its layout key and completes it with their sha256.
+async fn complete_at_layout_key(
+    handle: &Handle,
+    worker: &WorkerId,
+    store: &iro_common::store::Store,
+    layout: &iro_common::layout::RunLayout,
+) {
     let Lease::Task { task_id, attempt, .. } = lease(handle, worker).await else { panic!("expected a shard") };
     let key = layout.shard(task_id.iteration, iro_common::layout::ShardedPhase::Rollout, task_id.shard, attempt);
-    let output = crate::state::Output { key, sha256: "0".repeat(64), records: 1, tokens: 2 };
+    let bytes = vec![b'x'; task_id.shard as usize + 1];
+    let sha256 = iro_common::store::sha256_hex(&bytes);
+    store.put(&key, bytes).await.unwrap();
+    let output = crate::state::Output { key, sha256, records: 1, tokens: 2 };
     let reply = handle
         .apply(Command::CompleteTask { worker_id: worker.clone(), task_id, attempt, output, now_ms: 0 })
         .await
@@ -492,21 +500,34 @@ async fn complete_at_layout_key(handle: &Handle, worker: &WorkerId, layout: &iro
     assert!(matches!(reply, Reply::Accepted { .. }), "{reply:?}");
 }
 
+async fn start_publishing(log: &MemoryLog, clock: &ManualClock, store: &iro_common::store::Store) -> Handle {
+    let publisher = super::manifests::Publisher::start(store.clone(), "gate").unwrap();
+    let options = DriverOptions { restart_grace_ms: Some(0), ..DriverOptions::default() };
+    actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options, Some(publisher)).await.unwrap().0
+}
+
+/// The inode of a local store's object: a rewrite (staged and renamed into place) changes it.
+fn inode(path: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap())
+}
+
 #[tokio::test]
 async fn the_next_stage_is_not_leased_before_the_manifest_it_reads_is_written() {
     use iro_common::layout::{RunLayout, ShardedPhase};
     let (log, clock) = (MemoryLog::new(), ManualClock::new(T0));
-    let store = iro_common::store::Store::in_memory();
+    let dir = tempfile::tempdir().unwrap();
+    let store = iro_common::store::Store::open(&dir.path().display().to_string()).unwrap();
     let layout = RunLayout::new("gate").unwrap();
-    let publisher = super::manifests::Publisher::start(store.clone(), "gate").unwrap();
-    let options = DriverOptions { restart_grace_ms: Some(0), ..DriverOptions::default() };
-    let (handle, _) =
-        actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options, Some(publisher)).await.unwrap();
+    let manifest_key = layout.manifest(1, ShardedPhase::Rollout);
+    // A folder where the manifest goes: the store refuses the write until it is removed.
+    let blocker = dir.path().join(&manifest_key);
+    std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+    let handle = start_publishing(&log, &clock, &store).await;
     let worker = register(&handle, "w-a").await;
     for _ in 0..3 {
-        complete_at_layout_key(&handle, &worker, &layout).await;
+        complete_at_layout_key(&handle, &worker, &store, &layout).await;
     }
-    // The shard objects are not in the store yet, so the manifest cannot be written: the train task waits.
+    // The manifest cannot be written, so the train task waits.
     for _ in 0..3 {
         match lease(&handle, &worker).await {
             Lease::RetryAfter { reason: crate::state::WaitReason::PhaseBarrier, .. } => {}
@@ -515,9 +536,7 @@ async fn the_next_stage_is_not_leased_before_the_manifest_it_reads_is_written() 
     }
     let train = TaskId::new(1, Phase::Train, 0);
     assert_eq!(task_state(&handle, train).await, TaskState::Pending, "nothing was leased while held back");
-    assert!(!store.exists(&layout.manifest(1, ShardedPhase::Rollout)).await.unwrap());
-    // The status page says why, naming the manifest and the missing shard object.
-    let manifest_key = layout.manifest(1, ShardedPhase::Rollout);
+    // The status page says why, naming the manifest.
     let mut why = None;
     for _ in 0..100 {
         why = handle.read(|v| crate::status::report("gate", v).leases_held_back).await.unwrap();
@@ -527,11 +546,9 @@ async fn the_next_stage_is_not_leased_before_the_manifest_it_reads_is_written() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let why = why.expect("the status report names no reason while leases are held back");
-    assert!(why.contains(&manifest_key) && why.contains("shard-00000"), "{why}");
+    assert!(why.contains(&manifest_key) && why.contains("cannot be written"), "{why}");
 
-    for shard in 0..3 {
-        store.put(&layout.shard(1, ShardedPhase::Rollout, shard, 1), vec![b'x'; shard as usize + 1]).await.unwrap();
-    }
+    std::fs::remove_dir_all(&blocker).unwrap();
     let mut leased = None;
     for _ in 0..100 {
         match lease(&handle, &worker).await {
@@ -548,16 +565,14 @@ async fn the_next_stage_is_not_leased_before_the_manifest_it_reads_is_written() 
     let manifest = iro_common::records::read_manifest(&store, &layout, 1, ShardedPhase::Rollout).await.unwrap();
     assert!(manifest.is_complete());
     assert_eq!(manifest.shards.iter().map(|e| e.bytes).collect::<Vec<_>>(), [1, 2, 3], "sizes come from the store");
+    assert_eq!(manifest.shards.iter().map(|e| e.attempt).collect::<Vec<_>>(), [1, 1, 1], "no shard was redone");
     handle.stop().await;
 
     // A restart writes the manifests of finished stages again (here: after someone deleted it).
-    store.delete(&layout.manifest(1, ShardedPhase::Rollout)).await.unwrap();
-    let publisher = super::manifests::Publisher::start(store.clone(), "gate").unwrap();
-    let options = DriverOptions { restart_grace_ms: Some(0), ..DriverOptions::default() };
-    let (restarted, _) =
-        actor::start(plan(), Box::new(log.clone()), Arc::new(clock.clone()), options, Some(publisher)).await.unwrap();
+    store.delete(&manifest_key).await.unwrap();
+    let restarted = start_publishing(&log, &clock, &store).await;
     for _ in 0..100 {
-        if store.exists(&layout.manifest(1, ShardedPhase::Rollout)).await.unwrap() {
+        if store.exists(&manifest_key).await.unwrap() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -565,6 +580,60 @@ async fn the_next_stage_is_not_leased_before_the_manifest_it_reads_is_written() 
     let again = iro_common::records::read_manifest(&store, &layout, 1, ShardedPhase::Rollout).await.unwrap();
     assert_eq!(again, manifest, "the same manifest, rewritten");
     restarted.stop().await;
+}
+
+#[tokio::test]
+async fn a_restart_does_not_rewrite_a_manifest_that_is_already_there_and_the_same() {
+    use iro_common::layout::{RunLayout, ShardedPhase};
+    let (log, clock) = (MemoryLog::new(), ManualClock::new(T0));
+    let dir = tempfile::tempdir().unwrap();
+    let store = iro_common::store::Store::open(&dir.path().display().to_string()).unwrap();
+    let layout = RunLayout::new("gate").unwrap();
+    let handle = start_publishing(&log, &clock, &store).await;
+    let worker = register(&handle, "w-a").await;
+    for _ in 0..3 {
+        complete_at_layout_key(&handle, &worker, &store, &layout).await;
+    }
+    let wait_for_train = |handle: Handle, worker: WorkerId| async move {
+        for _ in 0..100 {
+            if let Lease::GangRank { .. } = lease(&handle, &worker).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the train task was never leased");
+    };
+    wait_for_train(handle.clone(), worker.clone()).await;
+    let path = dir.path().join(layout.manifest(1, ShardedPhase::Rollout));
+    let written = inode(&path);
+    handle.stop().await;
+
+    // The shard objects are gone now: a restart that checked them again would re-open the stage. It finds
+    // the same manifest in the store, and neither reads them nor writes it.
+    for shard in 0..3 {
+        store.delete(&layout.shard(1, ShardedPhase::Rollout, shard, 1)).await.unwrap();
+    }
+    let restarted = start_publishing(&log, &clock, &store).await;
+    wait_for_train(restarted.clone(), worker.clone()).await;
+    assert_eq!(inode(&path), written, "the manifest was not written again");
+    let rejected = restarted.read(|v| v.telemetry.outputs_rejected.values().sum::<u64>()).await.unwrap();
+    assert_eq!(rejected, 0);
+    restarted.stop().await;
+
+    // A manifest that differs from what the log accepted (here: edited by hand) is checked and rewritten.
+    for shard in 0..3 {
+        let bytes = vec![b'x'; shard as usize + 1];
+        store.put(&layout.shard(1, ShardedPhase::Rollout, shard, 1), bytes).await.unwrap();
+    }
+    let original = iro_common::records::read_manifest(&store, &layout, 1, ShardedPhase::Rollout).await.unwrap();
+    let mut edited = original.clone();
+    edited.shards.pop();
+    store.put_json(&layout.manifest(1, ShardedPhase::Rollout), &edited).await.unwrap();
+    let again = start_publishing(&log, &clock, &store).await;
+    wait_for_train(again.clone(), worker.clone()).await;
+    let rewritten = iro_common::records::read_manifest(&store, &layout, 1, ShardedPhase::Rollout).await.unwrap();
+    assert_eq!(rewritten, original);
+    again.stop().await;
 }
 
 #[test]

@@ -236,6 +236,8 @@ pub fn status(error: Error) -> Status {
         | Error::LogCompacted { .. }
         | Error::StateMismatch { .. }
         | Error::Config { .. }
+        | Error::CannotReject { .. }
+        | Error::RunExists { .. }
         | Error::Bind { .. } => Status::internal(message),
     }
 }
@@ -359,6 +361,7 @@ pub fn lease_response(reply: Reply, payloads: &Payloads) -> Result<pb::LeaseTask
             match reason {
                 WaitReason::PhaseBarrier => "phase_barrier",
                 WaitReason::GangFull => "gang_full",
+                WaitReason::GangGathering => "gang_gathering",
                 WaitReason::Backoff => "backoff",
                 WaitReason::Quarantined => "quarantined",
             },

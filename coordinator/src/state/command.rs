@@ -105,11 +105,50 @@ pub enum Command {
         reason: String,
         now_ms: u64,
     },
+    /// The manifest writer found the accepted output of a finished task missing from the store, or not
+    /// what its worker reported (review A8). The task is re-opened as if its lease had been lost: Pending
+    /// again, its stage active again, a new attempt for the next worker; it counts as a failure of the
+    /// worker that reported the output, so an output that can never be read fails the run at the task's
+    /// attempt limit instead of looping. Sent by the driver, never by a worker.
+    RejectOutput {
+        task_id: TaskId,
+        attempt: u32,
+        problem: OutputProblem,
+        /// What was wrong, naming the object and the store.
+        detail: String,
+        now_ms: u64,
+    },
+}
+
+/// What was wrong with an accepted output (a closed set: it labels a metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputProblem {
+    /// The object is not in the store.
+    Missing,
+    /// Its bytes do not hash to the sha256 the worker reported.
+    ChecksumMismatch,
+    /// It hashes right but does not hold what was reported (record count, a listed file's size, JSON that
+    /// does not parse).
+    Malformed,
+}
+
+impl OutputProblem {
+    pub const ALL: [OutputProblem; 3] =
+        [OutputProblem::Missing, OutputProblem::ChecksumMismatch, OutputProblem::Malformed];
+
+    pub fn kind(self) -> &'static str {
+        match self {
+            OutputProblem::Missing => "missing",
+            OutputProblem::ChecksumMismatch => "checksum_mismatch",
+            OutputProblem::Malformed => "malformed",
+        }
+    }
 }
 
 impl Command {
     /// Every `kind()`, so metrics can show a zero before the first of each.
-    pub const KINDS: [&'static str; 8] = [
+    pub const KINDS: [&'static str; 9] = [
         "register_worker",
         "heartbeat",
         "lease_task",
@@ -118,6 +157,7 @@ impl Command {
         "expire_leases",
         "join_gang",
         "abort_gang",
+        "reject_output",
     ];
 
     pub fn now_ms(&self) -> u64 {
@@ -129,7 +169,8 @@ impl Command {
             | Command::FailTask { now_ms, .. }
             | Command::ExpireLeases { now_ms }
             | Command::JoinGang { now_ms, .. }
-            | Command::AbortGang { now_ms, .. } => *now_ms,
+            | Command::AbortGang { now_ms, .. }
+            | Command::RejectOutput { now_ms, .. } => *now_ms,
         }
     }
 
@@ -143,7 +184,8 @@ impl Command {
             | Command::FailTask { now_ms, .. }
             | Command::ExpireLeases { now_ms }
             | Command::JoinGang { now_ms, .. }
-            | Command::AbortGang { now_ms, .. } => *now_ms = now,
+            | Command::AbortGang { now_ms, .. }
+            | Command::RejectOutput { now_ms, .. } => *now_ms = now,
         }
     }
 
@@ -158,6 +200,7 @@ impl Command {
             Command::ExpireLeases { .. } => "expire_leases",
             Command::JoinGang { .. } => "join_gang",
             Command::AbortGang { .. } => "abort_gang",
+            Command::RejectOutput { .. } => "reject_output",
         }
     }
 }
@@ -254,6 +297,8 @@ pub enum WaitReason {
     PhaseBarrier,
     /// The train gang already has all its ranks.
     GangFull,
+    /// No train gang forms until R idle workers are asking for a rank; this one is counted.
+    GangGathering,
     /// The only pending tasks lost a lease lately and wait out their backoff (or for a worker that has not
     /// failed them).
     Backoff,
@@ -332,10 +377,12 @@ pub enum LossCause {
     GangJoinTimeout,
     /// A rank called AbortGang.
     GangAborted,
+    /// The task was done, but the manifest writer found its accepted output missing or wrong.
+    OutputRejected,
 }
 
 impl LossCause {
-    pub const ALL: [LossCause; 8] = [
+    pub const ALL: [LossCause; 9] = [
         LossCause::Released,
         LossCause::Failed,
         LossCause::Infrastructure,
@@ -344,6 +391,7 @@ impl LossCause {
         LossCause::WorkerRestarted,
         LossCause::GangJoinTimeout,
         LossCause::GangAborted,
+        LossCause::OutputRejected,
     ];
 
     /// Whether the loss may be the task's (or its worker's) fault, and so counts toward `max_attempts`
@@ -363,6 +411,7 @@ impl LossCause {
             LossCause::WorkerRestarted => "worker_restarted",
             LossCause::GangJoinTimeout => "gang_join_timeout",
             LossCause::GangAborted => "gang_aborted",
+            LossCause::OutputRejected => "output_rejected",
         }
     }
 }
@@ -424,6 +473,15 @@ pub enum Event {
         task: TaskId,
         attempt: u32,
         cause: LossCause,
+        message: String,
+    },
+    /// A done task's accepted output was found missing or wrong; the task is pending again and its stage
+    /// (`reopened`: the run had moved past it, or finished) active again.
+    OutputRejected {
+        task: TaskId,
+        attempt: u32,
+        problem: OutputProblem,
+        reopened: bool,
         message: String,
     },
     RunFinished,

@@ -18,6 +18,11 @@
 //!   task waits out an exponential backoff and prefers a worker that has not failed it; a worker that
 //!   fails `quarantine_after` tasks in a row gets no new work for `quarantine_ms`. Either way the next
 //!   lease is a new attempt, writing to a new object key.
+//! - **Rejected outputs.** Done is final for workers, but not for the driver's manifest writer: when it
+//!   finds an accepted output missing or wrong before the stage's manifest names it, `RejectOutput` puts
+//!   the task back to Pending (a lost lease of the worker that reported it) and makes its stage the active
+//!   one again. Allowed only while no later stage has leased anything, which the driver guarantees by
+//!   leasing nothing of a stage before the manifests it reads are written.
 //! - **Expiry.** A lease past its deadline stays valid until an `ExpireLeases` tick reaps it, so a
 //!   completion racing the timer is accepted rather than wasted.
 //! - **Errors.** Unknown workers or tasks are refused with an `Error` before anything is touched.
@@ -38,7 +43,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 pub use command::{
-    Applied, Command, Event, Fenced, Lease, LeaseRef, LossCause, Output, Progress, Reply, Resources, WaitReason,
+    Applied, Command, Event, Fenced, Lease, LeaseRef, LossCause, Output, OutputProblem, Progress, Reply, Resources,
+    WaitReason,
 };
 pub use gang::{Gang, Member};
 pub use ids::{TaskId, WorkerId, parse_phase, phase_name};
@@ -96,6 +102,9 @@ pub struct RunState {
     liveness: BTreeSet<(u64, WorkerId)>,
     /// The train gang of the active stage, while it forms or runs.
     gang: Option<Gang>,
+    /// Idle workers that asked for a train rank while no gang was forming, and when (see `lease_rank`).
+    #[serde(default)]
+    gang_candidates: BTreeMap<WorkerId, u64>,
     recent_errors: VecDeque<RecentError>,
     /// Filled while one command applies, handed out in `Applied`; always empty between commands.
     #[serde(skip)]
@@ -121,6 +130,7 @@ impl RunState {
             workers: BTreeMap::new(),
             liveness: BTreeSet::new(),
             gang: None,
+            gang_candidates: BTreeMap::new(),
             recent_errors: VecDeque::new(),
             events: Vec::new(),
         };
@@ -171,6 +181,9 @@ impl RunState {
             }
             Command::AbortGang { worker_id, task_id, attempt, reason, now_ms } => {
                 self.abort_gang_command(&worker_id, task_id, attempt, &reason, now_ms)
+            }
+            Command::RejectOutput { task_id, attempt, problem, detail, now_ms } => {
+                self.reject_output(task_id, attempt, problem, &detail, now_ms)
             }
         };
         debug_assert!(result.is_ok() || self.events.is_empty(), "a refused command emitted events");
@@ -240,7 +253,7 @@ impl RunState {
 
     /// Whether an applied command changed nothing but liveness (a worker's last-seen time and alive
     /// flag) and the state's clock, so the driver need not log it: an idle LeaseTask poll answered
-    /// RetryAfter or "run over", a lease-less or fenced heartbeat from a worker that holds no lease, and
+    /// RetryAfter or "run over" (except one that recorded a gang candidate), a lease-less or fenced heartbeat from a worker that holds no lease, and
     /// an ExpireLeases that took no lease back.
     ///
     /// Why replay stays exact without them: liveness has a durable effect only through a lease, when a
@@ -258,6 +271,11 @@ impl RunState {
     pub fn changes_only_liveness(&self, command: &Command, reply: &Reply) -> bool {
         let idle = |worker: &WorkerId| self.workers.get(worker).is_some_and(|w| w.current.is_none());
         match (command, reply) {
+            // A poll that recorded its worker as a gang candidate (at this command's time) is durable.
+            (
+                Command::LeaseTask { worker_id, now_ms },
+                Reply::Lease(Lease::RetryAfter { reason: WaitReason::GangGathering, .. }),
+            ) => idle(worker_id) && self.gang_candidates.get(worker_id) != Some(now_ms),
             (Command::Heartbeat { worker_id, .. }, Reply::Alive | Reply::Fenced(_)) => idle(worker_id),
             (
                 Command::LeaseTask { worker_id, .. },

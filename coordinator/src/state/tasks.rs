@@ -4,10 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::command::{Fenced, Lease, LossCause, Output, Reply, WaitReason};
-use super::ids::{TaskId, WorkerId};
-use super::{Event, Held, RunState};
-use crate::error::Result;
+use super::command::{Fenced, Lease, LossCause, Output, OutputProblem, Reply, WaitReason};
+use super::ids::{TaskId, WorkerId, phase_name};
+use super::{Event, Held, RunState, RunStatus};
+use crate::error::{Error, Result};
 use crate::plan::Phase;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,6 +256,61 @@ impl RunState {
         Ok(Reply::Returned { task_id, will_retry })
     }
 
+    /// RejectOutput: the accepted output of a done task is missing or wrong, found by the manifest writer
+    /// before any manifest named it. The task goes back to Pending like a lost lease of the worker that
+    /// reported the output (counted, backed off, a new attempt and key next time), and its stage is the
+    /// active one again, also when the run had finished.
+    ///
+    /// Refused once a later stage has leased anything: that stage may have read the output, and its work
+    /// cannot be taken back. The driver never gets there, since it leases nothing of a stage before the
+    /// manifests it reads are written; the rule still lives here so that a replay decides it alike.
+    pub(super) fn reject_output(
+        &mut self,
+        task_id: TaskId,
+        attempt: u32,
+        problem: OutputProblem,
+        detail: &str,
+        now_ms: u64,
+    ) -> Result<Reply> {
+        let index = self.plan.index(task_id)?;
+        let refuse = |message: String| Err(Error::CannotReject { task_id: task_id.to_string(), attempt, message });
+        if let RunStatus::Failed { .. } = self.status {
+            return refuse("the run has failed".into());
+        }
+        let worker = match &self.tasks[index].state {
+            TaskState::Done(accepted) if accepted.attempt == attempt => accepted.worker.clone(),
+            TaskState::Done(accepted) => return refuse(format!("attempt {} is the accepted one", accepted.attempt)),
+            _ => return refuse("the task is not done".into()),
+        };
+        let stage = self.plan.stage_of_task(index);
+        let last = self.stage.min(self.plan.stage_count() - 1);
+        if let Some(started) = (stage + 1..=last).find(|&s| self.stage_started(s)) {
+            let (iteration, phase) = self.plan.stage(started);
+            return refuse(format!(
+                "iteration {iteration} {} has leased tasks since, which may have read it",
+                phase_name(phase)
+            ));
+        }
+        self.tick(now_ms);
+        let reopened = stage < self.stage;
+        if reopened {
+            // Only the never-leased queue of the stage that was active goes: nothing after `stage` started.
+            debug_assert!(self.retry.is_empty() && self.gang.is_none(), "a later stage had started");
+            self.queue.clear();
+            self.stage = stage;
+            self.status = RunStatus::Running;
+        }
+        let message = format!("the accepted output of attempt {attempt} (worker {worker}) was rejected: {detail}");
+        self.events.push(Event::OutputRejected { task: task_id, attempt, problem, reopened, message: message.clone() });
+        let will_retry = self.requeue_or_fail(index, LossCause::OutputRejected, &message, Some(&worker));
+        Ok(Reply::Returned { task_id, will_retry })
+    }
+
+    /// Whether any task of `stage` was ever leased.
+    fn stage_started(&self, stage: usize) -> bool {
+        self.plan.stage_tasks(stage).any(|index| self.tasks[index].attempt > 0)
+    }
+
     /// Ends `worker`'s lease on `index` without a completion. For the train task this aborts the
     /// whole gang: a collective cannot continue with a rank missing. Returns whether it will be retried.
     pub(super) fn drop_lease(&mut self, index: usize, worker: &WorkerId, cause: LossCause, message: &str) -> bool {
@@ -402,7 +457,7 @@ impl RunState {
             let message = format!(
                 "gang {task} attempt {}: only {} of {} ranks joined within {} ms",
                 gang.attempt,
-                gang.members.len(),
+                gang.joined(),
                 self.plan.train_ranks,
                 self.plan.gang_join_timeout_ms
             );

@@ -129,6 +129,15 @@ pub fn render(report: &StatusReport, counters: &Counters, rpc: &RpcMetrics) -> S
         out.sample("iro_lease_losses_total", &[("cause", cause)], n);
     }
 
+    out.family(
+        "iro_outputs_rejected_total",
+        "counter",
+        "Accepted outputs the manifest writer found missing or wrong and re-opened as a new attempt, by problem.",
+    );
+    for (problem, n) in &counters.outputs_rejected {
+        out.sample("iro_outputs_rejected_total", &[("problem", problem)], n);
+    }
+
     out.family("iro_log_index", "gauge", "Commands in the durable command log.");
     out.sample("iro_log_index", &[], report.log.index);
     out.family("iro_log_writes_total", "counter", "Batched, fsync'd writes of the command log.");

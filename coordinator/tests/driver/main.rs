@@ -6,5 +6,6 @@ mod support;
 
 mod auth;
 mod grpc;
+mod manifests;
 mod restart;
 mod status;

@@ -14,6 +14,8 @@ pub mod nccl;
 pub mod single;
 pub mod tcp_ring;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tch::Tensor;
@@ -27,6 +29,28 @@ use crate::error::Result;
 
 /// How long one collective call may take when the config says nothing (`[cluster] collective_deadline_s`).
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(300);
+
+/// Raised by the task loop when the coordinator takes the gang's lease back (a heartbeat answered "stop": the
+/// gang was aborted or fenced) or on shutdown: every collective call blocked on its peers then fails at its
+/// next poll (well under a millisecond for NCCL, one tick of the TCP ring) instead of at its deadline, which
+/// may be many minutes away. A survivor of an aborted gang is so back asking for work within about a
+/// heartbeat, long before the next gang's join timeout (review A9). Clones share one flag.
+#[derive(Debug, Clone, Default)]
+pub struct AbortSignal(Arc<AtomicBool>);
+
+impl AbortSignal {
+    pub fn raise(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_raised(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// What a rank says when its call stops on an `AbortSignal`.
+pub(crate) const ABORTED: &str = "stopped by this worker: its lease on the gang was taken back (the gang was aborted or \
+                                  fenced), or it is shutting down";
 
 /// One rank's handle on a gang of `world` ranks. Every rank must make the same calls in the same order with
 /// tensors of the same shape and dtype; a rank that does not (or dies, or stalls) makes the others' calls fail

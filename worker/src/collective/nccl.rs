@@ -15,7 +15,9 @@
 //! Deadline: the communicator is non-blocking (`blocking = 0`), so neither joining nor a collective ever
 //! blocks the thread inside NCCL. Each call records an event after the collective and polls it and NCCL's
 //! async error until done or the deadline, when it aborts the communicator (`ncclCommAbort`), which unblocks
-//! the GPU. NCCL cannot say which peer is missing, so the error lists every other rank as a suspect.
+//! the GPU. NCCL cannot say which peer is missing, so the error lists every other rank as a suspect. The same
+//! polls watch the rank's [`AbortSignal`]: once the coordinator has taken the gang's lease back, the call
+//! aborts the communicator at once rather than at the deadline (review A9).
 
 use std::ffi::CStr;
 use std::time::{Duration, Instant};
@@ -24,7 +26,7 @@ use cudarc::driver::{result as cu, sys as cusys};
 use cudarc::nccl::sys;
 use tch::{Device, Kind, Tensor};
 
-use super::{Collective, check_rank, name_ranks};
+use super::{ABORTED, AbortSignal, Collective, check_rank, name_ranks};
 use crate::error::{Error, Result};
 
 /// NCCL's rendezvous token: 128 opaque bytes (an address of rank 0's bootstrap socket, among others).
@@ -145,6 +147,7 @@ pub struct Nccl {
     ctx: cusys::CUcontext,
     event: cusys::CUevent,
     failed: Option<String>,
+    abort: AbortSignal,
 }
 
 // SAFETY: the communicator, context and event are plain handles; NCCL and CUDA allow using them from any
@@ -166,6 +169,18 @@ impl Nccl {
     /// `Device::Cuda(i)`; torch tensors passed later must live there or are staged there). Fails after
     /// `deadline` if not every rank joins.
     pub fn new(rank: usize, world: usize, id: &NcclUniqueId, device: Device, deadline: Duration) -> Result<Self> {
+        Self::new_abortable(rank, world, id, device, deadline, AbortSignal::default())
+    }
+
+    /// `new`, with joining and every later call aborting the communicator as soon as `abort` is raised.
+    pub fn new_abortable(
+        rank: usize,
+        world: usize,
+        id: &NcclUniqueId,
+        device: Device,
+        deadline: Duration,
+        abort: AbortSignal,
+    ) -> Result<Self> {
         check_rank("NCCL", rank, world)?;
         let Device::Cuda(ordinal) = device else {
             return Err(Error::Collective(format!("NCCL needs a CUDA device, got {device:?}")));
@@ -180,7 +195,8 @@ impl Nccl {
         unsafe { cu::ctx::set_current(ctx) }.map_err(cuda("cuCtxSetCurrent"))?;
         let event =
             cu::event::create(cusys::CUevent_flags_enum::CU_EVENT_DISABLE_TIMING).map_err(cuda("cuEventCreate"))?;
-        let mut me = Self { rank, world, ordinal, deadline, comm: std::ptr::null_mut(), dev, ctx, event, failed: None };
+        let mut me =
+            Self { rank, world, ordinal, deadline, comm: std::ptr::null_mut(), dev, ctx, event, failed: None, abort };
         let mut config = nonblocking_config();
         let unique = sys::ncclUniqueId { internal: id.0.map(|b| b as _) };
         let started = Instant::now();
@@ -254,6 +270,9 @@ impl Nccl {
             if Instant::now() >= deadline {
                 return Err(self.timeout(what));
             }
+            if self.abort.is_raised() {
+                return Err(self.fail(what, ABORTED.to_owned()));
+            }
             std::thread::sleep(Duration::from_micros(200));
         }
     }
@@ -293,6 +312,9 @@ impl Nccl {
             }
             if Instant::now() >= deadline {
                 return Err(self.timeout(what));
+            }
+            if self.abort.is_raised() {
+                return Err(self.fail(what, ABORTED.to_owned()));
             }
             std::thread::sleep(Duration::from_micros(100));
         }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
-use super::{Collective, DEFAULT_DEADLINE, check_rank, name_ranks};
+use super::{ABORTED, AbortSignal, Collective, DEFAULT_DEADLINE, check_rank, name_ranks};
 use crate::error::{Error, Result};
 
 // Payloads are tensor memory sent without conversion and declared little-endian on the wire.
@@ -179,6 +179,11 @@ impl Failure {
         Self { ranks: vec![rank], detail, origin: None }
     }
 
+    /// This rank stops on its `AbortSignal`; nobody is to blame.
+    fn aborted() -> Self {
+        Self { ranks: Vec::new(), detail: ABORTED.to_owned(), origin: None }
+    }
+
     fn encode_abort(&self, reporter: usize) -> Vec<u8> {
         let mut b = Vec::with_capacity(8 + 4 * self.ranks.len() + self.detail.len());
         b.extend_from_slice(&(self.origin.unwrap_or(reporter) as u32).to_le_bytes());
@@ -240,6 +245,18 @@ impl TcpRing {
     /// connection on `listener` (bound to `endpoints[rank]`), then runs a barrier, so a returned ring is
     /// complete on every rank. Fails within `opts.deadline`, naming the ranks that did not join.
     pub fn connect(rank: usize, endpoints: Vec<String>, listener: TcpListener, opts: RingOptions) -> Result<Self> {
+        Self::connect_abortable(rank, endpoints, listener, opts, AbortSignal::default())
+    }
+
+    /// `connect`, with every call (joining included) failing at its next tick once `abort` is raised, instead
+    /// of at its deadline; the ABORT frame this rank then sends downstream stops the others as quickly.
+    pub fn connect_abortable(
+        rank: usize,
+        endpoints: Vec<String>,
+        listener: TcpListener,
+        opts: RingOptions,
+        abort: AbortSignal,
+    ) -> Result<Self> {
         let world = endpoints.len();
         check_rank("tcp ring", rank, world)?;
         if opts.deadline.is_zero() || !(8..=MAX_PAYLOAD as usize).contains(&opts.segment_bytes) {
@@ -254,7 +271,7 @@ impl TcpRing {
         }
         let started = Instant::now();
         let deadline = started + opts.deadline;
-        let links = Links::establish(rank, &endpoints, listener, opts, deadline)?;
+        let links = Links::establish(rank, &endpoints, listener, opts, deadline, abort)?;
         ring.links = Some(links);
         // The join barrier: each rank has only seen its two neighbours so far.
         let call = Call { op: Op::Barrier, seq: 0, aux: 0, total: 0, deadline };
@@ -461,6 +478,7 @@ struct Links {
     upstream: Arc<Mutex<Option<Beat>>>,
     reader: Option<JoinHandle<()>>,
     last_beat: Option<Instant>,
+    abort: AbortSignal,
 }
 
 /// FNV-1a of the endpoint list: a connection from a different gang that reuses a port is refused.
@@ -501,6 +519,7 @@ impl Links {
         listener: TcpListener,
         opts: RingOptions,
         deadline: Instant,
+        abort: AbortSignal,
     ) -> Result<Self> {
         let world = endpoints.len();
         let (next_rank, prev_rank) = ((rank + 1) % world, (rank + world - 1) % world);
@@ -551,6 +570,14 @@ impl Links {
             if next.is_some() && prev.is_some() {
                 break;
             }
+            if abort.is_raised() {
+                let f = Failure::aborted();
+                if let Some(s) = next.take() {
+                    send_abort(&s, 0, &f, rank, tick);
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+                return Err(Error::Collective(format!("{ctx}: {ABORTED}")));
+            }
             if Instant::now() >= deadline {
                 let mut f = Failure { ranks: Vec::new(), detail: String::new(), origin: None };
                 let mut parts = Vec::new();
@@ -584,6 +611,7 @@ impl Links {
                         s,
                         &Header::control(KIND_HEARTBEAT, 0, prev_rank as u32, 0).encode(),
                         Instant::now() + tick,
+                        None,
                     );
                 }
             }
@@ -615,6 +643,7 @@ impl Links {
             upstream,
             reader: Some(reader),
             last_beat,
+            abort,
         })
     }
 
@@ -622,10 +651,12 @@ impl Links {
 
     fn write_frame(&mut self, header: &Header, payload: &[u8], deadline: Instant) -> std::result::Result<(), Failure> {
         let next = self.next_rank();
-        let result =
-            write_by(&self.next, &header.encode(), deadline).and_then(|()| write_by(&self.next, payload, deadline));
+        let abort = Some(&self.abort);
+        let result = write_by(&self.next, &header.encode(), deadline, abort)
+            .and_then(|()| write_by(&self.next, payload, deadline, abort));
         match result {
             Ok(()) => Ok(()),
+            Err(_) if self.abort.is_raised() => Err(Failure::aborted()),
             Err(e) if e.kind() == ErrorKind::TimedOut => Err(Failure::blame(
                 next,
                 format!("rank {next} stopped taking data for the whole {:?} deadline", self.opts.deadline),
@@ -771,6 +802,9 @@ impl Links {
         loop {
             if let Some(m) = self.pending.pop_front() {
                 return self.take(call, step, m);
+            }
+            if self.abort.is_raised() {
+                return Err(Failure::aborted());
             }
             let now = Instant::now();
             if now >= call.deadline {
@@ -956,7 +990,14 @@ impl Drop for Links {
 
 /// Writes all of `bytes` to a stream with a write timeout, retrying until `deadline` (so a slow reader is
 /// not an error, a stalled one past the deadline is `TimedOut`).
-fn write_by(mut s: &TcpStream, mut bytes: &[u8], deadline: Instant) -> std::io::Result<()> {
+/// Writes all of `bytes` before `deadline` (each blocked write returns after the socket's write timeout, a
+/// tick), or until `abort` is raised.
+fn write_by(
+    mut s: &TcpStream,
+    mut bytes: &[u8],
+    deadline: Instant,
+    abort: Option<&AbortSignal>,
+) -> std::io::Result<()> {
     while !bytes.is_empty() {
         match s.write(bytes) {
             Ok(0) => return Err(std::io::Error::new(ErrorKind::WriteZero, "the connection took no more data")),
@@ -965,6 +1006,9 @@ fn write_by(mut s: &TcpStream, mut bytes: &[u8], deadline: Instant) -> std::io::
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 if Instant::now() >= deadline {
                     return Err(std::io::Error::new(ErrorKind::TimedOut, "write deadline passed"));
+                }
+                if abort.is_some_and(AbortSignal::is_raised) {
+                    return Err(std::io::Error::other(ABORTED));
                 }
             }
             Err(e) => return Err(e),
@@ -977,7 +1021,7 @@ fn send_abort(s: &TcpStream, seq: u64, f: &Failure, reporter: usize, tick: Durat
     let body = f.encode_abort(reporter);
     let mut frame = Header::control(KIND_ABORT, seq, 0, body.len()).encode().to_vec();
     frame.extend_from_slice(&body);
-    let _ = write_by(s, &frame, Instant::now() + tick);
+    let _ = write_by(s, &frame, Instant::now() + tick, None);
 }
 
 /// Reads and checks the HELLO of a freshly accepted connection; returns the connecting rank.

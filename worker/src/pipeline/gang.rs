@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tch::Device;
 
-use crate::collective::{Collective, Nccl, NcclUniqueId, RingOptions, TcpRing};
+use crate::collective::{AbortSignal, Collective, Nccl, NcclUniqueId, RingOptions, TcpRing};
 use crate::error::{Error, Result};
 
 /// The address peers reach this worker at: `IRO_ADVERTISE_HOST` (a pod's IP from the downward API), else
@@ -33,19 +33,21 @@ pub(super) fn endpoint(rank: u32, device: Device) -> Result<Endpoint> {
     Ok(Endpoint { published, listener })
 }
 
-/// The collective of a formed gang; `endpoints[r]` is what rank r published.
+/// The collective of a formed gang; `endpoints[r]` is what rank r published. Its calls stop once `abort` is
+/// raised (the task loop raises it when the coordinator takes the lease back).
 pub(super) fn collective(
     rank: u32,
     endpoints: &[String],
     listener: TcpListener,
     device: Device,
     deadline: Duration,
+    abort: AbortSignal,
 ) -> Result<Box<dyn Collective>> {
     let world = endpoints.len();
     let nccl = endpoints.first().and_then(|e| e.split_whitespace().find_map(|p| p.strip_prefix("nccl:")));
     if let (Some(hex), true) = (nccl, device.is_cuda()) {
         let id = NcclUniqueId::from_hex(hex)?;
-        return Ok(Box::new(Nccl::new(rank as usize, world, &id, device, deadline)?));
+        return Ok(Box::new(Nccl::new_abortable(rank as usize, world, &id, device, deadline, abort)?));
     }
     let addrs = endpoints
         .iter()
@@ -57,5 +59,5 @@ pub(super) fn collective(
         })
         .collect::<Result<Vec<_>>>()?;
     let opts = RingOptions { deadline, ..RingOptions::default() };
-    Ok(Box::new(TcpRing::connect(rank as usize, addrs, listener, opts)?))
+    Ok(Box::new(TcpRing::connect_abortable(rank as usize, addrs, listener, opts, abort)?))
 }

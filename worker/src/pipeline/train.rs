@@ -95,7 +95,7 @@ impl Pipeline {
                 ))
             })?;
             let deadline = Duration::from_secs(self.config.cluster.collective_deadline_s);
-            gang::collective(task.rank, &task.endpoints, listener, self.device, deadline)?
+            gang::collective(task.rank, &task.endpoints, listener, self.device, deadline, control.abort_signal())?
         } else {
             Box::new(SingleRank)
         };

@@ -4,8 +4,9 @@
 //! talks to the coordinator. Runners are synchronous: libtorch work blocks a thread anyway.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::collective::AbortSignal;
 use crate::error::Result;
 
 /// The three phases of an iteration, in the order they run.
@@ -70,21 +71,27 @@ pub struct TaskOutput {
 }
 
 /// Shared between the loop and a running task: the loop cancels (lease lost, shutdown), the task reports
-/// progress for heartbeats and checks for cancellation between batches.
+/// progress for heartbeats and checks for cancellation between batches; a gang's collective watches the
+/// same flag (`abort_signal`), so a rank blocked on its peers stops too.
 #[derive(Debug, Default)]
 pub struct TaskControl {
-    cancelled: AtomicBool,
+    cancelled: AbortSignal,
     done: AtomicU64,
     total: AtomicU64,
 }
 
 impl TaskControl {
     pub fn cancel(&self) {
-        self.cancelled.store(true, Ordering::SeqCst);
+        self.cancelled.raise();
     }
 
     pub fn is_cancelled(&self) -> bool {
-        self.cancelled.load(Ordering::SeqCst)
+        self.cancelled.is_raised()
+    }
+
+    /// The cancellation as a signal for code that blocks inside one unit of work (a collective call).
+    pub fn abort_signal(&self) -> AbortSignal {
+        self.cancelled.clone()
     }
 
     /// `Err(Cancelled)` once the loop has cancelled the task: call between units of work.

@@ -12,21 +12,18 @@ fn at_train(world: u32) -> Harness {
     h
 }
 
+/// `n` new workers (r0, r1, ...) gather into the gang: (worker, task, attempt, rank) each.
 fn ranks(h: &mut Harness, n: u32) -> Vec<(WorkerId, TaskId, u32, u32)> {
-    (0..n)
-        .map(|i| {
-            let worker = h.register(&format!("r{i}"));
-            let (task, attempt, rank) = h.take_rank(&worker);
-            (worker, task, attempt, rank)
-        })
-        .collect()
+    let workers: Vec<WorkerId> = (0..n).map(|i| h.register(&format!("r{i}"))).collect();
+    let leases = h.gather(&workers);
+    workers.into_iter().zip(leases).map(|(worker, (task, attempt, rank))| (worker, task, attempt, rank)).collect()
 }
 
 #[test]
 fn the_gang_waits_for_all_r_ranks_before_starting() {
     let mut h = at_train(3);
     let members = ranks(&mut h, 3);
-    assert_eq!(members.iter().map(|m| m.3).collect::<Vec<_>>(), [0, 1, 2], "ranks in lease order");
+    assert_eq!(members.iter().map(|m| m.3).collect::<Vec<_>>(), [0, 1, 2], "ranks in id order");
     assert!(members.iter().all(|m| (m.1, m.2) == (train(1), 1)));
     let (w0, task, attempt, _) = &members[0];
     assert_eq!(
@@ -69,16 +66,17 @@ fn a_worker_beyond_r_ranks_is_told_the_gang_is_full() {
 #[test]
 fn a_gang_that_does_not_gather_in_time_is_retried_without_counting_a_failure() {
     let mut h = at_train(4);
-    let members = ranks(&mut h, 2);
+    let members = ranks(&mut h, 4);
     let workers: Vec<WorkerId> = members.iter().map(|m| m.0.clone()).collect();
     let mut attempt = 1;
-    for worker in &workers {
-        h.join(worker, train(1), attempt, "addr");
-    }
     let mut aborts = Vec::new();
-    // Five timeouts, more than max_attempts (3): a short cluster is not the task's fault (review A2).
+    // Five timeouts, more than max_attempts (3): a gang that cannot gather is not the task's fault (review A2).
     for _ in 0..5 {
-        // The two ranks keep their leases alive, so only the join timeout can end the gang.
+        // Ranks 0 and 1 join; 2 and 3 hold their leases alive but never join, so only the join timeout can
+        // end the gang.
+        for worker in &workers[..2] {
+            h.join(worker, train(1), attempt, "addr");
+        }
         h.advance(60_000);
         for worker in &workers {
             h.heartbeat(worker, Some((train(1), attempt)));
@@ -90,12 +88,9 @@ fn a_gang_that_does_not_gather_in_time_is_retried_without_counting_a_failure() {
         let applied = h.apply(Command::ExpireLeases { now_ms: h.now }).unwrap();
         aborts.extend(applied.events.into_iter().filter(|e| matches!(e, Event::GangAborted { .. })));
         assert_eq!(h.state.status(), &RunStatus::Running);
-        // The same two workers form the next attempt's gang (after the backoff), and it times out the same way.
-        for worker in &workers {
-            let (_, next, _) = h.take_rank(worker);
-            assert!(next > attempt);
-            h.join(worker, train(1), next, "addr");
-        }
+        // The same four gather again (after the backoff) into the next attempt's gang.
+        let next = h.gather(&workers);
+        assert!(next.iter().all(|&(_, a, _)| a == attempt + 1), "{next:?}");
         attempt += 1;
     }
     assert_eq!(aborts.len(), 5);
@@ -105,19 +100,136 @@ fn a_gang_that_does_not_gather_in_time_is_retried_without_counting_a_failure() {
     let task = h.state.task(train(1)).unwrap();
     assert_eq!((task.failures, task.faults), (0, 0));
     assert!(task.last_error.as_deref().unwrap().contains("only 2 of 4 ranks joined"));
-    // Two more workers come: the gang fills, starts and finishes.
-    let late: Vec<WorkerId> = (0..2).map(|i| h.register(&format!("late{i}"))).collect();
-    for worker in &late {
-        let (_, a, _) = h.take_rank(worker);
-        assert_eq!(a, attempt);
-        h.join(worker, train(1), a, "addr");
+    // This time every rank joins: the gang starts and finishes.
+    for worker in &workers {
+        h.join(worker, train(1), attempt, "addr");
     }
-    let everyone: Vec<WorkerId> = workers.iter().chain(&late).cloned().collect();
-    for worker in everyone.iter().rev() {
+    for worker in workers.iter().rev() {
         h.complete(worker, train(1), attempt);
     }
     assert_eq!(h.phase(), Some((1, Phase::Eval)));
     check_invariants(&h.state);
+}
+
+#[test]
+fn no_gang_forms_until_r_idle_workers_are_asking_for_a_rank() {
+    let mut h = at_train(4);
+    let early: Vec<WorkerId> = (0..3).map(|i| h.register(&format!("w{i}"))).collect();
+    // Three workers poll for a minute: no gang forms short of capacity, so nothing can time out or count.
+    for _ in 0..60 {
+        h.advance(1_000);
+        for worker in &early {
+            let lease = h.lease(worker);
+            assert!(matches!(lease, Lease::RetryAfter { reason: WaitReason::GangGathering, .. }), "{lease:?}");
+        }
+        h.expire();
+    }
+    assert_eq!(h.state.gang(), None);
+    let task = h.state.task(train(1)).unwrap();
+    assert_eq!((task.state.clone(), task.attempt, task.losses), (TaskState::Pending, 0, 0));
+    // The fourth one's request forms the gang with all four, ranks in id order.
+    let last = h.register("w3");
+    let Lease::GangRank { rank, world, attempt, .. } = h.lease(&last) else { panic!("the gang forms now") };
+    assert_eq!((rank, world, attempt), (3, 4, 1));
+    let gang = h.state.gang().unwrap();
+    let members: Vec<&str> = gang.members.iter().map(|m| m.worker.as_str()).collect();
+    assert_eq!(members, ["w0", "w1", "w2", "w3"]);
+    // The others already hold their ranks and hear of them on their next request.
+    for (i, worker) in early.iter().enumerate() {
+        assert_eq!(h.take_rank(worker), (train(1), 1, i as u32));
+    }
+    check_invariants(&h.state);
+}
+
+#[test]
+fn a_candidate_that_stopped_asking_is_not_counted() {
+    let mut h = at_train(3);
+    let workers: Vec<WorkerId> = (0..3).map(|i| h.register(&format!("w{i}"))).collect();
+    h.lease(&workers[0]);
+    h.advance(5_000);
+    h.lease(&workers[1]);
+    // w0 went quiet for longer than a worker timeout (30 s): it may be gone, or stuck in a collective.
+    h.advance(30_000);
+    h.lease(&workers[1]);
+    assert!(matches!(h.lease(&workers[2]), Lease::RetryAfter { reason: WaitReason::GangGathering, .. }));
+    assert_eq!(h.state.gang(), None, "two fresh candidates are not a gang of three");
+    assert!(matches!(h.lease(&workers[0]), Lease::GangRank { rank: 0, .. }), "w0 asking again completes it");
+    check_invariants(&h.state);
+}
+
+#[test]
+fn survivors_of_an_aborted_gang_are_waited_for_instead_of_a_short_gang_timing_out() {
+    // Review A9: 6 workers, R = 4. Two ranks die mid-training; the two survivors are still stopping their
+    // collectives and do not ask; the two idle workers alone must not form a gang that can only time out.
+    let mut h = at_train(4);
+    let members = ranks(&mut h, 4);
+    let idle: Vec<WorkerId> = ["x0", "x1"].iter().map(|id| h.register(id)).collect();
+    for (worker, task, attempt, _) in &members {
+        h.join(worker, *task, *attempt, "addr");
+    }
+    assert!(h.state.gang().unwrap().started);
+    h.advance(20_000);
+    for (worker, task, attempt, _) in &members[..2] {
+        h.heartbeat(worker, Some((*task, *attempt)));
+    }
+    for worker in &idle {
+        h.lease(worker);
+    }
+    h.advance(11_000);
+    h.expire(); // r2 and r3 are silent past the worker timeout
+    assert_eq!(h.state.gang(), None, "the gang was aborted");
+    for _ in 0..300 {
+        h.advance(1_000);
+        for worker in &idle {
+            h.lease(worker);
+        }
+        for (worker, _, _, _) in &members[..2] {
+            h.heartbeat(worker, None); // alive, but busy aborting: not asking for work
+        }
+        h.expire();
+    }
+    assert_eq!(h.state.gang(), None, "no short gang formed in five minutes");
+    let task = h.state.task(train(1)).unwrap();
+    assert_eq!((task.attempt, task.failures), (1, 1), "one loss: the gang the deaths aborted");
+    assert!(h.state.snapshot().recent_errors.iter().all(|e| e.cause != LossCause::GangJoinTimeout));
+    // The survivors are back: with the idle two they are four, and the second gang forms and finishes.
+    assert!(matches!(h.lease(&members[0].0), Lease::RetryAfter { reason: WaitReason::GangGathering, .. }));
+    // r1's request makes four candidates: the gang forms, and everyone hears of their rank.
+    let gathered = [members[1].0.clone(), members[0].0.clone(), idle[0].clone(), idle[1].clone()];
+    let leases: Vec<_> = gathered.iter().map(|w| h.take_rank(w)).collect();
+    assert!(leases.iter().all(|&(_, attempt, _)| attempt == 2), "{leases:?}");
+    for (worker, (task, attempt, _)) in gathered.iter().zip(&leases) {
+        h.join(worker, *task, *attempt, "addr");
+    }
+    let rank0 = gathered.iter().zip(&leases).find(|(_, l)| l.2 == 0).unwrap().0.clone();
+    for (worker, (task, attempt, _)) in gathered.iter().zip(&leases) {
+        if *worker != rank0 {
+            h.complete(worker, *task, *attempt);
+        }
+    }
+    assert_eq!(h.complete(&rank0, train(1), 2), Reply::Accepted { task_id: train(1), attempt: 2 });
+    check_invariants(&h.state);
+    let replayed = RunState::replay(h.state.plan().clone(), h.durable.clone()).unwrap();
+    assert_eq!(replayed.durable_digest(), h.state.durable_digest(), "the log forms the same gangs");
+}
+
+#[test]
+fn a_candidate_is_logged_once_per_heartbeat_interval_not_on_every_poll() {
+    let mut h = at_train(2);
+    let a = h.register("a");
+    let before = h.durable.len();
+    // One poll a second for 30 s: recorded at the first, then once per 10 s heartbeat interval.
+    for _ in 0..30 {
+        h.lease(&a);
+        h.advance(1_000);
+    }
+    let logged = h.durable[before..].iter().filter(|c| matches!(c, Command::LeaseTask { .. })).count();
+    assert_eq!(logged, 3, "{:?}", &h.durable[before..]);
+    let replayed = RunState::replay(h.state.plan().clone(), h.durable.clone()).unwrap();
+    assert_eq!(replayed.durable_digest(), h.state.durable_digest());
+    // A second worker completes the gang, in the replay as live.
+    let b = h.register("b");
+    assert!(matches!(h.lease(&b), Lease::GangRank { .. }));
 }
 
 #[test]
@@ -165,8 +277,8 @@ fn one_rank_dying_aborts_the_gang_and_the_restart_is_a_new_attempt() {
         }
     );
     let replacement = h.register("replacement");
-    let (_, a0, r0) = h.take_rank(&members[0].0);
-    let (_, a1, r1) = h.take_rank(&replacement);
+    let gathered = h.gather(&[members[0].0.clone(), replacement.clone()]);
+    let [(_, a0, r0), (_, a1, r1)] = gathered[..] else { panic!("{gathered:?}") };
     assert_eq!((a0, r0, a1, r1), (2, 0, 2, 1));
     // The old attempt's rank 0 cannot complete the new gang's task.
     assert_eq!(h.complete(&members[1].0, train(1), 1), Reply::Fenced(Fenced::StaleAttempt { current_attempt: 2 }));
@@ -220,7 +332,7 @@ fn a_released_rank_aborts_the_gang_without_counting_a_failure() {
     assert_eq!(h.fail(w1, *task, *attempt, "SIGTERM", true), Reply::Returned { task_id: train(1), will_retry: true });
     let t = h.state.task(train(1)).unwrap();
     assert_eq!((t.state.clone(), t.failures), (TaskState::Pending, 0));
-    assert_eq!(h.take_rank(&members[0].0), (train(1), 2, 0));
+    assert_eq!(h.gather(&[members[0].0.clone(), members[1].0.clone()])[0], (train(1), 2, 0));
 }
 
 #[test]

@@ -7,6 +7,7 @@ mod fencing;
 mod gang;
 mod lifecycle;
 mod property;
+mod rejected;
 mod replay;
 mod workers;
 
@@ -130,6 +131,26 @@ impl Harness {
         panic!("{worker} got no gang rank after waiting out 8 backoff hints")
     }
 
+    /// R workers (exactly the gang's size) ask for a train rank in turn, as idle workers poll: each becomes
+    /// a candidate, and the last one's request forms the gang with all of them. Waits out the train task's
+    /// backoff first, during which nobody is recorded. Returns each worker's (task, attempt, rank).
+    pub fn gather(&mut self, workers: &[WorkerId]) -> Vec<(TaskId, u32, u32)> {
+        assert_eq!(workers.len() as u32, self.state.plan().train_ranks, "a gang gathers exactly R workers");
+        let train = self.state.tasks[self.state.plan.stage_tasks(self.state.stage).start].not_before_ms;
+        self.now = self.now.max(train);
+        let (last, first) = workers.split_last().expect("a gang has at least one rank");
+        for worker in first {
+            match self.lease(worker) {
+                Lease::RetryAfter { reason: WaitReason::GangGathering, .. } => {}
+                other => panic!("{worker} should wait for the gang to gather, got {other:?}"),
+            }
+        }
+        let formed = self.take_rank(last);
+        let mut leases: Vec<_> = first.iter().map(|worker| self.take_rank(worker)).collect();
+        leases.push(formed);
+        leases
+    }
+
     pub fn complete(&mut self, worker: &WorkerId, task_id: TaskId, attempt: u32) -> Reply {
         let output = output(task_id, attempt);
         self.ok(Command::CompleteTask { worker_id: worker.clone(), task_id, attempt, output, now_ms: self.now })
@@ -184,10 +205,7 @@ impl Harness {
     pub fn finish_train(&mut self) {
         let world = self.state.plan().train_ranks;
         let ranks: Vec<WorkerId> = (0..world).map(|r| self.register(&format!("gang-{r}"))).collect();
-        let mut leases = Vec::new();
-        for worker in &ranks {
-            leases.push(self.take_rank(worker));
-        }
+        let leases = self.gather(&ranks);
         for (worker, (task, attempt, rank)) in ranks.iter().zip(&leases) {
             self.join(worker, *task, *attempt, &format!("10.0.0.{rank}:29500"));
         }

@@ -27,8 +27,7 @@ fn eventful_run() -> Harness {
     h.complete(&a, t2, a2); // fenced: a lost it
     h.finish_stage(&b);
     let c = h.register("c");
-    let (task, attempt, _) = h.take_rank(&b);
-    h.take_rank(&c);
+    let (task, attempt, _) = h.gather(&[b.clone(), c.clone()])[0];
     h.fail(&c, task, attempt, "rank crashed", false);
     h.finish_train();
     h
