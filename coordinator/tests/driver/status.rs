@@ -122,3 +122,54 @@ async fn a_silent_worker_shows_as_dead_and_its_task_is_leased_again() {
     assert!(!beat.keep_working && beat.fence.is_some());
     server.shutdown().await;
 }
+
+/// `promtool check metrics` (Debian's `prometheus` package) on a live `/metrics` with every kind of series in
+/// it: counters, gauges, histograms, labelled families at zero and at one. Where promtool is not installed
+/// the test says so loudly and returns (set `PROMTOOL` to point at one elsewhere); that is not a pass.
+#[tokio::test]
+async fn live_metrics_pass_promtool_check_metrics() {
+    let promtool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".to_owned());
+    if let Err(e) = std::process::Command::new(&promtool).arg("--version").output() {
+        eprintln!(
+            "\n*** SKIPPED live_metrics_pass_promtool_check_metrics: cannot run `{promtool}` ({e}); install Debian's \
+             `prometheus` package (or set PROMTOOL) to check /metrics ***\n"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let server = start(dir.path(), &clock).await;
+    let mut client = client(&server).await;
+    let a = register(&mut client, "pod-a").await;
+    let b = register(&mut client, "pod-b").await;
+    let task = take(&mut client, &a).await;
+    assert!(complete(&mut client, &a, &task).await.accepted);
+    take(&mut client, &b).await;
+    // b goes silent and loses its lease: the loss counters and the dead-worker gauge move too.
+    clock.advance(WORKER_TIMEOUT_MS / 2);
+    heartbeat_idle(&mut client, &a).await;
+    clock.advance(WORKER_TIMEOUT_MS / 2 + 1);
+    heartbeat_idle(&mut client, &a).await;
+    wait_for(&server, "b to be declared dead", |r| r.workers_dead == 1).await;
+    let body = http(&server, "/metrics").await.body;
+    assert!(body.contains("iro_lease_losses_total{cause=\"worker_dead\"} 1"), "{body}");
+
+    let mut check = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    check.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics ({}): {said}\n{body}", out.status);
+    server.shutdown().await;
+}
+
+async fn heartbeat_idle(client: &mut Client, worker: &str) {
+    let request = pb::HeartbeatRequest { worker_id: worker.into(), ..Default::default() };
+    client.heartbeat(request).await.unwrap();
+}
