@@ -259,6 +259,19 @@ pub struct ValueSection {
     pub feature_layers: usize,
     /// Folds of the ridge fit's cross-validation (prompts are dealt to folds; at most one fold per prompt).
     pub ridge_folds: usize,
+    /// How a training gang of `cluster.train_ranks` ranks splits the training state (ZeRO's stages): `none`
+    /// (plain data parallelism: every rank holds the weights, gradients and both AdamW moments, 16 bytes per
+    /// f32 parameter), `optimizer` (weights replicated, gradients reduce-scattered and AdamW moments kept as
+    /// 1/R shards: 4 + 12/R bytes) or `full` (weights too, gathered only while in use: 16/R bytes).
+    pub sharding: ValueSharding,
+    /// Recompute each decoder layer in the backward instead of keeping its activations (`model` kind only): a
+    /// micro-batch then holds one [B, T, H] input per layer plus one layer's activations, at the price of a
+    /// second forward. With `sharding = "full"` it also makes each layer's weights gathered only while that
+    /// layer runs (ZeRO-3's schedule) instead of the whole model for the step.
+    pub activation_checkpointing: bool,
+    /// `f32`, or `bf16` mixed precision (`model` kind): weights and activations in bf16 for the forward and
+    /// backward passes, f32 master weights and AdamW moments (in the shards when sharded), the loss in f32.
+    pub precision: ValuePrecision,
 }
 
 /// How a `head`-kind value function is fitted (`value.head_fit`).
@@ -271,6 +284,39 @@ pub enum HeadFit {
     /// by cross-validation over held-out prompts, shrunk towards V_{t-1} on a warm start (our addition: on a few
     /// hundred candidates the MLP memorises its prompts; worker/src/train/ridge.rs).
     Ridge,
+}
+
+/// `value.precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ValuePrecision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+/// `value.sharding`: which training state a rank keeps only its 1/R shard of (ZeRO stages 2 and 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ValueSharding {
+    /// Every rank holds everything (DDP).
+    #[default]
+    None,
+    /// Gradients and AdamW moments are sharded; the weights are replicated (ZeRO-2).
+    Optimizer,
+    /// Weights, gradients and AdamW moments are sharded (ZeRO-3, FSDP `FULL_SHARD`).
+    Full,
+}
+
+impl ValueSharding {
+    /// The config spelling (`none`, `optimizer`, `full`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Optimizer => "optimizer",
+            Self::Full => "full",
+        }
+    }
 }
 
 /// The regression target of value training.
@@ -306,6 +352,9 @@ impl Default for ValueSection {
             head_fit: HeadFit::Adamw,
             feature_layers: 0,
             ridge_folds: 5,
+            sharding: ValueSharding::None,
+            activation_checkpointing: false,
+            precision: ValuePrecision::F32,
         }
     }
 }
@@ -423,6 +472,10 @@ pub struct ClusterSection {
     /// The longest one collective call (all-reduce, broadcast, barrier, joining the gang) may take before it
     /// fails naming the ranks that did not answer.
     pub collective_deadline_s: u64,
+    /// Memory of each worker's device in GiB (GPU memory; for CPU workers, the pod's memory limit): the figure
+    /// `iro check-config`'s memory plan holds every phase against, refusing a config that cannot fit. 0 prints
+    /// the plan without judging it.
+    pub device_memory_gib: f64,
 }
 
 impl Default for ClusterSection {
@@ -438,6 +491,8 @@ impl Default for ClusterSection {
             train_ranks: 1,
             bucket_bytes: 25 * 1024 * 1024,
             collective_deadline_s: 300,
+            // An A100/H100.
+            device_memory_gib: 80.0,
         }
     }
 }
@@ -576,6 +631,18 @@ impl RunConfig {
                 ),
             );
         }
+        if v.activation_checkpointing && v.kind != ValueKind::Model {
+            return bad(
+                "value.activation_checkpointing",
+                "needs value.kind = \"model\": a `head` value has no decoder layers to recompute".into(),
+            );
+        }
+        if v.precision == ValuePrecision::Bf16 && v.kind != ValueKind::Model {
+            return bad(
+                "value.precision",
+                "bf16 needs value.kind = \"model\": a `head` is small and trains in f32 on the frozen states".into(),
+            );
+        }
         if v.betas.is_empty() || v.betas.iter().any(|b| b.is_nan() || *b <= 0.0) {
             return bad("value.betas", "needs at least one value, each > 0".into());
         }
@@ -588,6 +655,10 @@ impl RunConfig {
         }
         if self.cluster.bucket_bytes < 1024 {
             return bad("cluster.bucket_bytes", format!("{} must be at least 1024", self.cluster.bucket_bytes));
+        }
+        let gib = self.cluster.device_memory_gib;
+        if !(gib >= 0.0 && gib.is_finite()) {
+            return bad("cluster.device_memory_gib", format!("{gib} must be a finite number >= 0"));
         }
         if self.cluster.collective_deadline_s == 0 {
             return bad("cluster.collective_deadline_s", "must be at least 1".into());
@@ -657,6 +728,8 @@ mod tests {
             ("[value]\nridge_folds = 1\n", "value.ridge_folds"),
             ("[value]\nkind = \"model\"\nfeature_layers = 12\n", "value.feature_layers"),
             ("[value]\nkind = \"model\"\nhead_fit = \"ridge\"\n", "value.head_fit"),
+            ("[value]\nkind = \"head\"\nactivation_checkpointing = true\n", "value.activation_checkpointing"),
+            ("[value]\nkind = \"head\"\nprecision = \"bf16\"\n", "value.precision"),
             ("[baselines]\nargs_weight = -1.0\n", "baselines.args_weight"),
             ("[reward]\nkind = \"embedding_similarity\"\nprompt_format = \"chatml\"\n", "reward.prompt_format"),
             ("[policy]\nprompt_format = \"llama3\"\n[reward]\nprompt_format = \"tldr\"\n", "reward.prompt_format"),
@@ -664,6 +737,7 @@ mod tests {
             ("[select]\nper_prompt = 17\n", "select.per_prompt"),
             ("[cluster]\nbucket_bytes = 10\n", "cluster.bucket_bytes"),
             ("[cluster]\ncollective_deadline_s = 0\n", "cluster.collective_deadline_s"),
+            ("[cluster]\ndevice_memory_gib = -1.0\n", "cluster.device_memory_gib"),
         ] {
             let err = parse(text).unwrap_err();
             assert_eq!(err.kind(), "config_value", "{text}");
@@ -692,6 +766,27 @@ mod tests {
         assert_eq!((c.select.temperature, c.select.temperature_unit), (0.5, TemperatureUnit::Reward));
         let msg = parse("[select]\ntemperature_unit = \"sd\"\n").unwrap_err().to_string();
         assert!(msg.contains("temperature_unit"), "{msg}");
+    }
+
+    #[test]
+    fn value_sharding_defaults_to_none_parses_and_names_its_field_when_wrong() {
+        assert_eq!(parse("").unwrap().value.sharding, ValueSharding::None);
+        for (text, want) in
+            [("none", ValueSharding::None), ("optimizer", ValueSharding::Optimizer), ("full", ValueSharding::Full)]
+        {
+            let c = parse(&format!("[value]\nsharding = \"{text}\"\n")).unwrap();
+            assert_eq!((c.value.sharding, c.value.sharding.as_str()), (want, text));
+            assert_eq!(parse(&toml::to_string(&c).unwrap()).unwrap(), c);
+        }
+        let c = parse("[value]\nprecision = \"bf16\"\n").unwrap();
+        assert_eq!(
+            (c.value.precision, parse("").unwrap().value.precision),
+            (ValuePrecision::Bf16, ValuePrecision::F32)
+        );
+        let err = parse("[value]\nsharding = \"zero3\"\n").unwrap_err();
+        assert_eq!(err.kind(), "config_parse");
+        let msg = err.to_string();
+        assert!(msg.contains("sharding") && msg.contains("full"), "{msg}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod layout;
+pub mod memory;
 pub mod records;
 pub mod store;
 pub mod values;

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # NCCL check for a GPU host, ready for the first time one is available: a 2-rank NCCL all-reduce (in place on
 # torch tensors, plus broadcast, barrier, bucketed gradients and a rank that leaves) and a 2-rank data-parallel
-# value-training run compared with a 1-rank one. See worker/examples/nccl_check.rs for the phases.
+# value-training run compared with a 1-rank one, then all-gather / reduce-scatter and the 2-rank fully sharded
+# (ZeRO-3, `[value] sharding = "full"`) training step compared with the same 1-rank run. See
+# worker/examples/nccl_check.rs for the phases.
 #
 # With a single GPU both ranks run on it. NCCL does not allow two ranks of one communicator on one GPU, so each
 # rank gets its own NCCL_HOSTID and NCCL treats them as two hosts talking over its socket transport. That is a

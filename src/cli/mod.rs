@@ -47,10 +47,18 @@ pub enum Command {
     Status(cluster::StatusArgs),
     /// Run a worker: lease tasks from a coordinator until the run is over (SIGTERM gives the lease back).
     Worker(worker::WorkerArgs),
-    /// Validate a run config and print it with every default filled in.
+    /// Validate a run config, print it with every default filled in, and print its memory plan (per phase,
+    /// the bytes a worker's device needs); refuses a config that cannot fit `cluster.device_memory_gib`.
     CheckConfig {
         /// The run config (TOML).
         config: PathBuf,
+        /// Judge the plan against devices of this many GiB instead of `cluster.device_memory_gib`.
+        #[arg(long)]
+        device_memory_gib: Option<f64>,
+        /// Folder of `<model folder name>.json` HF configs, for models whose folder is not on this machine
+        /// (default: the nearest `configs/model-shapes` above the config file, or under the current folder).
+        #[arg(long)]
+        model_shapes: Option<PathBuf>,
     },
 }
 
@@ -65,6 +73,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::generate(args),
         Command::Guide(args) => guide::guide(args),
         Command::Score(args) => generate::score(args),
-        Command::CheckConfig { config } => info::check_config(&config),
+        Command::CheckConfig { config, device_memory_gib, model_shapes } => {
+            info::check_config(&config, device_memory_gib, model_shapes.as_deref())
+        }
     }
 }

@@ -6,7 +6,9 @@
 //!   4. a few timed 64 MiB all-reduces (printed, not judged),
 //!   5. a data-parallel value training (the llama_seqcls fixture, 3 optimizer steps) compared with a one-rank
 //!      training of the same batches,
-//!   6. a rank that leaves: the other's next all-reduce must fail with an error within its deadline, not hang.
+//!   6. ZeRO's collectives (all-gather, reduce-scatter on GPU tensors) and the 2-rank fully sharded value training
+//!      (`[value] sharding = "full"`, ZeRO-3) compared with the same one-rank training,
+//!   7. a rank that leaves: the other's next all-reduce must fail with an error within its deadline, not hang.
 //!
 //! With one GPU both ranks share it. NCCL refuses two ranks of one communicator on one GPU ("Duplicate GPU
 //! detected"), unless they look like different hosts: each rank then gets its own NCCL_HOSTID and they talk
@@ -172,6 +174,8 @@ fn rank_main(rank: usize, args: &[String]) -> Result<(), String> {
         checkpoint_every: 0,
         seed: 7,
         pad_id: 0,
+        sharding: iro_common::config::ValueSharding::None,
+        activation_checkpointing: false,
     };
     let data = examples(10, 5);
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama_seqcls");
@@ -192,7 +196,35 @@ fn rank_main(rank: usize, args: &[String]) -> Result<(), String> {
     }
     nccl.barrier().map_err(e)?;
 
-    // 6. Rank 1 leaves; rank 0's next call must fail within its deadline.
+    // 6. All-gather and reduce-scatter, then the same training fully sharded.
+    let mine = Tensor::full([1001], (rank + 1) as f64, (Kind::Float, device));
+    let mut gathered = Tensor::zeros([2 * 1001], (Kind::Float, device));
+    nccl.all_gather(&mine, &mut gathered).map_err(e)?;
+    let want = Tensor::cat(
+        &[Tensor::ones([1001], (Kind::Float, device)), Tensor::full([1001], 2.0, (Kind::Float, device))],
+        0,
+    );
+    check(gathered.equal(&want), || "all-gather did not put rank r's block at r".into())?;
+    let full = Tensor::arange(2 * 777, (Kind::Float, device)) * (rank + 1) as f64;
+    let mut block = Tensor::zeros([777], (Kind::Float, device));
+    nccl.reduce_scatter_sum(&full, &mut block).map_err(e)?;
+    let want = Tensor::arange(2 * 777, (Kind::Float, device)).narrow(0, rank as i64 * 777, 777) * 3.0;
+    check(block.equal(&want), || "reduce-scatter did not give rank r block r of the sum".into())?;
+    say("all-gather and reduce-scatter OK");
+    let zero3 = ValueTrainConfig { sharding: iro_common::config::ValueSharding::Full, ..cfg.clone() };
+    let sharded_dir = out.join("sharded");
+    let gang = DataParallel { collective: &mut nccl, bucket_bytes: 64 * 1024 };
+    let report = train_value_ranked(&zero3, &data, &init, &sharded_dir, false, gang, |_| ControlFlow::Continue(()))
+        .map_err(e)?;
+    say(&format!("2-rank fully sharded training: {} steps, losses {:?}", report.steps, report.losses));
+    if rank == 0 {
+        let diff = max_abs_diff(&sharded_dir, &out.join("solo"));
+        check(diff <= 1e-4, || format!("sharded 2-rank and 1-rank weights differ by {diff}"))?;
+        say(&format!("sharded 2-rank weights match 1-rank weights (max abs diff {diff:.2e})"));
+    }
+    nccl.barrier().map_err(e)?;
+
+    // 7. Rank 1 leaves; rank 0's next call must fail within its deadline.
     if rank == 1 {
         drop(nccl);
         say("leaving the gang");

@@ -10,7 +10,7 @@ mod tiny_run;
 use std::path::Path;
 
 use iro_common::RunConfig;
-use iro_common::config::{Baseline, ValueKind};
+use iro_common::config::{Baseline, ValueKind, ValueSharding};
 use iro_common::layout::{RunLayout, ShardedPhase};
 use iro_common::records::{EvalRecord, RolloutRecord, read_accepted, read_manifest};
 use iro_common::store::Store;
@@ -243,7 +243,7 @@ fn a_config_whose_data_is_too_small_names_the_field() {
 }
 
 #[test]
-fn a_two_rank_gang_through_the_embedded_cluster_trains_the_single_rank_value_function() {
+fn a_two_rank_gang_through_the_embedded_cluster_trains_the_single_rank_value_function_plain_or_sharded() {
     use std::sync::Arc;
 
     use iro_worker::runtime::{CancellationToken, SharedRunnerFactory, TaskRunner, run_embedded};
@@ -252,42 +252,47 @@ fn a_two_rank_gang_through_the_embedded_cluster_trains_the_single_rank_value_fun
     let single = config(&dir.path().join("single"), ValueKind::Head, 1, vec![Baseline::Base]);
     run(&single, &dir.path().join("work-single"));
 
-    // The same run on a coordinator with 2 workers whose train task is a gang of 2 ranks over the TCP ring.
-    let mut gang = config(&dir.path().join("gang"), ValueKind::Head, 1, vec![Baseline::Base]);
-    gang.cluster.train_ranks = 2;
-    gang.validate(Path::new("test")).unwrap();
-    let work = dir.path().join("work-gang");
-    let factory: SharedRunnerFactory = Arc::new(move |c: &RunConfig| {
-        let runner: Box<dyn TaskRunner> = Box::new(Pipeline::open(c.clone(), None, &work)?);
-        Ok(runner)
-    });
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let state = dir.path().join("state");
-    rt.block_on(run_embedded(gang.clone(), 2, &state, factory, CancellationToken::new())).unwrap();
+    // The same run on a coordinator with 2 workers whose train task is a gang of 2 ranks over the TCP ring, plain
+    // and fully sharded (ZeRO-3: the published V_t is the gathered model).
+    for sharding in [ValueSharding::None, ValueSharding::Full] {
+        let name = format!("gang-{}", sharding.as_str());
+        let mut gang = config(&dir.path().join(&name), ValueKind::Head, 1, vec![Baseline::Base]);
+        gang.cluster.train_ranks = 2;
+        gang.value.sharding = sharding;
+        gang.validate(Path::new("test")).unwrap();
+        let work = dir.path().join(format!("work-{name}"));
+        let factory: SharedRunnerFactory = Arc::new(move |c: &RunConfig| {
+            let runner: Box<dyn TaskRunner> = Box::new(Pipeline::open(c.clone(), None, &work)?);
+            Ok(runner)
+        });
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let state = dir.path().join(format!("state-{name}"));
+        rt.block_on(run_embedded(gang.clone(), 2, &state, factory, CancellationToken::new())).unwrap();
 
-    let weights = |root: &Path| {
-        let file = root.join("runs/tiny/iter-1/value/attempt-1/model/model.safetensors");
-        let mut t = tch::Tensor::read_safetensors(&file).unwrap();
-        t.sort_by(|a, b| a.0.cmp(&b.0));
-        t
-    };
-    let (a, b) = (weights(&dir.path().join("single")), weights(&dir.path().join("gang")));
-    assert_eq!(a.len(), b.len());
-    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
-        assert_eq!(na, nb);
-        let diff = (ta - tb).abs().max().double_value(&[]);
-        assert!(diff <= 1e-5, "{na}: 2-rank and 1-rank weights differ by {diff}");
+        let weights = |root: &Path| {
+            let file = root.join("runs/tiny/iter-1/value/attempt-1/model/model.safetensors");
+            let mut t = tch::Tensor::read_safetensors(&file).unwrap();
+            t.sort_by(|a, b| a.0.cmp(&b.0));
+            t
+        };
+        let (a, b) = (weights(&dir.path().join("single")), weights(&dir.path().join(&name)));
+        assert_eq!(a.len(), b.len());
+        for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+            assert_eq!(na, nb);
+            let diff = (ta - tb).abs().max().double_value(&[]);
+            assert!(diff <= 1e-5, "{na}: 2-rank ({sharding:?}) and 1-rank weights differ by {diff}");
+        }
+        // Same rollouts and evaluation too: the runs differ only in how training was spread.
+        let (ea, eb) =
+            (evals(&Store::open(&single.run.store).unwrap(), 1), evals(&Store::open(&gang.run.store).unwrap(), 1));
+        let outputs = |e: &[EvalRecord]| {
+            let mut v: Vec<(String, String, String)> =
+                e.iter().map(|r| (r.method.clone(), r.prompt_id.clone(), r.output.clone())).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(outputs(&ea), outputs(&eb));
     }
-    // Same rollouts and evaluation too: the runs differ only in how training was spread.
-    let (ea, eb) =
-        (evals(&Store::open(&single.run.store).unwrap(), 1), evals(&Store::open(&gang.run.store).unwrap(), 1));
-    let outputs = |e: &[EvalRecord]| {
-        let mut v: Vec<(String, String, String)> =
-            e.iter().map(|r| (r.method.clone(), r.prompt_id.clone(), r.output.clone())).collect();
-        v.sort();
-        v
-    };
-    assert_eq!(outputs(&ea), outputs(&eb));
 }
 
 #[test]

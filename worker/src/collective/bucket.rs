@@ -29,7 +29,12 @@ pub fn all_reduce_bucketed(collective: &mut dyn Collective, tensors: &[Tensor], 
         tch::no_grad(|| -> Result<()> {
             let members: Vec<&Tensor> = bucket.iter().map(|&i| &tensors[i]).collect();
             let flat: Vec<Tensor> = members.iter().map(|t| t.reshape([-1])).collect();
+            // bf16/f16 gradients are summed in f32: more exact, and what every backend can add.
+            let low = matches!(members[0].kind(), Kind::BFloat16 | Kind::Half);
             let mut buffer = Tensor::cat(&flat, 0);
+            if low {
+                buffer = buffer.to_kind(Kind::Float);
+            }
             collective.all_reduce_sum(&mut buffer)?;
             let mut offset = 0i64;
             for t in members {
@@ -46,7 +51,7 @@ pub fn all_reduce_bucketed(collective: &mut dyn Collective, tensors: &[Tensor], 
 
 /// Groups tensor indices into buckets: consecutive tensors of the same dtype and device, closed when the next
 /// tensor would push the bucket over `bucket_bytes`.
-fn plan_buckets(tensors: &[Tensor], bucket_bytes: usize) -> Vec<Vec<usize>> {
+pub(crate) fn plan_buckets(tensors: &[Tensor], bucket_bytes: usize) -> Vec<Vec<usize>> {
     let mut buckets: Vec<Vec<usize>> = Vec::new();
     let mut current: Vec<usize> = Vec::new();
     let mut current_bytes = 0usize;

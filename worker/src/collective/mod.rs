@@ -66,6 +66,16 @@ pub trait Collective: Send {
     fn broadcast(&mut self, t: &mut Tensor, root: usize) -> Result<()>;
     /// Returns once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<()>;
+    /// Concatenates every rank's `input` (n elements, the same n and dtype on every rank) into `output`
+    /// (world·n elements of that dtype, any shape, read in row-major order): afterwards block r of `output`,
+    /// elements `r·n..(r+1)·n`, is rank r's `input`, on every rank. ZeRO-3 gathers a parameter bucket this way
+    /// before it is used.
+    fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()>;
+    /// Sums `input` (world·n elements, the same on every rank in size and dtype) over the gang and keeps only
+    /// block `rank` of the sum, elements `rank·n..(rank+1)·n`, in `output` (n elements). `input` is not
+    /// changed. ZeRO-2/3 reduce a gradient bucket this way: each rank ends with the summed gradient of the
+    /// shard it updates and no more.
+    fn reduce_scatter_sum(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()>;
 }
 
 /// `rank 3` or `ranks 1, 3`: how every collective error names the ranks it blames.
@@ -77,6 +87,26 @@ pub fn name_ranks(ranks: &[usize]) -> String {
             format!("ranks {}", list.join(", "))
         }
     }
+}
+
+/// Checks the tensors of an all-gather (`small` = input, `large` = output) or a reduce-scatter (`small` =
+/// output, `large` = input): one dtype, and `large` holds exactly `world` times the elements of `small`.
+fn check_blocks(what: &str, world: usize, small: &Tensor, large: &Tensor) -> Result<()> {
+    if small.kind() != large.kind() {
+        return Err(crate::Error::Collective(format!(
+            "{what}: the shard is {:?} but the full buffer is {:?} (they must have one dtype)",
+            small.kind(),
+            large.kind()
+        )));
+    }
+    if large.numel() != world * small.numel() {
+        return Err(crate::Error::Collective(format!(
+            "{what}: the full buffer has {} elements, not world ({world}) x the shard's {}",
+            large.numel(),
+            small.numel()
+        )));
+    }
+    Ok(())
 }
 
 /// Checks `rank < world` and `world >= 1`, the precondition of every backend's constructor.

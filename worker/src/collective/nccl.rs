@@ -26,7 +26,7 @@ use cudarc::driver::{result as cu, sys as cusys};
 use cudarc::nccl::sys;
 use tch::{Device, Kind, Tensor};
 
-use super::{ABORTED, AbortSignal, Collective, check_rank, name_ranks};
+use super::{ABORTED, AbortSignal, Collective, check_blocks, check_rank, name_ranks};
 use crate::error::{Error, Result};
 
 /// NCCL's rendezvous token: 128 opaque bytes (an address of rank 0's bootstrap socket, among others).
@@ -394,6 +394,50 @@ impl Collective for Nccl {
     fn barrier(&mut self) -> Result<()> {
         let mut token = Tensor::zeros([1], (Kind::Float, Device::Cuda(self.ordinal)));
         self.all_reduce_sum(&mut token)
+    }
+
+    /// `ncclAllGather`: NCCL's receive buffer is exactly the rank-ordered concatenation of the send buffers.
+    fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()> {
+        check_blocks("NCCL all_gather", self.world, input, output)?;
+        let dtype = nccl_type(input.kind())?;
+        let (send, _) = self.on_device(input);
+        let (recv, staged) = self.on_device(output);
+        let (send_ptr, recv_ptr, count) = (send.data_ptr(), recv.data_ptr(), send.numel());
+        // SAFETY: `send` (count elements) and `recv` (world·count elements, checked above) are contiguous
+        // tensors of `dtype` on this rank's device, alive until the collective has completed (run waits).
+        self.run("all_gather", |comm| unsafe {
+            sys::ncclAllGather(send_ptr, recv_ptr, count, dtype, comm, std::ptr::null_mut())
+        })?;
+        if staged {
+            tch::no_grad(|| output.copy_(&recv.view(output.size().as_slice())));
+        }
+        Ok(())
+    }
+
+    /// `ncclReduceScatter`: rank r receives block r of the sum, as the trait says.
+    fn reduce_scatter_sum(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()> {
+        check_blocks("NCCL reduce_scatter_sum", self.world, output, input)?;
+        let dtype = nccl_type(input.kind())?;
+        let (send, _) = self.on_device(input);
+        let (recv, staged) = self.on_device(output);
+        let (send_ptr, recv_ptr, count) = (send.data_ptr(), recv.data_ptr(), recv.numel());
+        // SAFETY: `send` (world·count elements, checked above) and `recv` (count) are contiguous tensors of
+        // `dtype` on this rank's device, alive until the collective has completed; they do not overlap.
+        self.run("reduce_scatter_sum", |comm| unsafe {
+            sys::ncclReduceScatter(
+                send_ptr,
+                recv_ptr,
+                count,
+                dtype,
+                sys::ncclRedOp_t::ncclSum,
+                comm,
+                std::ptr::null_mut(),
+            )
+        })?;
+        if staged {
+            tch::no_grad(|| output.copy_(&recv.view(output.size().as_slice())));
+        }
+        Ok(())
     }
 }
 

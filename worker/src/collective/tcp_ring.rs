@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
-use super::{ABORTED, AbortSignal, Collective, DEFAULT_DEADLINE, check_rank, name_ranks};
+use super::{ABORTED, AbortSignal, Collective, DEFAULT_DEADLINE, check_blocks, check_rank, name_ranks};
 use crate::error::{Error, Result};
 
 // Payloads are tensor memory sent without conversion and declared little-endian on the wire.
@@ -88,6 +88,11 @@ enum Op {
     SumI64 = 3,
     Broadcast = 4,
     Barrier = 5,
+    /// Any dtype: blocks travel as raw bytes.
+    AllGather = 6,
+    ReduceScatterF32 = 7,
+    ReduceScatterF64 = 8,
+    ReduceScatterI64 = 9,
 }
 
 fn op_name(op: u32) -> &'static str {
@@ -97,6 +102,10 @@ fn op_name(op: u32) -> &'static str {
         3 => "all_reduce_sum(i64)",
         4 => "broadcast",
         5 => "barrier",
+        6 => "all_gather",
+        7 => "reduce_scatter_sum(f32)",
+        8 => "reduce_scatter_sum(f64)",
+        9 => "reduce_scatter_sum(i64)",
         _ => "an unknown collective",
     }
 }
@@ -389,6 +398,58 @@ impl Collective for TcpRing {
         }
         self.run(Op::Barrier, 0, 0, |links, call| links.barrier(call))
     }
+
+    fn all_gather(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()> {
+        check_blocks("tcp ring all_gather", self.world, input, output)?;
+        let (rank, n) = (self.rank as i64, input.numel() as i64);
+        let place_own = |host: &mut Tensor| {
+            tch::no_grad(|| host.view([-1]).narrow(0, rank * n, n).copy_(&input.reshape([-1])));
+        };
+        if self.world == 1 {
+            tch::no_grad(|| output.copy_(&input.reshape(output.size())));
+            return Ok(());
+        }
+        let total = tensor_bytes(output);
+        self.run(Op::AllGather, 0, total, |links, call| {
+            on_host(output, |host| {
+                place_own(host);
+                // SAFETY: a contiguous CPU tensor viewed as its raw bytes (any dtype), borrowed mutably for the call.
+                links.all_gather(call, unsafe { host_slice::<u8>(host) })
+            })
+        })
+    }
+
+    fn reduce_scatter_sum(&mut self, input: &Tensor, output: &mut Tensor) -> Result<()> {
+        check_blocks("tcp ring reduce_scatter_sum", self.world, output, input)?;
+        let op = match input.kind() {
+            Kind::Float => Op::ReduceScatterF32,
+            Kind::Double => Op::ReduceScatterF64,
+            Kind::Int64 => Op::ReduceScatterI64,
+            k => {
+                return Err(Error::Collective(format!(
+                    "tcp ring reduce_scatter_sum: dtype {k:?} is not supported (f32, f64, i64)"
+                )));
+            }
+        };
+        let (rank, n) = (self.rank as i64, output.numel() as i64);
+        // The partial sums accumulate in a private copy: `input` stays as the caller passed it.
+        let mut scratch = tch::no_grad(|| input.detach().reshape([-1]).to_device(Device::Cpu).copy());
+        if self.world > 1 {
+            let total = tensor_bytes(input);
+            self.run(op, 0, total, |links, call| {
+                // SAFETY (all three): `scratch` is a fresh contiguous CPU tensor of exactly this dtype (matched
+                // above), owned by this call.
+                match op {
+                    Op::ReduceScatterF32 => links.reduce_scatter(call, unsafe { host_slice::<f32>(&mut scratch) }),
+                    Op::ReduceScatterF64 => links.reduce_scatter(call, unsafe { host_slice::<f64>(&mut scratch) }),
+                    _ => links.reduce_scatter(call, unsafe { host_slice::<i64>(&mut scratch) }),
+                }
+            })?;
+        }
+        let mine = scratch.narrow(0, rank * n, n).to_device(output.device());
+        tch::no_grad(|| output.copy_(&mine.view(output.size().as_slice())));
+        Ok(())
+    }
 }
 
 fn tensor_bytes(t: &Tensor) -> u64 {
@@ -442,6 +503,15 @@ impl Elem for f64 {
     fn add_le(dst: &mut [Self], src: &[u8]) {
         for (d, s) in dst.iter_mut().zip(src.chunks_exact(8)) {
             *d += f64::from_le_bytes(s.try_into().unwrap());
+        }
+    }
+}
+
+/// Raw bytes, for the collectives that only copy (all-gather): they never add, but `step` is generic.
+impl Elem for u8 {
+    fn add_le(dst: &mut [Self], src: &[u8]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = d.wrapping_add(*s);
         }
     }
 }
@@ -919,6 +989,30 @@ impl Links {
         }
         for s in 0..w - 1 {
             self.step(call, (w - 1 + s) as u32, buf, chunk((r + 1 + w - s) % w), chunk((r + w - s) % w), false)?;
+        }
+        Ok(())
+    }
+
+    /// The reduce-scatter half of the ring all-reduce, with the blocks numbered so that rank r ends holding
+    /// the complete sum of block r (`buf` holds world equal blocks): at step s rank r sends its partial sum of
+    /// block r-s-1 and adds prev's partial sum of block r-s-2 into its own, so after step s block r-s-2 holds
+    /// the sum over ranks r-s-1..=r, and after w-1 steps block r holds all w. Other blocks are left partial.
+    fn reduce_scatter<T: Elem>(&mut self, call: &Call, buf: &mut [T]) -> std::result::Result<(), Failure> {
+        let (r, w, n) = (self.rank, self.world, buf.len() / self.world);
+        let block = |i: usize| (i % w) * n..(i % w + 1) * n;
+        for s in 0..w - 1 {
+            self.step(call, s as u32, buf, block(r + 2 * w - s - 1), block(r + 2 * w - s - 2), true)?;
+        }
+        Ok(())
+    }
+
+    /// The all-gather half, rank r starting with block r of `buf` (world equal blocks of bytes) filled: at
+    /// step s it forwards block r-s (its own, then the one it got last) and receives block r-s-1 from prev.
+    fn all_gather(&mut self, call: &Call, buf: &mut [u8]) -> std::result::Result<(), Failure> {
+        let (r, w, n) = (self.rank, self.world, buf.len() / self.world);
+        let block = |i: usize| (i % w) * n..(i % w + 1) * n;
+        for s in 0..w - 1 {
+            self.step(call, s as u32, buf, block(r + w - s), block(r + 2 * w - s - 1), false)?;
         }
         Ok(())
     }

@@ -66,24 +66,45 @@ impl GptNeoX {
     }
 
     pub fn forward(&self, ids: &Tensor, step: &mut Step) -> Tensor {
-        let mut x = Tensor::embedding(&self.embed_in, ids, -1, false, false);
-        let (cos, sin) = self.rope.cos_sin(&step.positions, x.kind());
-        for (i, layer) in self.layers.iter().enumerate().take(step.depth.unwrap_or(usize::MAX)) {
-            let attn = self.attention(layer, &layer.input_layernorm.forward(&x), i, &cos, &sin, step);
-            x = if self.cfg.use_parallel_residual {
-                let mlp = Self::mlp(layer, &layer.post_attention_layernorm.forward(&x));
-                x + attn + mlp
-            } else {
-                let x = x + attn;
-                let mlp = Self::mlp(layer, &layer.post_attention_layernorm.forward(&x));
-                x + mlp
-            };
+        let mut x = self.embed(ids);
+        let (cos, sin) = self.rope_tables(&step.positions);
+        for i in 0..self.layers.len().min(step.depth.unwrap_or(usize::MAX)) {
+            x = self.layer(i, &x, &cos, &sin, step);
             step.after_layer(i, &x);
         }
-        self.final_layer_norm.forward(&x)
+        self.finish(&x)
     }
 
-    pub(super) fn final_norm(&self, x: &Tensor) -> Tensor {
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The token embeddings [B, T, H]: the input of layer 0.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_in, ids, -1, false, false)
+    }
+
+    /// The rotary tables every layer of one forward uses, in the weights' dtype.
+    pub fn rope_tables(&self, positions: &Tensor) -> (Tensor, Tensor) {
+        self.rope.cos_sin(positions, self.embed_in.kind())
+    }
+
+    /// Layer `i` on its input `x` [B, T, H], with the parallel or the sequential residual.
+    pub fn layer(&self, i: usize, x: &Tensor, cos: &Tensor, sin: &Tensor, step: &mut Step) -> Tensor {
+        let layer = &self.layers[i];
+        let attn = self.attention(layer, &layer.input_layernorm.forward(x), i, cos, sin, step);
+        if self.cfg.use_parallel_residual {
+            let mlp = Self::mlp(layer, &layer.post_attention_layernorm.forward(x));
+            x + attn + mlp
+        } else {
+            let x = x + attn;
+            let mlp = Self::mlp(layer, &layer.post_attention_layernorm.forward(&x));
+            x + mlp
+        }
+    }
+
+    /// The final LayerNorm after the last layer.
+    pub fn finish(&self, x: &Tensor) -> Tensor {
         self.final_layer_norm.forward(x)
     }
 

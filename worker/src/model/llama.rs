@@ -94,18 +94,39 @@ impl Llama {
     }
 
     pub fn forward(&self, ids: &Tensor, step: &mut Step) -> Tensor {
-        let mut x = Tensor::embedding(&self.embed_tokens, ids, -1, false, false);
-        let (cos, sin) = self.rope.cos_sin(&step.positions, x.kind());
-        for (i, layer) in self.layers.iter().enumerate().take(step.depth.unwrap_or(usize::MAX)) {
-            x = &x + self.attention(layer, &layer.input_layernorm.forward(&x), i, &cos, &sin, step);
-            let h = layer.post_attention_layernorm.forward(&x);
-            x = &x + layer.down_proj.forward(&(layer.gate_proj.forward(&h).silu() * layer.up_proj.forward(&h)));
+        let mut x = self.embed(ids);
+        let (cos, sin) = self.rope_tables(&step.positions);
+        for i in 0..self.layers.len().min(step.depth.unwrap_or(usize::MAX)) {
+            x = self.layer(i, &x, &cos, &sin, step);
             step.after_layer(i, &x);
         }
-        self.norm.forward(&x)
+        self.finish(&x)
     }
 
-    pub(super) fn final_norm(&self, x: &Tensor) -> Tensor {
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The token embeddings [B, T, H]: the input of layer 0.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
+    }
+
+    /// The rotary tables every layer of one forward uses, in the weights' dtype.
+    pub fn rope_tables(&self, positions: &Tensor) -> (Tensor, Tensor) {
+        self.rope.cos_sin(positions, self.embed_tokens.kind())
+    }
+
+    /// Decoder layer `i` on its input `x` [B, T, H].
+    pub fn layer(&self, i: usize, x: &Tensor, cos: &Tensor, sin: &Tensor, step: &mut Step) -> Tensor {
+        let layer = &self.layers[i];
+        let x = x + self.attention(layer, &layer.input_layernorm.forward(x), i, cos, sin, step);
+        let h = layer.post_attention_layernorm.forward(&x);
+        &x + layer.down_proj.forward(&(layer.gate_proj.forward(&h).silu() * layer.up_proj.forward(&h)))
+    }
+
+    /// The final norm after the last layer.
+    pub fn finish(&self, x: &Tensor) -> Tensor {
         self.norm.forward(x)
     }
 

@@ -136,6 +136,13 @@ impl Step<'_> {
     }
 }
 
+/// What the layers of one layer-by-layer forward share ([`Backbone::begin`]).
+pub struct LayerPass {
+    step: Step<'static>,
+    cos: Tensor,
+    sin: Tensor,
+}
+
 /// A transformer stack up to and including its final norm.
 pub enum Backbone {
     GptNeoX(gpt_neox::GptNeoX),
@@ -188,8 +195,8 @@ impl Backbone {
 
     fn final_norm(&self, x: &Tensor) -> Tensor {
         match self {
-            Backbone::GptNeoX(m) => m.final_norm(x),
-            Backbone::Llama(m) => m.final_norm(x),
+            Backbone::GptNeoX(m) => m.finish(x),
+            Backbone::Llama(m) => m.finish(x),
         }
     }
 
@@ -224,6 +231,64 @@ impl Backbone {
             c.advance(new);
         }
         (hidden, step.tapped)
+    }
+
+    /// Starts a layer-by-layer forward (no cache) of `ids` [B, T]: the pass every [`Self::layer`] call of it
+    /// shares (mask, rotary tables). Training drives the layers one at a time to recompute them in the backward
+    /// (activation checkpointing) and to gather each layer's sharded weights only while it runs;
+    /// `embed` → `layer` 0..n → `finish` computes exactly what [`Self::forward`] does.
+    pub fn begin(&self, valid: &Tensor, positions: &Tensor) -> LayerPass {
+        let mask = attention::causal_mask(valid, 0, valid.size()[1]);
+        let mask = Tensor::zeros(mask.size(), (self.kind(), mask.device()))
+            .masked_fill(&mask.logical_not(), f64::NEG_INFINITY);
+        let (cos, sin) = match self {
+            Backbone::GptNeoX(m) => m.rope_tables(positions),
+            Backbone::Llama(m) => m.rope_tables(positions),
+        };
+        LayerPass {
+            step: Step {
+                positions: positions.shallow_clone(),
+                mask,
+                cache: None,
+                depth: None,
+                tap: None,
+                tapped: None,
+            },
+            cos,
+            sin,
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Backbone::GptNeoX(m) => m.num_layers(),
+            Backbone::Llama(m) => m.num_layers(),
+        }
+    }
+
+    /// The input of layer 0: the token embeddings [B, T, H].
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        match self {
+            Backbone::GptNeoX(m) => m.embed(ids),
+            Backbone::Llama(m) => m.embed(ids),
+        }
+    }
+
+    /// Layer `i` of a pass begun with [`Self::begin`].
+    pub fn layer(&self, i: usize, x: &Tensor, pass: &mut LayerPass) -> Tensor {
+        let LayerPass { step, cos, sin } = pass;
+        match self {
+            Backbone::GptNeoX(m) => m.layer(i, x, cos, sin, step),
+            Backbone::Llama(m) => m.layer(i, x, cos, sin, step),
+        }
+    }
+
+    /// The final norm after the last layer: the hidden states [`Self::forward`] returns.
+    pub fn finish(&self, x: &Tensor) -> Tensor {
+        match self {
+            Backbone::GptNeoX(m) => m.finish(x),
+            Backbone::Llama(m) => m.finish(x),
+        }
     }
 
     pub fn cache_shape(&self) -> CacheShape {

@@ -39,8 +39,9 @@ impl Pipeline {
         self.store.local_path(&key).is_none().then_some(key)
     }
 
-    /// Uploads a checkpoint folder attempt `attempt` just finished (remote stores only).
-    pub(super) fn upload_checkpoint(&self, t: u32, attempt: u32, dir: &Path) -> Result<()> {
+    /// Uploads a checkpoint folder attempt `attempt` just finished (remote stores only): all of it, or with
+    /// `only` just that file (a sharded gang's rank r > 0 uploads its own shard; rank 0 the rest).
+    pub(super) fn upload_checkpoint(&self, t: u32, attempt: u32, dir: &Path, only: Option<&str>) -> Result<()> {
         let (Some(prefix), Some(name)) = (self.remote_train_prefix(t, attempt), dir.file_name()) else {
             return Ok(());
         };
@@ -49,6 +50,7 @@ impl Pipeline {
             .map_err(Error::io(dir))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.is_file())
+            .filter(|p| only.is_none_or(|o| p.file_name().is_some_and(|n| n == o)))
             .collect();
         // The marker goes last, so a reader never sees a checkpoint with missing files.
         files.sort_by_key(|p| p.file_name().is_some_and(|n| n == MARKER));
@@ -68,10 +70,10 @@ impl Pipeline {
         let own = checkpoint::latest(out_dir).and_then(|p| step_of(&p.file_name()?.to_string_lossy()));
         let mut best: Option<(usize, u32, Found)> = None;
         for earlier in 1..attempt {
-            if let Some((step, found)) = self.newest_checkpoint(t, earlier)? {
-                if best.as_ref().is_none_or(|(s, _, _)| step > *s) {
-                    best = Some((step, earlier, found));
-                }
+            if let Some((step, found)) = self.newest_checkpoint(t, earlier)?
+                && best.as_ref().is_none_or(|(s, _, _)| step > *s)
+            {
+                best = Some((step, earlier, found));
             }
         }
         let Some((step, from, found)) = best else { return Ok(()) };
@@ -143,6 +145,7 @@ impl Pipeline {
             .iter()
             .filter_map(|k| k.strip_prefix(&format!("{key}/"))?.strip_suffix(&format!("/{MARKER}")))
             .filter_map(|name| Some((step_of(name)?, name.to_owned())))
+            .filter(|(_, name)| shards_complete(&keys, &format!("{key}/{name}/")))
             .max_by_key(|(step, _)| *step);
         Ok(newest.map(|(step, name)| {
             let wanted = format!("{key}/{name}/");
@@ -152,9 +155,37 @@ impl Pipeline {
     }
 }
 
+/// Whether the checkpoint folder under `folder` (a key prefix ending in `/`) has every shard file it names: the
+/// ranks of a sharded gang upload their shards themselves, so rank 0's marker can land before another rank's
+/// shard. An unsharded folder (no shard files) is complete.
+fn shards_complete(keys: &[String], folder: &str) -> bool {
+    let shards: Vec<(usize, usize)> = keys
+        .iter()
+        .filter_map(|k| k.strip_prefix(folder))
+        .filter_map(|f| f.strip_prefix("shard-")?.strip_suffix(".safetensors"))
+        .filter_map(|f| {
+            let (rank, world) = f.split_once("-of-")?;
+            Some((rank.parse().ok()?, world.parse().ok()?))
+        })
+        .collect();
+    let Some(&(_, world)) = shards.first() else { return true };
+    (0..world).all(|r| shards.contains(&(r, world)))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::is_plain_file_name;
+    use super::{is_plain_file_name, shards_complete};
+
+    #[test]
+    fn a_sharded_checkpoint_is_complete_only_with_every_ranks_shard() {
+        let keys = |files: &[&str]| files.iter().map(|f| format!("p/checkpoint-00000004/{f}")).collect::<Vec<_>>();
+        let folder = "p/checkpoint-00000004/";
+        assert!(shards_complete(&keys(&["model.safetensors", "train_state.json"]), folder));
+        let two = ["shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors", "train_state.json"];
+        assert!(shards_complete(&keys(&two), folder));
+        assert!(!shards_complete(&keys(&two[..1]), folder));
+        assert!(!shards_complete(&keys(&["shard-00001-of-00002.safetensors"]), folder));
+    }
 
     #[test]
     fn checkpoint_file_names_from_the_store_cannot_escape_the_work_dir() {

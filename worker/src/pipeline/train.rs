@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use iro_common::config::{HeadFit, ValueKind, ValueTargets};
+use iro_common::config::{HeadFit, ValueKind, ValuePrecision, ValueTargets};
 use iro_common::layout::ShardedPhase;
 use iro_common::records::{RolloutRecord, read_accepted, read_manifest};
 use iro_common::store::sha256_hex;
@@ -48,9 +48,10 @@ impl Pipeline {
         let manifest = self.block_on(read_manifest(&self.store, &self.layout, t, ShardedPhase::Rollout))?;
         let records: Vec<RolloutRecord> = self.block_on(read_accepted(&self.store, &manifest))?;
         let warm = self.config.value.warm_start && t > 1;
-        if warm {
-            self.ensure_values(t - 1)?;
-        }
+        // Training reads its starting point from V_{t-1}'s folder, not from the loaded value functions: they are
+        // dropped for the task, so a rank's device holds its training state instead (a 7B V_i is 14 GB in bf16;
+        // `iro check-config`'s memory plan counts on this). The next search loads them again.
+        self.values.clear();
         let v = &self.config.value;
         let previous = if warm { Some(self.value_model_dir(t - 1)?) } else { None };
         let mut value_tokens = None;
@@ -59,8 +60,13 @@ impl Pipeline {
                 let base = if v.init.as_os_str().is_empty() { self.policy_dir.clone() } else { v.init.clone() };
                 let dir = previous.clone().unwrap_or(base);
                 value_tokens = self.value_tokens(&dir)?;
-                // Training runs in f32 (AdamW moments and small updates need it); decoding uses the run dtype.
-                ValueInit::Model { dir, kind: Kind::Float, device: self.device }
+                // AdamW's moments and small updates need f32: either the whole training (`f32`) or the master
+                // weights beside bf16 ones that run the passes (`bf16`); decoding uses the run dtype.
+                let kind = match v.precision {
+                    ValuePrecision::F32 => Kind::Float,
+                    ValuePrecision::Bf16 => Kind::BFloat16,
+                };
+                ValueInit::Model { dir, kind, device: self.device }
             }
             ValueKind::Head => ValueInit::Head {
                 backbone: self.policy.backbone.clone(),
@@ -99,13 +105,19 @@ impl Pipeline {
         } else {
             Box::new(SingleRank)
         };
+        let sharded = cfg.sharding != iro_common::config::ValueSharding::None && task.world > 1;
         let gang = DataParallel { collective: collective.as_mut(), bucket_bytes: self.config.cluster.bucket_bytes };
         let report = train_value_ranked(&cfg, &examples, &init, &out_dir, true, gang, |p| {
             control.set_progress(p.step as u64, p.total_steps as u64);
-            // Rank 0 copies each new checkpoint to a remote store, for a gang restarted elsewhere.
+            // Rank 0 copies each new checkpoint to a remote store, for a gang restarted elsewhere; in a sharded
+            // gang every other rank adds its own shard file.
             let newest = checkpoint::latest(&out_dir);
-            if task.rank == 0 && newest.is_some() && newest != uploaded {
-                if let Err(e) = self.upload_checkpoint(t, task.attempt, newest.as_deref().unwrap_or(&out_dir)) {
+            let own_shard = checkpoint::shard_file(task.rank as usize, task.world as usize);
+            let only = (task.rank != 0).then_some(own_shard.as_str());
+            let uploads = task.rank == 0 || sharded;
+            if uploads && newest.is_some() && newest != uploaded {
+                let dir = newest.as_deref().unwrap_or(&out_dir);
+                if let Err(e) = self.upload_checkpoint(t, task.attempt, dir, only) {
                     tracing::warn!(error = %e, "checkpoint upload failed; training goes on");
                 }
                 uploaded = newest;

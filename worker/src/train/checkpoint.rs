@@ -4,15 +4,25 @@
 //! `train_state.safetensors` (AdamW moments `m.<param>`, `v.<param>`) and `train_state.json` (`TrainState`).
 //! Each is written to a hidden temp folder and renamed into place, so a crash never leaves half a checkpoint;
 //! older checkpoints are removed only after the new one exists.
+//!
+//! A sharded training (`value.sharding` = `optimizer` or `full`) writes the same folder, its model files being
+//! the gathered full model (rank 0 writes them, so the published V_t is the same HF folder), but the optimizer
+//! state lives in one `shard-RRRRR-of-WWWWW.safetensors` per rank (that rank's slice of the weights and of both
+//! moments, bucket by bucket) instead of `train_state.safetensors`. A rank whose `out_dir` is not rank 0's
+//! (no shared filesystem) publishes its own copy of the folder holding its shard and `train_state.json`, which
+//! is all its resume reads.
 
 use std::path::{Path, PathBuf};
 
+use iro_common::config::ValueSharding;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tch::{Device, Kind, Tensor};
 
 use super::optim::AdamW;
+use super::shard::ShardedState;
 use super::value::TrainableValue;
+use crate::collective::Collective;
 use crate::error::{Error, Result};
 
 /// Where training stands after the optimizer step `step` (steps counted from 1; 0 = nothing done).
@@ -34,6 +44,21 @@ pub struct TrainState {
     pub kind: String,
     /// The loss of every step so far.
     pub losses: Vec<f64>,
+    /// `value.sharding` of the run that wrote the checkpoint (checkpoints from before sharding: `none`).
+    #[serde(default)]
+    pub sharding: ValueSharding,
+    /// Ranks of the gang that wrote it; a sharded checkpoint holds one shard file per rank and resumes only
+    /// with as many ranks.
+    #[serde(default = "one")]
+    pub world: usize,
+    /// Sharded: the elements of every bucket, so a changed bucket plan (`cluster.bucket_bytes`) is refused
+    /// instead of misreading the shards.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buckets: Vec<i64>,
+}
+
+fn one() -> usize {
+    1
 }
 
 const PREFIX: &str = "checkpoint-";
@@ -118,32 +143,29 @@ fn model_files(value: &TrainableValue) -> (Vec<(String, Tensor)>, Value) {
     }
 }
 
-/// Writes `checkpoint-<state.step>` under `out_dir` atomically and removes older checkpoints.
-pub fn save(out_dir: &Path, value: &TrainableValue, opt: &AdamW, state: &TrainState) -> Result<PathBuf> {
+fn tmp_dir(out_dir: &Path, step: usize) -> PathBuf {
+    out_dir.join(format!(".tmp-{PREFIX}{step:08}"))
+}
+
+/// An empty temp folder for the checkpoint after `step` (a stale one from a crash is cleared).
+fn fresh_tmp(out_dir: &Path, step: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
-    let final_dir = checkpoint_dir(out_dir, state.step);
-    let tmp = out_dir.join(format!(".tmp-{PREFIX}{:08}", state.step));
+    let tmp = tmp_dir(out_dir, step);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    Ok(tmp)
+}
 
-    let (tensors, config) = model_files(value);
-    write_tensors(&tmp.join("model.safetensors"), &tensors)?;
-    write_json(&tmp.join("config.json"), &config)?;
-    let names: Vec<String> = value.named_params().into_iter().map(|(n, _)| n).collect();
-    let mut moments = Vec::with_capacity(2 * names.len());
-    for (name, (m, v)) in names.iter().zip(opt.m.iter().zip(&opt.v)) {
-        moments.push((format!("m.{name}"), m.shallow_clone()));
-        moments.push((format!("v.{name}"), v.shallow_clone()));
-    }
-    write_tensors(&tmp.join("train_state.safetensors"), &moments)?;
+/// Writes `train_state.json` last into `tmp`, renames it to `checkpoint-<step>` and removes older checkpoints.
+fn publish(out_dir: &Path, tmp: &Path, state: &TrainState) -> Result<PathBuf> {
     write_json(&tmp.join("train_state.json"), state)?;
-
+    let final_dir = checkpoint_dir(out_dir, state.step);
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(io(&final_dir))?;
     }
-    std::fs::rename(&tmp, &final_dir).map_err(io(&final_dir))?;
+    std::fs::rename(tmp, &final_dir).map_err(io(&final_dir))?;
     for entry in std::fs::read_dir(out_dir).map_err(io(out_dir))?.filter_map(|e| e.ok()) {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with(PREFIX) && entry.path() != final_dir {
@@ -151,6 +173,66 @@ pub fn save(out_dir: &Path, value: &TrainableValue, opt: &AdamW, state: &TrainSt
         }
     }
     Ok(final_dir)
+}
+
+fn write_model(dir: &Path, value: &TrainableValue) -> Result<()> {
+    let (tensors, config) = model_files(value);
+    write_tensors(&dir.join("model.safetensors"), &tensors)?;
+    write_json(&dir.join("config.json"), &config)
+}
+
+/// Writes `checkpoint-<state.step>` under `out_dir` atomically and removes older checkpoints.
+pub fn save(out_dir: &Path, value: &TrainableValue, opt: &AdamW, state: &TrainState) -> Result<PathBuf> {
+    let tmp = fresh_tmp(out_dir, state.step)?;
+    write_model(&tmp, value)?;
+    let names: Vec<String> = value.named_params().into_iter().map(|(n, _)| n).collect();
+    let mut moments = Vec::with_capacity(2 * names.len());
+    for (i, (name, (m, v))) in names.iter().zip(opt.m.iter().zip(&opt.v)).enumerate() {
+        moments.push((format!("m.{name}"), m.shallow_clone()));
+        moments.push((format!("v.{name}"), v.shallow_clone()));
+        if let Some(master) = &opt.master {
+            moments.push((format!("master.{name}"), master[i].shallow_clone()));
+        }
+    }
+    write_tensors(&tmp.join("train_state.safetensors"), &moments)?;
+    publish(out_dir, &tmp, state)
+}
+
+/// The file of rank `rank`'s shard in a checkpoint written by `world` ranks.
+pub fn shard_file(rank: usize, world: usize) -> String {
+    format!("shard-{rank:05}-of-{world:05}.safetensors")
+}
+
+/// The sharded [`save`], called by every rank of the gang in step: rank 0 writes the model files from `value`
+/// (whose weights must be whole: the caller gathers them first with `full`), every rank its shard file, then
+/// rank 0 writes `train_state.json` and renames the folder into place. Barriers order the three, so the folder
+/// appears complete or not at all. A rank that still sees the temp folder after rank 0 renamed it does not share
+/// rank 0's `out_dir` and publishes its own copy (its shard and the train state).
+pub fn save_sharded(
+    out_dir: &Path,
+    value: &TrainableValue,
+    shards: &ShardedState,
+    state: &TrainState,
+    collective: &mut dyn Collective,
+) -> Result<PathBuf> {
+    let (rank, world) = (collective.rank(), collective.world());
+    if rank == 0 {
+        let tmp = fresh_tmp(out_dir, state.step)?;
+        write_model(&tmp, value)?;
+    }
+    collective.barrier()?;
+    let tmp = tmp_dir(out_dir, state.step);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    write_tensors(&tmp.join(shard_file(rank, world)), &shards.shard_tensors())?;
+    collective.barrier()?;
+    if rank == 0 {
+        publish(out_dir, &tmp, state)?;
+    }
+    collective.barrier()?;
+    if rank != 0 && tmp.exists() {
+        publish(out_dir, &tmp, state)?;
+    }
+    Ok(checkpoint_dir(out_dir, state.step))
 }
 
 /// Writes a linear `head`-kind value (a ridge fit: `weight` [1, H], `bias` [1]) as the one checkpoint
@@ -179,12 +261,33 @@ pub fn save_linear_head(out_dir: &Path, weight: &Tensor, bias: &Tensor, depth: O
     Ok(final_dir)
 }
 
-/// Reads `train_state.json` and fills `opt`'s moments from `train_state.safetensors` (by parameter name).
-pub fn load_train_state(dir: &Path, value: &TrainableValue, opt: &mut AdamW) -> Result<TrainState> {
+/// Reads a checkpoint's `train_state.json`.
+pub fn read_train_state(dir: &Path) -> Result<TrainState> {
     let json_path = dir.join("train_state.json");
     let text = std::fs::read_to_string(&json_path).map_err(io(&json_path))?;
-    let state: TrainState = serde_json::from_str(&text)
-        .map_err(|e| Error::Checkpoint { path: json_path.clone(), message: format!("malformed train state: {e}") })?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::Checkpoint { path: json_path.clone(), message: format!("malformed train state: {e}") })
+}
+
+/// Restores this rank's shards (weights and moments) from its shard file in `dir`; `state` is the folder's train
+/// state, already checked against this gang.
+pub fn load_shards(
+    dir: &Path,
+    state: &TrainState,
+    shards: &mut ShardedState,
+    collective: &mut dyn Collective,
+) -> Result<()> {
+    let file = dir.join(shard_file(collective.rank(), state.world));
+    let tensors = Tensor::read_safetensors(&file)
+        .map_err(|e| Error::Checkpoint { path: file.clone(), message: format!("cannot read safetensors: {e}") })?;
+    shards.load_shards(&tensors, &file, collective)?;
+    shards.steps = state.step as u64;
+    Ok(())
+}
+
+/// Reads `train_state.json` and fills `opt`'s moments from `train_state.safetensors` (by parameter name).
+pub fn load_train_state(dir: &Path, value: &TrainableValue, opt: &mut AdamW) -> Result<TrainState> {
+    let state = read_train_state(dir)?;
     let file = dir.join("train_state.safetensors");
     let tensors = Tensor::read_safetensors(&file)
         .map_err(|e| Error::Checkpoint { path: file.clone(), message: format!("cannot read safetensors: {e}") })?;
@@ -207,6 +310,10 @@ pub fn load_train_state(dir: &Path, value: &TrainableValue, opt: &mut AdamW) -> 
     let params = value.named_params();
     opt.m = params.iter().map(|(n, p)| find(&format!("m.{n}"), p)).collect::<Result<_>>()?;
     opt.v = params.iter().map(|(n, p)| find(&format!("v.{n}"), p)).collect::<Result<_>>()?;
+    if opt.master.is_some() {
+        // bf16 weights: the f32 masters the updates accumulate in (the model file holds them rounded).
+        opt.master = Some(params.iter().map(|(n, p)| find(&format!("master.{n}"), p)).collect::<Result<_>>()?);
+    }
     opt.steps = state.step as u64;
     Ok(state)
 }

@@ -5,16 +5,18 @@
 pub mod batch;
 pub mod checkpoint;
 pub mod features;
+pub mod layerwise;
 pub mod loss;
 pub mod optim;
 pub mod ridge;
+pub mod shard;
 pub mod value;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use iro_common::config::{ValueKind, ValueSection};
+use iro_common::config::{ValueKind, ValueSection, ValueSharding};
 use iro_common::data::{SplitMix64, shuffled_order};
 use tch::{Device, Kind, Tensor};
 
@@ -23,6 +25,7 @@ pub use checkpoint::TrainState;
 pub use features::FeatureCache;
 pub use loss::{mc_value_loss, squared_error_sum};
 pub use optim::{AdamW, AdamWConfig, cosine_lr};
+pub use shard::{ShardedState, StepMemory};
 pub use value::{MlpHead, TrainableValue};
 
 use crate::collective::{Collective, DEFAULT_BUCKET_BYTES, SingleRank, all_reduce_bucketed};
@@ -43,6 +46,10 @@ pub struct ValueTrainConfig {
     pub checkpoint_every: usize,
     pub seed: u64,
     pub pad_id: i64,
+    /// Which training state each rank keeps only its 1/R shard of (`value.sharding`).
+    pub sharding: ValueSharding,
+    /// Recompute each decoder layer in the backward (`value.activation_checkpointing`, `model` kind).
+    pub activation_checkpointing: bool,
 }
 
 impl ValueTrainConfig {
@@ -57,6 +64,8 @@ impl ValueTrainConfig {
             checkpoint_every: section.checkpoint_every,
             seed,
             pad_id,
+            sharding: section.sharding,
+            activation_checkpointing: section.activation_checkpointing,
         }
     }
 }
@@ -101,6 +110,8 @@ pub struct Progress {
     /// The effective batch's loss before this step's update.
     pub loss: f64,
     pub lr: f64,
+    /// What this rank held of weights, gradients and optimizer state at this step's AdamW update.
+    pub memory: StepMemory,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -222,12 +233,21 @@ fn train_loop(
     };
 
     let resume_from = if resume { checkpoint::latest(out_dir) } else { None };
-    let value = init.build(resume_from.as_deref(), config.seed, mean_target(examples))?;
+    let sharded = config.sharding != ValueSharding::None;
+    let saved = resume_from.as_deref().map(checkpoint::read_train_state).transpose()?;
+    if let (Some(dir), Some(saved)) = (&resume_from, &saved) {
+        check_resumable(dir, saved, config.sharding, world)?;
+    }
+    // A sharded checkpoint's weights are in its shard files (a rank without a shared filesystem has no model
+    // files at all), so the model is built from its starting point and the shards overwrite it.
+    let build_from = if sharded { None } else { resume_from.as_deref() };
+    let value = init.build(build_from, config.seed, mean_target(examples))?;
     let params = value.params();
-    let mut opt = AdamW::new(adam, &params);
-    let mut state = match &resume_from {
-        Some(dir) => {
-            let state = checkpoint::load_train_state(dir, &value, &mut opt)?;
+    // A sharded training keeps its moments in the shards.
+    let mut opt = AdamW::new(adam, if sharded { &params[..0] } else { &params[..] });
+    let mut state = match (&resume_from, saved) {
+        (Some(dir), Some(saved)) => {
+            let state = if sharded { saved } else { checkpoint::load_train_state(dir, &value, &mut opt)? };
             if state.examples != n || state.batch_size != batch || state.total_steps != total_steps {
                 return Err(Error::Checkpoint {
                     path: dir.clone(),
@@ -239,7 +259,7 @@ fn train_loop(
             }
             state
         }
-        None => TrainState {
+        _ => TrainState {
             step: 0,
             epoch: 0,
             position: 0,
@@ -251,9 +271,12 @@ fn train_loop(
             lr: config.lr,
             kind: kind_name.into(),
             losses: Vec::new(),
+            sharding: config.sharding,
+            world,
+            buckets: Vec::new(),
         },
     };
-    let mut last_checkpoint = resume_from.unwrap_or_default();
+    let mut last_checkpoint = resume_from.clone().unwrap_or_default();
     let device = value.device();
     if world > 1 {
         let targets: usize = examples.iter().map(|e| e.targets()).sum();
@@ -263,7 +286,37 @@ fn train_loop(
             &params,
             out_dir,
         )?;
+        if resume_from.is_none() {
+            // bf16 weights: their f32 masters start from the broadcast weights too.
+            opt.sync_master(&params);
+        }
     }
+    // Sharded only after the broadcast, so every rank slices the same weights.
+    // With checkpointing, one bucket per stage (embeddings, each layer, the head), in the order they run.
+    let groups = if config.activation_checkpointing { Some(layerwise::stage_groups(&value)?) } else { None };
+    let mut shards = if sharded {
+        let mut shards = ShardedState::new(config.sharding, rank, world, &params, bucket_bytes, groups.clone(), adam)?;
+        if let Some(dir) = &resume_from {
+            if !state.buckets.is_empty() && state.buckets != shards.bucket_lens() {
+                return Err(Error::Checkpoint {
+                    path: dir.clone(),
+                    message: format!(
+                        "its shards are cut into buckets of {:?} elements, this run's into {:?}: resume with the \
+                         cluster.bucket_bytes the checkpoint was written with",
+                        state.buckets,
+                        shards.bucket_lens()
+                    ),
+                });
+            }
+            checkpoint::load_shards(dir, &state, &mut shards, collective)?;
+        }
+        state.buckets = shards.bucket_lens();
+        Some(shards)
+    } else {
+        None
+    };
+    state.sharding = config.sharding;
+    state.world = world;
     let mut order = (usize::MAX, Vec::new());
 
     while state.step < total_steps {
@@ -276,31 +329,69 @@ fn train_loop(
         let targets: usize = picked.iter().map(|(_, e)| e.targets()).sum();
         let scale = 1.0 / targets as f64;
 
-        optim::zero_grads(&params);
         let mut loss = 0.0;
         let micros: Vec<&[(usize, &ValueExample)]> = picked.chunks(config.micro_batch_size).collect();
         let mine: Vec<&[(usize, &ValueExample)]> = micros.iter().copied().skip(rank).step_by(world).collect();
-        for micro in &mine {
-            let sum = micro_loss_sum(&value, micro, features, config.pad_id, device)?;
-            loss += sum.double_value(&[]) * scale;
-            optim::accumulate(&sum, scale);
-        }
-        if world > 1 {
-            if mine.is_empty() && params.iter().any(|p| !p.grad().defined()) {
-                // This rank has no micro-batch in this (short, last-of-epoch) batch and has never backpropagated:
-                // a zero-weighted pass over the first micro-batch defines its gradients exactly where the other
-                // ranks' are defined, so the buckets line up, and adds nothing to the sum.
-                let sum = micro_loss_sum(&value, micros[0], features, config.pad_id, device)?;
-                optim::accumulate(&sum, 0.0);
-            }
-            let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
-            all_reduce_bucketed(collective, &grads, bucket_bytes)?;
-            let mut total = Tensor::from_slice(&[loss]);
-            collective.all_reduce_sum(&mut total)?;
-            loss = total.double_value(&[0]);
-        }
         let lr = cosine_lr(config.lr, state.step, total_steps);
-        opt.step(&params, lr);
+        let memory = match shards.as_mut() {
+            Some(shards) => {
+                // Every rank gathers and reduces every bucket, micro-batches or not, so the collectives line up.
+                shards.begin_step();
+                match &groups {
+                    None => {
+                        shards.gather(collective)?;
+                        for micro in &mine {
+                            let sum = micro_loss_sum(&value, micro, features, config.pad_id, device)?;
+                            loss += sum.double_value(&[]) * scale;
+                            shards.accumulate(&sum, scale);
+                        }
+                        shards.release();
+                        shards.reduce(collective)?;
+                    }
+                    Some(groups) => {
+                        // Round k: every rank's k-th micro-batch, or none; the stages' collectives run either way.
+                        for k in 0..micros.len().div_ceil(world) {
+                            let b = mine.get(k).map(|m| model_batch(m, config.pad_id, device)).transpose()?;
+                            let mut grads =
+                                layerwise::Grads::Sharded { shards: &mut *shards, collective: &mut *collective };
+                            let sum = layerwise::checkpointed_micro(
+                                &value,
+                                groups,
+                                b.as_ref(),
+                                scale,
+                                &mut grads,
+                                &mut || {},
+                            )?;
+                            loss += sum * scale;
+                        }
+                    }
+                }
+                loss = gang_loss(collective, loss)?;
+                let memory = shards.memory();
+                shards.step(collective, lr)?;
+                memory
+            }
+            None => {
+                optim::zero_grads(&params);
+                for micro in &mine {
+                    loss += replicated_micro(&value, groups.as_deref(), micro, scale, features, config.pad_id, device)?;
+                }
+                if world > 1 {
+                    if mine.is_empty() && params.iter().any(|p| !p.grad().defined()) {
+                        // This rank has no micro-batch in this (short, last-of-epoch) batch and has never
+                        // backpropagated: a zero-weighted pass over the first micro-batch defines its gradients
+                        // exactly where the other ranks' are defined, so the buckets line up, and adds nothing.
+                        replicated_micro(&value, groups.as_deref(), micros[0], 0.0, features, config.pad_id, device)?;
+                    }
+                    let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
+                    all_reduce_bucketed(collective, &grads, bucket_bytes)?;
+                    loss = gang_loss(collective, loss)?;
+                }
+                let memory = StepMemory::replicated(&params, &opt);
+                opt.step(&params, lr);
+                memory
+            }
+        };
 
         state.step += 1;
         state.epoch = state.step / steps_per_epoch;
@@ -308,10 +399,25 @@ fn train_loop(
         state.losses.push(loss);
         let every = config.checkpoint_every;
         if state.step == total_steps || (every > 0 && state.step % every == 0) {
-            last_checkpoint = if rank == 0 {
-                checkpoint::save(out_dir, &value, &opt, &state)?
-            } else {
-                checkpoint::checkpoint_dir(out_dir, state.step)
+            last_checkpoint = match shards.as_mut() {
+                Some(shards) => {
+                    // Rank 0 writes the whole model: with `full` every bucket is gathered in turn, rank 0 keeping
+                    // its copy in host memory and the others dropping theirs at once, so no device holds more
+                    // than one gathered bucket; all are freed again after the save.
+                    for b in 0..shards.buckets() {
+                        if rank == 0 {
+                            shards.gather_bucket_to_host(b, collective)?;
+                        } else {
+                            shards.gather_bucket(b, collective)?;
+                            shards.release_bucket(b);
+                        }
+                    }
+                    let saved = checkpoint::save_sharded(out_dir, &value, shards, &state, collective);
+                    shards.release();
+                    saved?
+                }
+                None if rank == 0 => checkpoint::save(out_dir, &value, &opt, &state)?,
+                None => checkpoint::checkpoint_dir(out_dir, state.step),
             };
             if world > 1 {
                 // No rank runs ahead of a checkpoint that is not on disk yet: once any rank reports step N
@@ -319,7 +425,7 @@ fn train_loop(
                 collective.barrier()?;
             }
         }
-        let p = Progress { step: state.step, total_steps, epoch, loss, lr };
+        let p = Progress { step: state.step, total_steps, epoch, loss, lr, memory };
         if progress(&p).is_break() {
             break;
         }
@@ -331,6 +437,67 @@ fn train_loop(
         losses: state.losses,
         checkpoint: last_checkpoint,
     })
+}
+
+/// Backpropagates one micro-batch into `.grad` (plainly, or checkpointed layer by layer with `groups`) and
+/// returns its share of the effective batch's loss.
+fn replicated_micro(
+    value: &TrainableValue,
+    groups: Option<&[Vec<usize>]>,
+    micro: &[(usize, &ValueExample)],
+    scale: f64,
+    features: &mut FeatureCache,
+    pad_id: i64,
+    device: Device,
+) -> Result<f64> {
+    match groups {
+        Some(groups) => {
+            let b = model_batch(micro, pad_id, device)?;
+            let mut grads = layerwise::Grads::Replicated;
+            Ok(layerwise::checkpointed_micro(value, groups, Some(&b), scale, &mut grads, &mut || {})? * scale)
+        }
+        None => {
+            let sum = micro_loss_sum(value, micro, features, pad_id, device)?;
+            optim::accumulate(&sum, scale);
+            Ok(sum.double_value(&[]) * scale)
+        }
+    }
+}
+
+fn model_batch(micro: &[(usize, &ValueExample)], pad_id: i64, device: Device) -> Result<ValueBatch> {
+    let refs: Vec<&ValueExample> = micro.iter().map(|(_, e)| *e).collect();
+    build_batch(&refs, pad_id, device)
+}
+
+/// The effective batch's loss summed over the gang (each rank holds the share of its micro-batches).
+fn gang_loss(collective: &mut dyn Collective, loss: f64) -> Result<f64> {
+    let mut total = Tensor::from_slice(&[loss]);
+    collective.all_reduce_sum(&mut total)?;
+    Ok(total.double_value(&[0]))
+}
+
+/// A checkpoint resumes only into the training that can read it: a sharded one (one shard file per rank) with the
+/// same sharding and the same number of ranks; an unsharded one into an unsharded training of any size.
+fn check_resumable(dir: &Path, saved: &TrainState, sharding: ValueSharding, world: usize) -> Result<()> {
+    let refuse = |message: String| Err(Error::Checkpoint { path: dir.to_owned(), message });
+    if saved.sharding != sharding {
+        return refuse(format!(
+            "was written with value.sharding = \"{}\", this run has \"{}\": resume with the sharding it was written \
+             with",
+            saved.sharding.as_str(),
+            sharding.as_str()
+        ));
+    }
+    if sharding != ValueSharding::None && saved.world != world {
+        return refuse(format!(
+            "holds the shards of R = {} ranks (value.sharding = \"{}\") but this gang has R = {world}: a sharded \
+             checkpoint resumes only with the same number of ranks (cluster.train_ranks = {})",
+            saved.world,
+            sharding.as_str(),
+            saved.world
+        ));
+    }
+    Ok(())
 }
 
 /// The mean reward over every target position (the token-weighted mean the loss regresses onto).
@@ -367,8 +534,7 @@ fn micro_loss_sum(
             Ok(diff.square().sum(Kind::Float) * 0.5)
         }
         TrainableValue::Model { .. } => {
-            let refs: Vec<&ValueExample> = micro.iter().map(|(_, e)| *e).collect();
-            let b = build_batch(&refs, pad_id, device)?;
+            let b = model_batch(micro, pad_id, device)?;
             let values = value.values(&b.ids, &b.valid, &b.positions);
             Ok(squared_error_sum(&values, &b.target_mask, &b.rewards))
         }

@@ -48,48 +48,88 @@ impl Default for AdamWConfig {
 }
 
 /// AdamW state: first and second moments per parameter (f32, whatever the parameter's dtype) and the number
-/// of steps taken (for the bias correction).
+/// of steps taken (for the bias correction); for parameters below f32 (bf16 mixed precision), an f32 master copy
+/// of each, which the updates accumulate in (a bf16 weight would round most of a 3e-6 step away).
 pub struct AdamW {
     pub config: AdamWConfig,
     pub steps: u64,
     pub m: Vec<Tensor>,
     pub v: Vec<Tensor>,
+    /// f32 master weights, one per parameter, when the parameters are not f32.
+    pub master: Option<Vec<Tensor>>,
 }
 
 impl AdamW {
-    /// Zero moments shaped like `params`.
+    /// Zero moments shaped like `params` (and f32 master copies of them when they are not f32).
     pub fn new(config: AdamWConfig, params: &[Tensor]) -> Self {
         let zeros = |p: &Tensor| Tensor::zeros(p.size(), (Kind::Float, p.device()));
-        Self { config, steps: 0, m: params.iter().map(zeros).collect(), v: params.iter().map(zeros).collect() }
+        let master = params
+            .iter()
+            .any(|p| p.kind() != Kind::Float)
+            .then(|| tch::no_grad(|| params.iter().map(|p| p.detach().to_kind(Kind::Float).copy()).collect()));
+        Self { config, steps: 0, m: params.iter().map(zeros).collect(), v: params.iter().map(zeros).collect(), master }
+    }
+
+    /// Copies the parameters into the f32 master weights again (after the gang's broadcast replaced them).
+    pub fn sync_master(&mut self, params: &[Tensor]) {
+        if let Some(master) = self.master.as_mut() {
+            tch::no_grad(|| {
+                for (w, p) in master.iter_mut().zip(params) {
+                    w.copy_(p);
+                }
+            });
+        }
     }
 
     /// One update of every parameter from its `.grad` (parameters without a gradient are skipped, as in
     /// PyTorch). Decoupled weight decay: `p ← p·(1 − lr·wd)` before the Adam step
     /// `p ← p − lr · m̂ / (√v̂ + eps)`.
     pub fn step(&mut self, params: &[Tensor], lr: f64) {
-        let AdamWConfig { beta1, beta2, eps, weight_decay } = self.config;
         self.steps += 1;
-        let t = self.steps as i32;
-        let bc1 = 1.0 - beta1.powi(t);
-        let bc2 = 1.0 - beta2.powi(t);
         tch::no_grad(|| {
-            for ((p, m), v) in params.iter().zip(&mut self.m).zip(&mut self.v) {
+            for (i, ((p, m), v)) in params.iter().zip(&mut self.m).zip(&mut self.v).enumerate() {
                 let g = p.grad();
                 if !g.defined() {
                     continue;
                 }
-                let g = g.to_kind(Kind::Float);
-                let _ = m.g_mul_scalar_(beta1).g_add_(&(&g * (1.0 - beta1)));
-                let _ = v.g_mul_scalar_(beta2).g_add_(&(g.square() * (1.0 - beta2)));
-                let w = p.to_kind(Kind::Float);
-                let w = if weight_decay != 0.0 { w * (1.0 - lr * weight_decay) } else { w };
-                let denom = (&*v / bc2).sqrt() + eps;
-                let update = (&*m / bc1) / denom * lr;
+                let master = self.master.as_mut().map(|w| &mut w[i]);
+                let current = master.as_ref().map_or_else(|| p.to_kind(Kind::Float), |w| w.shallow_clone());
+                let w = adamw_update(&self.config, self.steps, &current, &g, m, v, lr);
+                if let Some(master) = master {
+                    master.copy_(&w);
+                }
                 let mut p = p.shallow_clone();
-                p.copy_(&(w - update));
+                // `copy_` rounds to the parameter's dtype.
+                p.copy_(&w);
             }
         });
     }
+}
+
+/// One AdamW update of f32 weights `w` (any shape: a whole tensor or a flat shard of several) by gradient `g`,
+/// moving the moments `m` and `v` in place, as step number `steps` (from 1). Returns the new weights. Both the
+/// replicated optimizer and the sharded one call this, so a shard is updated by exactly the same arithmetic as
+/// the same elements of the whole tensor.
+pub(crate) fn adamw_update(
+    config: &AdamWConfig,
+    steps: u64,
+    w: &Tensor,
+    g: &Tensor,
+    m: &mut Tensor,
+    v: &mut Tensor,
+    lr: f64,
+) -> Tensor {
+    let AdamWConfig { beta1, beta2, eps, weight_decay } = *config;
+    let t = steps as i32;
+    let bc1 = 1.0 - beta1.powi(t);
+    let bc2 = 1.0 - beta2.powi(t);
+    let g = g.to_kind(Kind::Float);
+    let _ = m.g_mul_scalar_(beta1).g_add_(&(&g * (1.0 - beta1)));
+    let _ = v.g_mul_scalar_(beta2).g_add_(&(g.square() * (1.0 - beta2)));
+    let w = if weight_decay != 0.0 { w * (1.0 - lr * weight_decay) } else { w.shallow_clone() };
+    let denom = (&*v / bc2).sqrt() + eps;
+    let update = (&*m / bc1) / denom * lr;
+    w - update
 }
 
 #[cfg(test)]
