@@ -257,6 +257,11 @@ pub struct ValueSection {
     /// means all of them. `iro bench value --layers` measures which depth's states rank candidates best; the
     /// decoder keeps that layer's states beside the logits, so guidance still costs no extra forward pass.
     pub feature_layers: usize,
+    /// `head` kind: which of those states the head reads for a prefix: `last` (the state at its last token, as
+    /// the paper's value models do), `mean` (the mean of the states from the prompt's last token through the
+    /// prefix's last) or `last_mean` (both, concatenated). Our addition: a sentence-embedding reward pools its
+    /// encoder's states, and `iro bench value --pooling` measures what each choice buys.
+    pub pooling: ValuePooling,
     /// Folds of the ridge fit's cross-validation (prompts are dealt to folds; at most one fold per prompt).
     pub ridge_folds: usize,
     /// How a training gang of `cluster.train_ranks` ranks splits the training state (ZeRO's stages): `none`
@@ -284,6 +289,39 @@ pub enum HeadFit {
     /// by cross-validation over held-out prompts, shrunk towards V_{t-1} on a warm start (our addition: on a few
     /// hundred candidates the MLP memorises its prompts; worker/src/train/ridge.rs).
     Ridge,
+}
+
+/// `value.pooling`: the features a `head`-kind value reads for a prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ValuePooling {
+    /// The state at the prefix's last token [H].
+    #[default]
+    Last,
+    /// The mean of the states from the prompt's last token through the prefix's last [H].
+    Mean,
+    /// `last` and `mean` concatenated [2H].
+    LastMean,
+}
+
+impl ValuePooling {
+    /// The name config files and `config.json` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ValuePooling::Last => "last",
+            ValuePooling::Mean => "mean",
+            ValuePooling::LastMean => "last_mean",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [ValuePooling::Last, ValuePooling::Mean, ValuePooling::LastMean].into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// How many hidden-size blocks the features hold.
+    pub fn blocks(self) -> i64 {
+        if self == ValuePooling::LastMean { 2 } else { 1 }
+    }
 }
 
 /// `value.precision`.
@@ -351,6 +389,7 @@ impl Default for ValueSection {
             targets: ValueTargets::Reward,
             head_fit: HeadFit::Adamw,
             feature_layers: 0,
+            pooling: ValuePooling::Last,
             ridge_folds: 5,
             sharding: ValueSharding::None,
             activation_checkpointing: false,
@@ -616,6 +655,9 @@ impl RunConfig {
         if v.feature_layers > 0 && v.kind != ValueKind::Head {
             return bad("value.feature_layers", "only a `head`-kind value reads the policy's inner states".into());
         }
+        if v.pooling != ValuePooling::Last && v.kind != ValueKind::Head {
+            return bad("value.pooling", "only a `head`-kind value pools the policy's states".into());
+        }
         if v.head_fit == HeadFit::Ridge && v.kind != ValueKind::Head {
             return bad(
                 "value.head_fit",
@@ -727,6 +769,7 @@ mod tests {
             ("[value]\nweight_decay = -0.1\n", "value.weight_decay"),
             ("[value]\nridge_folds = 1\n", "value.ridge_folds"),
             ("[value]\nkind = \"model\"\nfeature_layers = 12\n", "value.feature_layers"),
+            ("[value]\nkind = \"model\"\npooling = \"mean\"\n", "value.pooling"),
             ("[value]\nkind = \"model\"\nhead_fit = \"ridge\"\n", "value.head_fit"),
             ("[value]\nkind = \"head\"\nactivation_checkpointing = true\n", "value.activation_checkpointing"),
             ("[value]\nkind = \"head\"\nprecision = \"bf16\"\n", "value.precision"),

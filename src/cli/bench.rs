@@ -57,6 +57,10 @@ pub struct BenchValueArgs {
     /// states a shipped head reads.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub layers: Vec<usize>,
+    /// Among last, mean, last_mean: what of the states a head reads for a prefix; default: the config's
+    /// value.pooling.
+    #[arg(long, value_delimiter = ',')]
+    pub pooling: Vec<String>,
     /// Where the table (.md) and rows (.json) go.
     #[arg(long, default_value = "runs/bench-value")]
     pub out: PathBuf,
@@ -130,7 +134,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
 }
 
 fn value(a: BenchValueArgs) -> anyhow::Result<()> {
-    use iro_common::config::{HeadFit, ValueTargets};
+    use iro_common::config::{HeadFit, ValuePooling, ValueTargets};
     use iro_worker::pipeline::Pipeline;
     use iro_worker::pipeline::value_bench::{ValueBenchSpec, value_bench_json, value_bench_markdown};
     let config = iro_common::RunConfig::load(&a.config)?;
@@ -160,6 +164,16 @@ fn value(a: BenchValueArgs) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<Vec<_>>>()?
     };
+    let pooling = if a.pooling.is_empty() {
+        vec![v.pooling]
+    } else {
+        a.pooling
+            .iter()
+            .map(|p| {
+                ValuePooling::parse(p).ok_or_else(|| anyhow::anyhow!("--pooling: `{p}` is not last, mean or last_mean"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
     let spec = ValueBenchSpec {
         train_prompts: a.train_prompts,
         samples: or(a.samples, config.select.first_samples),
@@ -171,6 +185,7 @@ fn value(a: BenchValueArgs) -> anyhow::Result<()> {
         targets,
         fits,
         layers: a.layers,
+        pooling,
     };
     let pipeline = Pipeline::open(config, a.device.as_deref(), &a.work_dir)?;
     let mut bar = super::progress::Bar::new("bench value");

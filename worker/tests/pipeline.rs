@@ -352,7 +352,7 @@ fn the_sample_efficiency_benchmark_pairs_cbs_with_best_of_n_and_counts_sampled_t
 #[test]
 fn the_value_benchmark_retrains_the_runs_own_v1_and_ranks_its_diagnostic_candidates_alike() {
     use iro_common::config::HeadFit;
-    use iro_common::config::ValueTargets;
+    use iro_common::config::{ValuePooling, ValueTargets};
     use iro_common::records::ValueTraining;
     use iro_worker::pipeline::report::summarize_values;
     use iro_worker::pipeline::value_bench::{ValueBenchSpec, value_bench_markdown};
@@ -382,6 +382,7 @@ fn the_value_benchmark_retrains_the_runs_own_v1_and_ranks_its_diagnostic_candida
         fits: vec![HeadFit::Adamw, HeadFit::Ridge],
         // All layers, then the tiny model's 2 of 2 (the same states), then its first layer alone.
         layers: vec![0, 2, 1],
+        pooling: vec![ValuePooling::Last],
     };
     let mut last = (0, 0);
     let all_rows = p.value_bench(&spec, |done, total| last = (done, total)).unwrap();

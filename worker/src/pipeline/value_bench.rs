@@ -25,7 +25,7 @@ use crate::train::ridge::{Centring, fit_ridge};
 use crate::train::{
     FeatureCache, ValueExample, ValueInit, ValueTrainConfig, constant_predictor_loss, train_value_sharing_features,
 };
-use iro_common::config::{HeadFit, ValueTargets};
+use iro_common::config::{HeadFit, ValuePooling, ValueTargets};
 
 /// The grid. Every list must be non-empty.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,6 +47,8 @@ pub struct ValueBenchSpec {
     /// Feature depths: the states after this many decoder layers (then the final norm); 0 means every layer (the
     /// states a shipped `head` reads). The outermost loop: each depth runs the backbone once more.
     pub layers: Vec<usize>,
+    /// What of the states a head reads for a prefix (`value.pooling`); outermost with the depth.
+    pub pooling: Vec<ValuePooling>,
 }
 
 /// One trained V and how it ranks the held-out candidates.
@@ -63,6 +65,8 @@ pub struct ValueBenchRow {
     pub fit: HeadFit,
     /// Decoder layers the features passed through (0: all).
     pub layers: usize,
+    #[serde(default)]
+    pub pooling: ValuePooling,
     /// The ridge fit's chosen shrinkage (a multiple of the row count); absent for `adamw`.
     pub alpha: Option<f64>,
     pub steps: usize,
@@ -81,6 +85,7 @@ pub struct ValueBenchRow {
 /// One point of the grid.
 struct Point {
     layers: usize,
+    pooling: ValuePooling,
     prompts: usize,
     samples: usize,
     targets: ValueTargets,
@@ -94,14 +99,25 @@ struct Point {
 /// Every combination of the spec's lists, the data knobs outermost.
 fn grid(spec: &ValueBenchSpec) -> Vec<Point> {
     let mut points = Vec::new();
-    for &layers in &spec.layers {
+    for (&layers, &pooling) in spec.layers.iter().flat_map(|l| spec.pooling.iter().map(move |p| (l, p))) {
         for &prompts in &spec.train_prompts {
             for &samples in &spec.samples {
                 for &targets in &spec.targets {
                     if spec.fits.contains(&HeadFit::Ridge) {
                         let fit = HeadFit::Ridge;
                         let (epochs, lr, weight_decay, width) = (0, 0.0, 0.0, 0);
-                        points.push(Point { layers, prompts, samples, targets, fit, epochs, lr, weight_decay, width });
+                        points.push(Point {
+                            layers,
+                            pooling,
+                            prompts,
+                            samples,
+                            targets,
+                            fit,
+                            epochs,
+                            lr,
+                            weight_decay,
+                            width,
+                        });
                     }
                     if !spec.fits.contains(&HeadFit::Adamw) {
                         continue;
@@ -113,6 +129,7 @@ fn grid(spec: &ValueBenchSpec) -> Vec<Point> {
                                     let fit = HeadFit::Adamw;
                                     let p = Point {
                                         layers,
+                                        pooling,
                                         prompts,
                                         samples,
                                         targets,
@@ -159,6 +176,7 @@ impl Pipeline {
             spec.targets.len(),
             spec.fits.len(),
             spec.layers.len(),
+            spec.pooling.len(),
         ];
         if lists.contains(&0) || spec.test_prompts == 0 {
             return Err(Error::InvalidRequest(
@@ -218,28 +236,28 @@ impl Pipeline {
         }
         // Per feature depth, the backbone's states of every example and of the held-out candidates, once; each grid
         // row trains on a re-indexed view of them. Points come depth by depth, so one depth's states are held.
-        let mut states: Option<(usize, FeatureCache, Vec<HeldOut>)> = None;
+        let mut states: Option<((usize, ValuePooling), FeatureCache, Vec<HeldOut>)> = None;
         let mut rows = Vec::with_capacity(points.len());
         // Each training's checkpoint lives here only until its head is loaded.
         let scratch = self.work_dir.join("bench-value");
         for (done, p) in points.iter().enumerate() {
-            if states.as_ref().is_none_or(|(l, _, _)| *l != p.layers) {
+            if states.as_ref().is_none_or(|(at, _, _)| *at != (p.layers, p.pooling)) {
                 drop(states.take());
                 let depth = (p.layers > 0).then_some(p.layers);
-                let mut features = FeatureCache::at_depth(depth);
+                let mut features = FeatureCache::pooled(depth, p.pooling);
                 let keyed: Vec<(usize, &ValueExample)> =
                     examples.iter().enumerate().map(|(i, (_, _, e))| (i, e)).collect();
                 for chunk in keyed.chunks(self.config.sampling.batch_size.max(1)) {
                     let _ = features.micro_batch(&self.policy.backbone, chunk, self.pad, self.device)?;
                 }
-                let held_out = self.held_out_states(&test_items, &test_candidates, depth)?;
+                let held_out = self.held_out_states(&test_items, &test_candidates, depth, p.pooling)?;
                 tracing::info!(
                     examples = examples.len(),
                     layers = p.layers,
                     points = points.len(),
                     "bench value: backbone states ready; training the grid"
                 );
-                states = Some((p.layers, features, held_out));
+                states = Some(((p.layers, p.pooling), features, held_out));
             }
             let Some((_, features, held_out)) = states.as_mut() else { unreachable!("filled above") };
             let held_out = &*held_out;
@@ -277,7 +295,7 @@ impl Pipeline {
                     let cfg = ValueTrainConfig::new(&section, self.config.run.seed ^ 1, self.pad);
                     let init = ValueInit::Head {
                         backbone: self.policy.backbone.clone(),
-                        hidden: self.policy.config.hidden_size(),
+                        hidden: self.policy.config.hidden_size() * p.pooling.blocks(),
                         width: p.width as i64,
                         from: None,
                         depth: (p.layers > 0).then_some(p.layers),
@@ -301,6 +319,7 @@ impl Pipeline {
                 targets: p.targets,
                 fit: p.fit,
                 layers: p.layers,
+                pooling: p.pooling,
                 alpha,
                 steps,
                 final_loss,
@@ -345,9 +364,10 @@ impl Pipeline {
         items: &[PromptItem],
         candidates: &[Vec<Candidate>],
         depth: Option<usize>,
+        pooling: ValuePooling,
     ) -> Result<Vec<HeldOut>> {
         let prefix = self.config.search.chunk_length.min(self.config.sampling.max_new_tokens);
-        let mut cache = FeatureCache::at_depth(depth);
+        let mut cache = FeatureCache::pooled(depth, pooling);
         let mut out = Vec::with_capacity(items.len());
         for (p, (item, cs)) in items.iter().zip(candidates).enumerate() {
             let examples: Vec<ValueExample> = cs
@@ -405,8 +425,8 @@ pub fn value_bench_json(rows: &[ValueBenchRow]) -> Result<Vec<u8>> {
 /// The rows as a Markdown table.
 pub fn value_bench_markdown(rows: &[ValueBenchRow]) -> String {
     let mut s = String::from(
-        "| layers | prompts | samples | examples | targets | fit | epochs | lr | wd | width | loss / constant | concordance | \
-         first-chunk concordance | argmax = argmax r |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| layers | pooling | prompts | samples | examples | targets | fit | epochs | lr | wd | width | loss / constant | concordance | \
+         first-chunk concordance | argmax = argmax r |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let pct = |e: &Estimate| format!("{:.1} ± {:.1} %", 100.0 * e.mean, 100.0 * e.se);
     for r in rows {
@@ -424,8 +444,9 @@ pub fn value_bench_markdown(rows: &[ValueBenchRow]) -> String {
             ),
         };
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {fit} | {epochs} | {lr} | {wd} | {width} | {:.5} / {:.5} | {} | {} (L = {}) | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {fit} | {epochs} | {lr} | {wd} | {width} | {:.5} / {:.5} | {} | {} (L = {}) | {} |\n",
             if r.layers == 0 { "all".to_owned() } else { r.layers.to_string() },
+            r.pooling.as_str(),
             r.train_prompts,
             r.samples,
             r.examples,

@@ -16,6 +16,7 @@ use crate::error::Result;
 use crate::generate::{left_pad, right_pad};
 use crate::model::Backbone;
 use crate::model::positions_from_valid;
+use iro_common::config::ValuePooling;
 
 /// Per example index, its [targets, H] hidden states (f32, detached).
 #[derive(Default)]
@@ -23,12 +24,19 @@ pub struct FeatureCache {
     by_example: HashMap<usize, Tensor>,
     /// The states after this many decoder layers (then the final norm); `None`: the last layer's.
     depth: Option<usize>,
+    /// What of an example's states a target reads (its own, or pooled over the prefix).
+    pooling: ValuePooling,
 }
 
 impl FeatureCache {
     /// An empty cache of the states after the first `depth` decoder layers (`iro bench value --layers`).
     pub fn at_depth(depth: Option<usize>) -> Self {
-        Self { by_example: HashMap::new(), depth }
+        Self::pooled(depth, ValuePooling::Last)
+    }
+
+    /// An empty cache of the `pooling` features of the states after `depth` layers (`value.pooling`).
+    pub fn pooled(depth: Option<usize>, pooling: ValuePooling) -> Self {
+        Self { by_example: HashMap::new(), depth, pooling }
     }
 
     pub fn len(&self) -> usize {
@@ -47,7 +55,7 @@ impl FeatureCache {
             .enumerate()
             .filter_map(|(j, i)| self.by_example.get(i).map(|t| (j, t.shallow_clone())))
             .collect();
-        FeatureCache { by_example, depth: self.depth }
+        FeatureCache { by_example, depth: self.depth, pooling: self.pooling }
     }
 
     /// The micro-batch's target states [N, H] (N = Σ targets, in the order given) and the reward each target
@@ -67,7 +75,7 @@ impl FeatureCache {
                 .map(|(i, _)| *i)
                 .zip(shared_prompt_states(backbone, &missing, pad_id, device, self.depth)?)
             {
-                self.by_example.insert(i, states);
+                self.by_example.insert(i, pool_prefixes(&states, self.pooling));
             }
         }
         let states: Vec<&Tensor> = examples.iter().map(|(i, _)| &self.by_example[i]).collect();
@@ -102,6 +110,22 @@ impl FeatureCache {
             groups.extend(std::iter::repeat_n(g, e.targets()));
         }
         Ok((Tensor::cat(&states, 0), Tensor::cat(&rewards, 0), groups))
+    }
+}
+
+/// Row k of the [n, H] states of one sequence's prefixes, pooled as `pooling` says over rows 0..=k: the state
+/// itself, the running mean, or both concatenated ([n, 2H]). The decoder pools its rows the same way
+/// (`Decoder::scoring_features`), so training and guidance read the same features.
+pub fn pool_prefixes(states: &Tensor, pooling: ValuePooling) -> Tensor {
+    let mean = || {
+        let n = states.size()[0];
+        let counts = Tensor::arange_start(1, n + 1, (Kind::Float, states.device())).unsqueeze(1);
+        states.cumsum(0, Kind::Float) / counts
+    };
+    match pooling {
+        ValuePooling::Last => states.shallow_clone(),
+        ValuePooling::Mean => mean(),
+        ValuePooling::LastMean => Tensor::cat(&[states.to_kind(Kind::Float), mean()], 1),
     }
 }
 
