@@ -655,8 +655,13 @@ impl RunConfig {
         if v.feature_layers > 0 && v.kind != ValueKind::Head {
             return bad("value.feature_layers", "only a `head`-kind value reads the policy's inner states".into());
         }
-        if v.pooling != ValuePooling::Last && v.kind != ValueKind::Head {
-            return bad("value.pooling", "only a `head`-kind value pools the policy's states".into());
+        if v.pooling != ValuePooling::Last && (v.kind != ValueKind::Head || v.head_fit != HeadFit::Ridge) {
+            // The AdamW head trains through `TrainableValue`, which reads one state per target; only the ridge fit
+            // reads the pooled feature cache (`iro bench value` fits both on pooled states).
+            return bad(
+                "value.pooling",
+                "pooled states are read only by a `head`-kind value with head_fit = \"ridge\"".into(),
+            );
         }
         if v.head_fit == HeadFit::Ridge && v.kind != ValueKind::Head {
             return bad(

@@ -49,6 +49,7 @@ fn main() {
             backbone: lm.backbone.clone(),
             head: Head::Mlp(MlpHead::new(h, 256, seed, Device::Cpu)),
             depth: None,
+            pooling: iro_common::config::ValuePooling::Last,
         })
         .collect();
     let timed = |scorer: &mut dyn PrefixScorer| {

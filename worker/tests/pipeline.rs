@@ -234,6 +234,37 @@ fn heads_on_an_inner_layer_record_it_and_guide_from_that_layers_states() {
 }
 
 #[test]
+fn pooled_heads_record_their_pooling_and_guide_the_next_rollout() {
+    use iro_common::config::{HeadFit, ValuePooling};
+    use iro_worker::model::heads::{Head, load_value_head};
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(&dir.path().join("store"), ValueKind::Head, 2, vec![Baseline::Base]);
+    c.value.head_fit = HeadFit::Ridge;
+    c.value.pooling = ValuePooling::LastMean;
+    c.select.first_samples = 2;
+    c.validate(Path::new("test")).unwrap();
+    let summary = run(&c, &dir.path().join("work"));
+    let policy: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c.policy.model.join("config.json")).unwrap()).unwrap();
+    let hidden = policy["hidden_size"].as_i64().unwrap();
+    for t in 1..=2 {
+        let folder = dir.path().join(format!("store/runs/tiny/iter-{t}/value/attempt-1/model"));
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(folder.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["pooling"], "last_mean", "V_{t}: {config}");
+        let Head::Linear(head) = load_value_head(&folder, Device::Cpu).unwrap() else { panic!("V_{t} is not linear") };
+        assert_eq!(head.weight.size(), [1, 2 * hidden], "V_{t} reads the last state and the mean");
+    }
+    let store = Store::open(&c.run.store).unwrap();
+    assert!(rollouts(&store, 2).iter().all(|r| r.method == "cbs" && r.value_score.is_some_and(f64::is_finite)));
+    assert_eq!(summary.rows.len(), 3);
+    // Pooled states are the ridge fit's alone.
+    c.value.head_fit = HeadFit::Adamw;
+    let err = c.validate(Path::new("test")).unwrap_err().to_string();
+    assert!(err.contains("value.pooling"), "{err}");
+}
+
+#[test]
 fn a_config_whose_data_is_too_small_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(&dir.path().join("store"), ValueKind::Head, 1, vec![]);

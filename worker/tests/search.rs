@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use iro_common::config::ArgsWeightUnit;
+use iro_common::config::{ArgsWeightUnit, ValuePooling};
 use iro_worker::Result;
 use iro_worker::generate::sampler::SamplingParams;
 use iro_worker::generate::{Decoder, GenerateOptions, generate, left_pad};
@@ -14,7 +14,7 @@ use iro_worker::search::{
     ArgsParams, CachedValueEnsemble, CbsParams, FinalPick, PolicyHeadEnsemble, PrefixScorer, ValueEnsemble,
     args_decode, best_of_n, chunk_beam_search, pick_final,
 };
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -316,20 +316,40 @@ impl PrefixScorer for HiddenOnly<'_> {
         self.0.feature_depth()
     }
 
+    fn feature_pooling(&self) -> ValuePooling {
+        self.0.feature_pooling()
+    }
+
     fn score_policy_hidden(&mut self, hidden: &tch::Tensor) -> Result<Vec<f64>> {
         self.1 += 1;
         self.0.score_policy_hidden(hidden)
     }
 }
 
+/// The same heads re-encoding every prefix with a forward of their own (`PolicyHeadEnsemble::score`): the
+/// oracle for the decoder's states.
+struct ReEncoding<'m>(PolicyHeadEnsemble<'m>);
+
+impl PrefixScorer for ReEncoding<'_> {
+    fn score(&mut self, prompts: &[Vec<i64>], responses: &[Vec<i64>], finished: &[bool]) -> Result<Vec<f64>> {
+        self.0.score(prompts, responses, finished)
+    }
+}
+
 /// Two MLP heads on the policy's states after `depth` layers (`None`: the final states).
 fn policy_heads(lm: &CausalLm, depth: Option<usize>) -> (ScalarModel, ScalarModel) {
-    let h = lm.config.hidden_size();
+    pooled_heads(lm, depth, ValuePooling::Last)
+}
+
+/// Two MLP heads reading the policy's states after `depth` layers pooled as `pooling` says.
+fn pooled_heads(lm: &CausalLm, depth: Option<usize>, pooling: ValuePooling) -> (ScalarModel, ScalarModel) {
+    let h = lm.config.hidden_size() * pooling.blocks();
     let head = |seed| ScalarModel {
         config: lm.config.clone(),
         backbone: lm.backbone.clone(),
         head: Head::Mlp(MlpHead::new(h, 16, seed, Device::Cpu)),
         depth,
+        pooling,
     };
     (head(1), head(2))
 }
@@ -389,9 +409,27 @@ fn check_scoring_hidden(lm: &CausalLm, dec: &mut Decoder, depth: Option<usize>) 
     }
     let width = seqs.iter().map(Vec::len).max().unwrap();
     let (ids, valid) = left_pad(&seqs, width, 3, Device::Cpu);
-    let want = lm.backbone.forward_to_depth(&ids, &valid, &positions_from_valid(&valid), None, depth).select(1, -1);
-    let err = f64::try_from((&got - want).abs().max()).unwrap();
+    let all = lm.backbone.forward_to_depth(&ids, &valid, &positions_from_valid(&valid), None, depth);
+    let want = all.select(1, -1);
+    let err = f64::try_from((&got - &want).abs().max()).unwrap();
     assert!(err <= 1e-4, "scoring_hidden (after {depth:?} layers) differs from a full forward by {err}");
+    // The mean-pooled features: each row's states from its prompt's last token through its last, averaged.
+    let means: Vec<Tensor> = seqs
+        .iter()
+        .enumerate()
+        .map(|(r, s)| {
+            let span = (s.len() - prompts()[r / 4].len() + 1) as i64;
+            all.get(r as i64).narrow(0, width as i64 - span, span).mean_dim(0, false, Kind::Float)
+        })
+        .collect();
+    let mean = Tensor::stack(&means, 0);
+    for (pooling, want) in
+        [(ValuePooling::Mean, mean.shallow_clone()), (ValuePooling::LastMean, Tensor::cat(&[&want, &mean], 1))]
+    {
+        let got = dec.scoring_features(&EOS, pooling);
+        let err = f64::try_from((&got - want).abs().max()).unwrap();
+        assert!(err <= 1e-4, "{pooling:?} features (after {depth:?} layers) differ from a full forward's by {err}");
+    }
     if depth.is_some() {
         let last = lm.backbone.forward(&ids, &valid, &positions_from_valid(&valid), None).select(1, -1);
         assert!(f64::try_from((&got - last).abs().max()).unwrap() > 1e-3, "the tapped states are the final ones");
@@ -438,6 +476,37 @@ fn heads_guide_cbs_at(depth: Option<usize>) {
     let own = scalar("llama_seqcls");
     let err = PolicyHeadEnsemble::new(&lm, vec![(&v1, 1.0), (&own, 1.0)], EOS.to_vec()).err().unwrap();
     assert!(err.to_string().contains("value model 1"), "{err}");
+}
+
+#[test]
+fn pooled_heads_guide_cbs_from_the_decoders_running_sums_as_re_encoding_would() {
+    let lm = policy();
+    let params = cbs_params(2, 3, 3, 10);
+    for depth in [None, Some(1)] {
+        for pooling in [ValuePooling::Mean, ValuePooling::LastMean] {
+            let (v1, v2) = pooled_heads(&lm, depth, pooling);
+            let members = || vec![(&v1, 1.0), (&v2, 2.5)];
+            let mut from_decoder = HiddenOnly(PolicyHeadEnsemble::new(&lm, members(), EOS.to_vec()).unwrap(), 0);
+            let fast = chunk_beam_search(&lm, &prompts(), &[51, 52], &params, &mut from_decoder).unwrap().candidates;
+            assert!(from_decoder.1 >= 3, "only {} chunks", from_decoder.1);
+            let mut oracle = ReEncoding(PolicyHeadEnsemble::new(&lm, members(), EOS.to_vec()).unwrap());
+            let slow = chunk_beam_search(&lm, &prompts(), &[51, 52], &params, &mut oracle).unwrap().candidates;
+            for (f, s) in fast.iter().flatten().zip(slow.iter().flatten()) {
+                // Same tokens; a log-probability may differ in its last bits where a kept row sat at another index
+                // of the batch.
+                let (f, s) = (&f.generation, &s.generation);
+                assert_eq!((&f.tokens, f.stopped_at_eos), (&s.tokens, s.stopped_at_eos), "{pooling:?} after {depth:?}");
+                assert!(f.logprobs.iter().zip(&s.logprobs).all(|(a, b)| (a - b).abs() <= 1e-5), "{f:?} vs {s:?}");
+            }
+            for (f, s) in fast.iter().flatten().zip(slow.iter().flatten()) {
+                assert!((f.score - s.score).abs() <= 1e-4, "{pooling:?}: scores {} vs {}", f.score, s.score);
+            }
+        }
+    }
+    // One ensemble reads one pooling.
+    let ((a, _), (b, _)) = (pooled_heads(&lm, None, ValuePooling::Last), pooled_heads(&lm, None, ValuePooling::Mean));
+    let err = PolicyHeadEnsemble::new(&lm, vec![(&a, 1.0), (&b, 1.0)], EOS.to_vec()).err().unwrap();
+    assert!(err.to_string().contains("one pooling"), "{err}");
 }
 
 /// Every 8th token ends a row: rows stop after about 8 tokens, so within 16 some prompts have all their rows

@@ -11,6 +11,7 @@ use self::kv_cache::KvCache;
 use self::sampler::{RowRng, SamplingParams};
 use crate::error::{Error, Result};
 use crate::model::{CausalLm, positions_from_valid};
+use iro_common::config::ValuePooling;
 
 /// One finished (or cut-off) response.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +45,10 @@ pub struct Decoder<'m> {
     /// policy's own backbone reads, so guided search needs no second forward pass for it): after the final layer,
     /// or after the first `tap` layers.
     last_hidden: Tensor,
+    /// [B, H] f32: the sum of those states over every token of a row fed so far from the prompt's last one on, and
+    /// [B, 1] how many that is: a mean-pooled value head's input (`value.pooling`) without keeping every state.
+    hidden_sum: Tensor,
+    hidden_count: Tensor,
     rows: Vec<RowState>,
     pad: i64,
     /// The layer count whose states `last_hidden` holds (`None`: the final states, those the logits come from).
@@ -98,6 +103,8 @@ impl<'m> Decoder<'m> {
         let mut cache = model.backbone.new_cache(prompts.len() as i64, (width + max_new_tokens + 2) as i64);
         let (hidden, features) = model.backbone.forward_tapped(&ids, &valid, &positions, Some(&mut cache), tap);
         let last_hidden = features.select(1, -1);
+        let hidden_sum = last_hidden.to_kind(Kind::Float);
+        let hidden_count = Tensor::ones([prompts.len() as i64, 1], (Kind::Float, device));
         // Only the last position's logits are needed: skip the [B, T, V] projection of the whole prompt.
         let next_logits = model.logits(&hidden.select(1, -1));
         let next_pos = positions.select(1, -1) + 1;
@@ -112,7 +119,7 @@ impl<'m> Decoder<'m> {
                 rng: RowRng::new(s),
             })
             .collect();
-        Ok(Self { model, cache, next_logits, next_pos, last_hidden, rows, pad, tap })
+        Ok(Self { model, cache, next_logits, next_pos, last_hidden, hidden_sum, hidden_count, rows, pad, tap })
     }
 
     pub fn batch(&self) -> usize {
@@ -175,16 +182,27 @@ impl<'m> Decoder<'m> {
             self.model.backbone.forward_tapped(&ids, &valid, &positions, Some(&mut self.cache), self.tap);
         self.next_logits = self.model.logits(&hidden.select(1, 0));
         // A finished row was fed padding: it keeps the hidden state of its own last token.
-        self.last_hidden = features.select(1, 0).where_self(&valid, &self.last_hidden);
+        let fresh = features.select(1, 0);
+        self.last_hidden = fresh.where_self(&valid, &self.last_hidden);
+        let live = valid.to_kind(Kind::Float);
+        self.hidden_sum = &self.hidden_sum + fresh.to_kind(Kind::Float) * &live;
+        self.hidden_count = &self.hidden_count + live;
         self.next_pos = &self.next_pos + 1;
     }
 
-    /// [B, H] hidden states (final, or after the `tap` layers) at the last token of what a value function scores for each row: prompt ⊕
-    /// response, with `eos[0]` appended to a finished row that does not end in an EOS (as `PrefixScorer`s
-    /// score it; with no EOS given, nothing is appended). Usually that is `last_hidden` as it stands; a row
-    /// whose last token was never fed, or that needs the EOS, gets one extra forward of at most two tokens
-    /// through the decoder's own cache, which is then rewound, so decoding is unaffected.
+    /// [B, H] hidden states (final, or after the `tap` layers) at the last token of what a value function scores for
+    /// each row: prompt ⊕ response, with `eos[0]` appended to a finished row that does not end in an EOS (as
+    /// `PrefixScorer`s score it; with no EOS given, nothing is appended). `scoring_features` with `last` pooling.
     pub fn scoring_hidden(&mut self, eos: &[i64]) -> Tensor {
+        self.scoring_features(eos, ValuePooling::Last)
+    }
+
+    /// What a value head with `pooling` reads for each row's scored sequence (as `scoring_hidden` defines it): the
+    /// state at its last token, the mean of its states from the prompt's last token on, or both ([B, 2H]), as
+    /// `train::pool_prefixes` pools a training example. Usually the decoder holds them already; a row whose last
+    /// token was never fed, or that needs the EOS, gets one extra forward of at most two tokens through the
+    /// decoder's own cache, which is then rewound, so decoding is unaffected.
+    pub fn scoring_features(&mut self, eos: &[i64], pooling: ValuePooling) -> Tensor {
         let pending: Vec<Vec<i64>> = self
             .rows
             .iter()
@@ -203,27 +221,38 @@ impl<'m> Decoder<'m> {
             })
             .collect();
         let block = pending.iter().map(Vec::len).max().unwrap_or(0);
-        if block == 0 {
-            return self.last_hidden.shallow_clone();
+        let (last, sum, count) = if block == 0 {
+            (self.last_hidden.shallow_clone(), self.hidden_sum.shallow_clone(), self.hidden_count.shallow_clone())
+        } else {
+            assert!(
+                self.cache.len() + block as i64 <= self.cache.capacity(),
+                "scoring_features: {} + {block} slots exceed the cache ({}); step was given a longer max_new_tokens than new",
+                self.cache.len(),
+                self.cache.capacity(),
+            );
+            let (rows, device) = (self.rows.len() as i64, self.next_logits.device());
+            let (ids, valid) = right_pad(&pending, block, self.pad, device);
+            let last: Vec<i64> = pending.iter().map(|feed| feed.len().saturating_sub(1) as i64).collect();
+            let positions =
+                self.next_pos.unsqueeze(1) + Tensor::arange(block as i64, (Kind::Int64, device)).unsqueeze(0);
+            let len = self.cache.len();
+            let (_, hidden) =
+                self.model.backbone.forward_tapped(&ids, &valid, &positions, Some(&mut self.cache), self.tap);
+            self.cache.rewind(len);
+            let h = hidden.size()[2];
+            let index = Tensor::from_slice(&last).to_device(device).view([rows, 1, 1]).expand([rows, 1, h], true);
+            let fed = hidden.gather(1, &index, false).squeeze_dim(1);
+            let any = valid.any_dim(1, true);
+            let live = valid.to_kind(Kind::Float).unsqueeze(-1);
+            let sum = &self.hidden_sum + (hidden.to_kind(Kind::Float) * &live).sum_dim_intlist(1, false, Kind::Float);
+            let count = &self.hidden_count + live.sum_dim_intlist(1, false, Kind::Float);
+            (fed.where_self(&any, &self.last_hidden), sum, count)
+        };
+        match pooling {
+            ValuePooling::Last => last,
+            ValuePooling::Mean => sum / count,
+            ValuePooling::LastMean => Tensor::cat(&[last.to_kind(Kind::Float), sum / count], 1),
         }
-        assert!(
-            self.cache.len() + block as i64 <= self.cache.capacity(),
-            "scoring_hidden: {} + {block} slots exceed the cache ({}); step was given a longer max_new_tokens than new",
-            self.cache.len(),
-            self.cache.capacity(),
-        );
-        let (rows, device) = (self.rows.len() as i64, self.next_logits.device());
-        let (ids, valid) = right_pad(&pending, block, self.pad, device);
-        let last: Vec<i64> = pending.iter().map(|feed| feed.len().saturating_sub(1) as i64).collect();
-        let positions = self.next_pos.unsqueeze(1) + Tensor::arange(block as i64, (Kind::Int64, device)).unsqueeze(0);
-        let len = self.cache.len();
-        let (_, hidden) = self.model.backbone.forward_tapped(&ids, &valid, &positions, Some(&mut self.cache), self.tap);
-        self.cache.rewind(len);
-        let h = hidden.size()[2];
-        let index = Tensor::from_slice(&last).to_device(device).view([rows, 1, 1]).expand([rows, 1, h], true);
-        let fed = hidden.gather(1, &index, false).squeeze_dim(1);
-        let any = valid.any_dim(1, true);
-        fed.where_self(&any, &self.last_hidden)
     }
 
     /// Ends `rows` where they stand (cut off, not at EOS): they sample nothing more. Guided search stops a
@@ -241,6 +270,8 @@ impl<'m> Decoder<'m> {
         self.next_logits = self.next_logits.index_select(0, &t);
         self.next_pos = self.next_pos.index_select(0, &t);
         self.last_hidden = self.last_hidden.index_select(0, &t);
+        self.hidden_sum = self.hidden_sum.index_select(0, &t);
+        self.hidden_count = self.hidden_count.index_select(0, &t);
         self.rows = index
             .iter()
             .enumerate()

@@ -1,6 +1,7 @@
 //! Heads on a backbone: next-token logits (`CausalLm`) and one scalar per position (`ScalarModel`) —
 //! a value function reads every position, a reward model the last real token.
 
+use iro_common::config::ValuePooling;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -193,6 +194,8 @@ pub struct ScalarModel {
     /// The head reads the states after this many decoder layers (then the final norm); `None`: the final ones.
     /// Only a `head`-kind value on an intermediate layer (`value.feature_layers`) sets it.
     pub depth: Option<usize>,
+    /// What of those states the head reads for a prefix (`value.pooling`); a [2H] input for `last_mean`.
+    pub pooling: ValuePooling,
 }
 
 impl ScalarModel {
@@ -224,7 +227,13 @@ impl ScalarModel {
                 files: "model weights".into(),
             });
         };
-        Ok(Self { config: ck.config.clone(), backbone: ck.backbone()?, head: Head::Linear(head), depth: None })
+        Ok(Self {
+            config: ck.config.clone(),
+            backbone: ck.backbone()?,
+            head: Head::Linear(head),
+            depth: None,
+            pooling: ValuePooling::Last,
+        })
     }
 
     /// Per-position values [B, T].

@@ -15,6 +15,8 @@ use crate::error::Result;
 use crate::generate::left_pad;
 use crate::model::positions_from_valid;
 use crate::search::{Candidate, PrefixScorer, best_of_n};
+use crate::train::pool_columns;
+use iro_common::config::ValuePooling;
 
 impl Pipeline {
     /// Per prompt of `items`, its diagnostics at iteration `t` (V_1..V_t loaded), from `baselines.best_of_n`
@@ -54,10 +56,12 @@ impl Pipeline {
             let full: Vec<Vec<i64>> = all().map(|(_, c)| c.generation.tokens.clone()).collect();
             let done: Vec<bool> = all().map(|(_, c)| c.generation.stopped_at_eos).collect();
             let ((mut v, mut g), (mut vp, mut gp)) = if value.reads_policy_hidden() && guide.reads_policy_hidden() {
-                // Heads on the policy's backbone: one forward over the complete rows serves all four scores (the
-                // backbone is causal, so the state at the first chunk's last token is the cut row's own).
-                let (at_full, at_cut) = self.policy_states(&prompts, &full, &done, prefix)?;
+                // Heads on the policy's backbone: one forward over the complete rows per scorer serves its two scores
+                // (the backbone is causal, so the states up to the first chunk's last token are the cut row's own),
+                // read at the scorer's depth and pooled as it pools.
                 let both = |s: &mut Box<dyn PrefixScorer + '_>| -> Result<_> {
+                    let (depth, pooling) = (s.feature_depth(), s.feature_pooling());
+                    let (at_full, at_cut) = self.policy_states(&prompts, &full, &done, prefix, depth, pooling)?;
                     Ok((s.score_policy_hidden(&at_full)?.into_iter(), s.score_policy_hidden(&at_cut)?.into_iter()))
                 };
                 let ((v, vp), (g, gp)) = (both(&mut value)?, both(&mut guide)?);
@@ -100,6 +104,8 @@ impl Pipeline {
         responses: &[Vec<i64>],
         finished: &[bool],
         prefix: usize,
+        depth: Option<usize>,
+        pooling: ValuePooling,
     ) -> Result<(Tensor, Tensor)> {
         let seqs: Vec<Vec<i64>> = prompts
             .iter()
@@ -123,10 +129,11 @@ impl Pipeline {
         let _g = tch::no_grad_guard();
         let device = self.policy.backbone.device();
         let (ids, valid) = left_pad(&seqs, width, 0, device);
-        let hidden = self.policy.backbone.forward(&ids, &valid, &positions_from_valid(&valid), None);
-        let rows = Tensor::arange(seqs.len() as i64, (tch::Kind::Int64, device));
-        let cut = hidden.index(&[Some(rows), Some(Tensor::from_slice(&cut_columns).to_device(device))]);
-        Ok((hidden.select(1, -1), cut))
+        let hidden = self.policy.backbone.forward_to_depth(&ids, &valid, &positions_from_valid(&valid), None, depth);
+        // The prompt's last token: the first state a pooled head averages.
+        let starts: Vec<i64> = seqs.iter().zip(prompts).map(|(s, p)| (width - s.len() + p.len() - 1) as i64).collect();
+        let ends = vec![width as i64 - 1; seqs.len()];
+        Ok((pool_columns(&hidden, &starts, &ends, pooling), pool_columns(&hidden, &starts, &cut_columns, pooling)))
     }
 }
 
@@ -164,14 +171,26 @@ mod tests {
         c.reward.model = fixture("llama_seqcls");
         let p = Pipeline::open(c, None, &tmp.path().join("work")).unwrap();
         let hidden = p.policy.config.hidden_size();
-        let model = ScalarModel {
-            config: p.policy.config.clone(),
-            backbone: p.policy.backbone.clone(),
-            head: Head::Mlp(MlpHead::new(hidden, 8, 7, Device::Cpu)),
-            depth: None,
-        };
-        let mut scorer: Box<dyn PrefixScorer> =
-            Box::new(PolicyHeadEnsemble::new(&p.policy, vec![(&model, 1.0)], p.eos.clone()).unwrap());
+        // Every depth and pooling a head can read: the last layer's states and the first layer's, each as they are,
+        // averaged, and both.
+        for depth in [None, Some(1)] {
+            for pooling in [ValuePooling::Last, ValuePooling::Mean, ValuePooling::LastMean] {
+                let model = ScalarModel {
+                    config: p.policy.config.clone(),
+                    backbone: p.policy.backbone.clone(),
+                    head: Head::Mlp(MlpHead::new(hidden * pooling.blocks(), 8, 7, Device::Cpu)),
+                    depth,
+                    pooling,
+                };
+                let scorer: Box<dyn PrefixScorer> =
+                    Box::new(PolicyHeadEnsemble::new(&p.policy, vec![(&model, 1.0)], p.eos.clone()).unwrap());
+                one_forward_matches(&p, scorer);
+            }
+        }
+    }
+
+    fn one_forward_matches(p: &Pipeline, mut scorer: Box<dyn PrefixScorer + '_>) {
+        let (depth, pooling) = (scorer.feature_depth(), scorer.feature_pooling());
         let eos = p.eos[0];
         let prompts = vec![vec![5, 6, 7], vec![8, 9, 10, 11, 12, 13], vec![14, 15], vec![16, 17, 18, 19]];
         let responses = vec![
@@ -182,7 +201,7 @@ mod tests {
         ];
         let done = [true, true, false, false];
         let prefix = 4;
-        let (at_full, at_cut) = p.policy_states(&prompts, &responses, &done, prefix).unwrap();
+        let (at_full, at_cut) = p.policy_states(&prompts, &responses, &done, prefix, depth, pooling).unwrap();
         let fast_full = scorer.score_policy_hidden(&at_full).unwrap();
         let fast_cut = scorer.score_policy_hidden(&at_cut).unwrap();
         let slow_full = scorer.score(&prompts, &responses, &done).unwrap();
@@ -191,7 +210,7 @@ mod tests {
         let slow_cut = scorer.score(&prompts, &cut, &cut_done).unwrap();
         for (fast, slow) in [(&fast_full, &slow_full), (&fast_cut, &slow_cut)] {
             for (a, b) in fast.iter().zip(slow.iter()) {
-                assert!((a - b).abs() < 1e-4, "one forward {fast:?}, scorer {slow:?}");
+                assert!((a - b).abs() < 1e-4, "{depth:?} {pooling:?}: one forward {fast:?}, scorer {slow:?}");
             }
         }
         assert!(fast_full.iter().zip(&fast_cut).any(|(a, b)| (a - b).abs() > 1e-6), "cut rows must read other states");

@@ -238,13 +238,27 @@ impl Pipeline {
             },
         };
         let depth = self.value_depth()?;
-        let (states, targets, groups) = FeatureCache::at_depth(depth).all_rows(
+        let (states, targets, groups) = FeatureCache::pooled(depth, v.pooling).all_rows(
             &self.policy.backbone,
             examples,
             self.pad,
             self.device,
             v.micro_batch_size,
         )?;
+        if let (Some(w), Some(dir)) = (&prior, previous)
+            && w.size().last() != states.size().last()
+        {
+            return Err(Error::Checkpoint {
+                path: dir.to_owned(),
+                message: format!(
+                    "V_{{t-1}} reads features of width {:?}, value.pooling = \"{}\" gives {:?}: a warm start needs the \
+                     pooling V_{{t-1}} was fitted with",
+                    w.size().last(),
+                    v.pooling.as_str(),
+                    states.size().last()
+                ),
+            });
+        }
         let centring = match v.targets {
             ValueTargets::Reward => Centring::Pooled,
             ValueTargets::PromptCentred => Centring::WithinPrompt,
@@ -260,7 +274,7 @@ impl Pipeline {
             warm = prior.is_some(),
             "ridge value head fitted"
         );
-        let dir = checkpoint::save_linear_head(out_dir, &fit.weight, &fit.bias, depth)?;
+        let dir = checkpoint::save_linear_head(out_dir, &fit.weight, &fit.bias, depth, v.pooling)?;
         let report = TrainReport {
             steps: 1,
             total_steps: 1,

@@ -5,7 +5,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use iro_common::config::{PromptFormat, ValueKind};
+use iro_common::config::{PromptFormat, ValueKind, ValuePooling};
 use iro_common::layout::RunLayout;
 use iro_common::store::{Store, file_sha256_hex};
 use iro_common::values::{read_value_files, read_value_manifest};
@@ -139,22 +139,41 @@ pub(crate) fn load_value(
         }
         ValueKind::Head => {
             let head = load_value_head(dir, device)?;
-            let (width, policy_width) = (head.input_width(), policy.config.hidden_size());
+            let pooling = head_pooling(dir)?;
+            let (width, policy_width) = (head.input_width(), policy.config.hidden_size() * pooling.blocks());
             if width != policy_width {
                 return Err(Error::Checkpoint {
                     path: dir.to_owned(),
                     message: format!(
-                        "a head-kind value reads hidden states of width {width}, but the policy {} has {policy_width}: \
-                         it was trained on another policy",
-                        policy_dir.display()
+                        "a head-kind value reads features of width {width}, but the policy {} gives {policy_width} \
+                         ({} pooling): it was trained on another policy",
+                        policy_dir.display(),
+                        pooling.as_str()
                     ),
                 });
             }
             let depth = head_depth(dir, policy.config.num_layers())?;
-            let model = ScalarModel { config: policy.config.clone(), backbone: policy.backbone.clone(), head, depth };
+            let model =
+                ScalarModel { config: policy.config.clone(), backbone: policy.backbone.clone(), head, depth, pooling };
             LoadedValue { model, kind, tokenizer: None }
         }
     })
+}
+
+/// How a `head`-kind value in `dir` pools the states it reads (`config.json`'s `pooling`; absent: `last`, as every
+/// head saved before the key existed).
+fn head_pooling(dir: &Path) -> Result<ValuePooling> {
+    let path = dir.join("config.json");
+    let Ok(bytes) = std::fs::read(&path) else { return Ok(ValuePooling::Last) };
+    let config: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Checkpoint { path: path.clone(), message: format!("malformed config.json: {e}") })?;
+    match config.get(crate::train::checkpoint::POOLING) {
+        None => Ok(ValuePooling::Last),
+        Some(v) => v.as_str().and_then(ValuePooling::parse).ok_or_else(|| Error::Checkpoint {
+            path,
+            message: format!("`pooling` must be \"last\", \"mean\" or \"last_mean\", got {v}"),
+        }),
+    }
 }
 
 /// The decoder layers a `head`-kind value in `dir` reads the states after (`config.json`'s `feature_layers`; absent

@@ -136,7 +136,7 @@ pub fn chunk_beam_search(
         let responses: Vec<Vec<i64>> = (0..rows).map(|r| dec.tokens(r).to_vec()).collect();
         let scores = if scorer.reads_policy_hidden() {
             // A head on the policy's backbone reads the states the decoder already has: no forward pass of its own.
-            let hidden = dec.scoring_hidden(&params.eos_token_ids);
+            let hidden = dec.scoring_features(&params.eos_token_ids, scorer.feature_pooling());
             scorer.score_policy_hidden(&hidden)?
         } else {
             let finished: Vec<bool> = (0..rows).map(|r| dec.is_finished(r)).collect();

@@ -14,6 +14,8 @@ use crate::generate::kv_cache::KvCache;
 use crate::generate::{left_pad, right_pad};
 use crate::model::heads::{Head, gather_last};
 use crate::model::{Backbone, CausalLm, ScalarModel, positions_from_valid};
+use crate::train::pool_columns;
+use iro_common::config::ValuePooling;
 
 /// One score per row for `prompts[i] ⊕ responses[i]`.
 pub trait PrefixScorer {
@@ -35,6 +37,11 @@ pub trait PrefixScorer {
     /// With `reads_policy_hidden`: the states after how many decoder layers it reads (`None`: the final ones).
     fn feature_depth(&self) -> Option<usize> {
         None
+    }
+
+    /// With `reads_policy_hidden`: how it pools those states (`Decoder::scoring_features`).
+    fn feature_pooling(&self) -> ValuePooling {
+        ValuePooling::Last
     }
 
     /// The caller's rows were reordered: new row i is old row `index[i]`. Stateful scorers move their
@@ -67,6 +74,7 @@ impl<'m> ValueEnsemble<'m> {
     /// the first appended.
     pub fn new(members: Vec<(&'m ScalarModel, f64)>, eos_token_ids: Vec<i64>) -> Result<Self> {
         check_members(&members, &eos_token_ids)?;
+        check_unpooled(&members)?;
         Ok(Self { members, eos: eos_token_ids })
     }
 }
@@ -111,6 +119,7 @@ impl<'m> CachedValueEnsemble<'m> {
     /// (`max_new_tokens + 1` covers a whole search, EOS included).
     pub fn new(members: Vec<(&'m ScalarModel, f64)>, eos_token_ids: Vec<i64>, headroom: usize) -> Result<Self> {
         check_members(&members, &eos_token_ids)?;
+        check_unpooled(&members)?;
         Ok(Self { members, eos: eos_token_ids, headroom, state: None, prefills: 0 })
     }
 
@@ -208,6 +217,8 @@ pub struct PolicyHeadEnsemble<'m> {
     eos: Vec<i64>,
     /// The layer count every member reads its states after (`ScalarModel::depth`).
     depth: Option<usize>,
+    /// How every member pools them (`ScalarModel::pooling`).
+    pooling: ValuePooling,
 }
 
 impl<'m> PolicyHeadEnsemble<'m> {
@@ -227,8 +238,16 @@ impl<'m> PolicyHeadEnsemble<'m> {
                 members[i].0.depth
             )));
         }
+        let pooling = members.first().map_or(ValuePooling::Last, |(m, _)| m.pooling);
+        if let Some(i) = members.iter().position(|(m, _)| m.pooling != pooling) {
+            return Err(Error::InvalidRequest(format!(
+                "value head {i} pools its states as `{}`, head 0 as `{}`: one ensemble reads one pooling",
+                members[i].0.pooling.as_str(),
+                pooling.as_str()
+            )));
+        }
         let heads = members.into_iter().map(|(m, beta)| (&m.head, beta)).collect();
-        Ok(Self { backbone: &policy.backbone, heads, eos: eos_token_ids, depth })
+        Ok(Self { backbone: &policy.backbone, heads, eos: eos_token_ids, depth, pooling })
     }
 
     /// `Σ_i head_i(h) / beta_i` for `hidden` [B, H].
@@ -246,8 +265,11 @@ impl PrefixScorer for PolicyHeadEnsemble<'_> {
         let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
         let (ids, valid) = left_pad(&seqs, width, 0, self.backbone.device());
         let hidden = self.backbone.forward_to_depth(&ids, &valid, &positions_from_valid(&valid), None, self.depth);
-        // Left padding: every row's last token sits in the last column.
-        Ok(self.combine(&hidden.select(1, -1)))
+        // Left padding: every row's last token sits in the last column, its prompt's last token `tail` before it.
+        let ends = vec![width as i64 - 1; seqs.len()];
+        let starts: Vec<i64> =
+            seqs.iter().zip(prompts).map(|(s, p)| (width - (s.len() - p.len()) - 1) as i64).collect();
+        Ok(self.combine(&pool_columns(&hidden, &starts, &ends, self.pooling)))
     }
 
     fn reads_policy_hidden(&self) -> bool {
@@ -256,6 +278,10 @@ impl PrefixScorer for PolicyHeadEnsemble<'_> {
 
     fn feature_depth(&self) -> Option<usize> {
         self.depth
+    }
+
+    fn feature_pooling(&self) -> ValuePooling {
+        self.pooling
     }
 
     fn score_policy_hidden(&mut self, hidden: &Tensor) -> Result<Vec<f64>> {
@@ -286,6 +312,18 @@ fn check_members(members: &[(&ScalarModel, f64)], eos: &[i64]) -> Result<()> {
         return Err(Error::InvalidRequest("a value ensemble needs an EOS id to score finished rows".into()));
     }
     Ok(())
+}
+
+/// These ensembles read each member's state at the last token; a pooled head reads the policy's states through
+/// `PolicyHeadEnsemble`, which pools them.
+fn check_unpooled(members: &[(&ScalarModel, f64)]) -> Result<()> {
+    match members.iter().position(|(m, _)| m.pooling != ValuePooling::Last) {
+        Some(i) => Err(Error::InvalidRequest(format!(
+            "value model {i} pools its states (`{}`): only heads on the policy's backbone (PolicyHeadEnsemble) pool",
+            members[i].0.pooling.as_str()
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// prompt ⊕ response, with `eos[0]` appended to finished rows not already ending in an EOS.

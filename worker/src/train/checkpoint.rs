@@ -12,6 +12,7 @@
 //! (no shared filesystem) publishes its own copy of the folder holding its shard and `train_state.json`, which
 //! is all its resume reads.
 
+use iro_common::config::ValuePooling;
 use std::path::{Path, PathBuf};
 
 use iro_common::config::ValueSharding;
@@ -65,6 +66,9 @@ const PREFIX: &str = "checkpoint-";
 
 /// The `config.json` key of a `head`-kind value: the decoder layers its states pass through (0: all of them).
 pub const FEATURE_LAYERS: &str = "feature_layers";
+
+/// The `config.json` key of a `head`-kind value: how it pools those states (`value.pooling`; absent: `last`).
+pub const POOLING: &str = "pooling";
 
 /// The folder name of the checkpoint after `step` optimizer steps.
 pub fn checkpoint_dir(out_dir: &Path, step: usize) -> PathBuf {
@@ -237,7 +241,13 @@ pub fn save_sharded(
 
 /// Writes a linear `head`-kind value (a ridge fit: `weight` [1, H], `bias` [1]) as the one checkpoint
 /// `checkpoint-00000001` under `out_dir`, atomically, with a `train_state.json` marking it complete.
-pub fn save_linear_head(out_dir: &Path, weight: &Tensor, bias: &Tensor, depth: Option<usize>) -> Result<PathBuf> {
+pub fn save_linear_head(
+    out_dir: &Path,
+    weight: &Tensor,
+    bias: &Tensor,
+    depth: Option<usize>,
+    pooling: ValuePooling,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let final_dir = checkpoint_dir(out_dir, 1);
     let tmp = out_dir.join(format!(".tmp-{PREFIX}{:08}", 1));
@@ -249,8 +259,10 @@ pub fn save_linear_head(out_dir: &Path, weight: &Tensor, bias: &Tensor, depth: O
     let tensors = [(names[0].to_owned(), weight.shallow_clone()), (names[1].to_owned(), bias.shallow_clone())];
     write_tensors(&tmp.join("model.safetensors"), &tensors)?;
     let hidden = weight.size().last().copied().unwrap_or(0);
-    let config =
-        json!({"iro_value_kind": "head", "head": "linear", "hidden_size": hidden, FEATURE_LAYERS: depth.unwrap_or(0)});
+    let config = json!({
+        "iro_value_kind": "head", "head": "linear", "hidden_size": hidden, FEATURE_LAYERS: depth.unwrap_or(0),
+        POOLING: pooling.as_str(),
+    });
     write_json(&tmp.join("config.json"), &config)?;
     let state = json!({"step": 1, "total_steps": 1, "kind": "head", "fit": "ridge"});
     write_json(&tmp.join("train_state.json"), &state)?;

@@ -129,6 +129,31 @@ pub fn pool_prefixes(states: &Tensor, pooling: ValuePooling) -> Tensor {
     }
 }
 
+/// Per row i of `hidden` [B, T, H] (one forward over whole sequences), the `pooling` features of the prefix whose
+/// last token sits in column `ends[i]` and whose prompt's last token sits in column `starts[i]`: what
+/// `pool_prefixes` gives that prefix when the states are fed token by token.
+pub fn pool_columns(hidden: &Tensor, starts: &[i64], ends: &[i64], pooling: ValuePooling) -> Tensor {
+    let device = hidden.device();
+    let rows = Tensor::arange(starts.len() as i64, (Kind::Int64, device));
+    let column = |c: &[i64]| Tensor::from_slice(c).to_device(device);
+    let last = || hidden.index(&[Some(rows.shallow_clone()), Some(column(ends))]);
+    let mean = || {
+        let (b, _, h) = hidden.size3().expect("hidden states [B, T, H]");
+        // Prefix sums with a zero column in front: the span's sum is a difference of two of them.
+        let sums = Tensor::cat(&[Tensor::zeros([b, 1, h], (Kind::Float, device)), hidden.cumsum(1, Kind::Float)], 1);
+        let after: Vec<i64> = ends.iter().map(|e| e + 1).collect();
+        let span = sums.index(&[Some(rows.shallow_clone()), Some(column(&after))])
+            - sums.index(&[Some(rows.shallow_clone()), Some(column(starts))]);
+        let counts: Vec<f32> = starts.iter().zip(ends).map(|(s, e)| (e - s + 1) as f32).collect();
+        span / Tensor::from_slice(&counts).to_device(device).unsqueeze(1)
+    };
+    match pooling {
+        ValuePooling::Last => last(),
+        ValuePooling::Mean => mean(),
+        ValuePooling::LastMean => Tensor::cat(&[last().to_kind(Kind::Float), mean()], 1),
+    }
+}
+
 /// The [targets, H] states of each example: the prompt's last token (from one prefill per distinct prompt)
 /// followed by every response token (fed through the replicated prompt cache).
 fn shared_prompt_states(

@@ -22,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 
 pub use batch::{ValueBatch, ValueExample, build_batch};
 pub use checkpoint::TrainState;
-pub use features::FeatureCache;
+pub use features::{FeatureCache, pool_columns, pool_prefixes};
 pub use loss::{mc_value_loss, squared_error_sum};
 pub use optim::{AdamW, AdamWConfig, cosine_lr};
 pub use shard::{ShardedState, StepMemory};

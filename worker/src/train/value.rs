@@ -70,6 +70,7 @@ impl TrainableValue {
                 backbone: ck.backbone()?,
                 head: Head::Linear(ScalarHead { weight: w, bias: None, offset: 0.0 }),
                 depth: None,
+                pooling: iro_common::config::ValuePooling::Last,
             }
         };
         let canonical = canonical_prefix(&ck.config);
