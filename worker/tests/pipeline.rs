@@ -465,5 +465,5 @@ fn the_value_benchmark_retrains_the_runs_own_v1_and_ranks_its_diagnostic_candida
             .unwrap();
         assert!(centred.constant_loss <= r.constant_loss + 1e-12, "{centred:?} vs {r:?}");
     }
-    assert!(value_bench_markdown(&rows).contains("prompt_centred"));
+    assert!(value_bench_markdown(rows).contains("prompt_centred"));
 }

@@ -285,3 +285,48 @@ fn bf16_mixed_precision_tracks_the_f32_loss_curve() {
         .fold(0.0, f64::max);
     assert_eq!(diff, 0.0, "a resumed bf16 training ends elsewhere");
 }
+
+/// A bf16 value model as training publishes it is a folder transformers reads: `bf16_value` was written by this
+/// trainer (`worker/examples/bf16_value_fixture.rs`, bf16 mixed precision) and loaded by transformers'
+/// `AutoModelForSequenceClassification` in float32 (`scripts/fixtures/make_bf16_value_reference.py`), whose values
+/// iro's reader (what `iro score` runs) must give on the same ids. A fresh bf16 training must publish that same
+/// layout: the same tensor names, shapes and dtypes and the same config, so what transformers read there it reads here.
+#[test]
+fn a_bf16_value_model_loads_in_transformers_with_the_values_iro_reads() {
+    let folder = fixture("bf16_value");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("reference.json")).unwrap()).unwrap();
+    assert_eq!(reference["class"], "LlamaForSequenceClassification", "{reference}");
+    assert_eq!(reference["saved_dtype"], "bfloat16", "{reference}");
+    let model = ScalarModel::load(&folder, Kind::Float, Device::Cpu).unwrap();
+    let sequences = reference["sequences"].as_array().unwrap();
+    let values = reference["values"].as_array().unwrap();
+    assert_eq!(sequences.len(), values.len());
+    for (ids, want) in sequences.iter().zip(values) {
+        let ids: Vec<i64> = ids.as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        let valid = Tensor::ones([1, ids.len() as i64], (Kind::Bool, Device::Cpu));
+        let got = tch::no_grad(|| model.score(&Tensor::from_slice(&ids).unsqueeze(0), &valid)).double_value(&[0]);
+        let want = want.as_f64().unwrap();
+        assert!((got - want).abs() <= 1e-4, "ids {ids:?}: iro reads {got}, transformers {want}");
+    }
+
+    // The same training again publishes the same layout.
+    let cfg = config(1e-3, 5);
+    let bf16 = ValueInit::Model { dir: fixture("llama_seqcls"), kind: Kind::BFloat16, device: Device::Cpu };
+    let out = tempfile::tempdir().unwrap();
+    let report = train(&cfg, &examples(16, 3), &bf16, out.path());
+    let layout = |dir: &Path| -> Vec<(String, Vec<i64>, Kind)> {
+        let mut t: Vec<_> = Tensor::read_safetensors(dir.join("model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, t.size(), t.kind()))
+            .collect();
+        t.sort_by(|a, b| a.0.cmp(&b.0));
+        t
+    };
+    assert_eq!(layout(&report.checkpoint), layout(&folder), "a bf16 training publishes another tensor layout");
+    let config = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+    };
+    assert_eq!(config(&report.checkpoint), config(&folder), "a bf16 training publishes another config.json");
+}

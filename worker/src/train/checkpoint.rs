@@ -105,6 +105,15 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     std::fs::write(path, text).map_err(io(path))
 }
 
+/// transformers' name of a weight dtype (`config.json`'s `dtype`).
+fn hf_dtype(kind: Kind) -> &'static str {
+    match kind {
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        _ => "float32",
+    }
+}
+
 /// The tensors of `model.safetensors` and the `config.json` of a value function.
 fn model_files(value: &TrainableValue) -> (Vec<(String, Tensor)>, Value) {
     match value {
@@ -132,6 +141,12 @@ fn model_files(value: &TrainableValue) -> (Vec<(String, Tensor)>, Value) {
                 obj.insert("id2label".into(), json!({"0": "LABEL_0"}));
                 obj.insert("label2id".into(), json!({"LABEL_0": 0}));
                 obj.remove("bias");
+                // The dtype the weights are saved in (a bf16 training saves bf16), so `dtype="auto"` loaders get it.
+                let dtype = hf_dtype(tensors.first().map_or(Kind::Float, |(_, t)| t.kind()));
+                obj.insert("dtype".into(), json!(dtype));
+                if obj.contains_key("torch_dtype") {
+                    obj.insert("torch_dtype".into(), json!(dtype));
+                }
             }
             (tensors, config)
         }
