@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod checkpoint;
+pub mod dpo;
 pub mod features;
 pub mod layerwise;
 pub mod loss;
