@@ -2,11 +2,12 @@
 //! preference pairs, its loss and every policy parameter's gradient (scripts/fixtures/make_dpo_reference.py: the
 //! policy a perturbed llama_gqa_tied, the reference llama_gqa_tied, β = 0.05, float32).
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use iro_worker::model::Checkpoint;
 use iro_worker::model::heads::CausalLm;
-use iro_worker::train::dpo::{completion_logps, dpo_sigmoid_loss};
+use iro_worker::train::dpo::{DpoConfig, PreferencePair, completion_logps, dpo_sigmoid_loss, pair_batch, train_dpo};
 use tch::{Device, Kind, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
@@ -53,4 +54,84 @@ fn dpo_loss_and_gradients_equal_trls_dpo_trainer() {
     let expected = reference.keys().filter(|k| k.starts_with("grad.")).count();
     eprintln!("DPO loss {got:.6} (TRL {want:.6}); {checked} parameter gradients match");
     assert_eq!(checked, expected, "every parameter TRL differentiates has a gradient here");
+}
+
+fn pairs(n: usize) -> Vec<PreferencePair> {
+    let mut rng = iro_common::data::SplitMix64::new(11);
+    let mut tokens = |len: usize| -> Vec<i64> { (0..len).map(|_| 4 + rng.below(500) as i64).collect() };
+    (0..n)
+        .map(|i| PreferencePair {
+            prompt: tokens(3 + i % 3),
+            chosen: tokens(2 + i % 4),
+            rejected: tokens(1 + (i * 3) % 5),
+        })
+        .collect()
+}
+
+fn dpo_config(checkpoint_every: usize) -> DpoConfig {
+    DpoConfig {
+        beta: 0.1,
+        lr: 5e-3,
+        adam_eps: 1e-5,
+        weight_decay: 0.01,
+        epochs: 3,
+        batch_size: 4,
+        micro_batch_size: 2,
+        checkpoint_every,
+        seed: 5,
+        pad_id: 3,
+    }
+}
+
+fn weights(dir: &Path) -> Vec<(String, Tensor)> {
+    let mut w = Tensor::read_safetensors(dir.join("model.safetensors")).unwrap();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+#[test]
+fn dpo_training_lowers_the_loss_publishes_a_causal_lm_and_resumes_to_the_same_weights() {
+    let base = fixture("llama_gqa_tied");
+    let data = pairs(6);
+    let whole = tempfile::tempdir().unwrap();
+    let report =
+        train_dpo(&dpo_config(0), &data, &base, whole.path(), false, |_, _, _| ControlFlow::Continue(())).unwrap();
+    // 6 pairs in batches of 4: 2 steps per epoch. The policy starts as its reference: the first loss is log 2.
+    assert_eq!((report.steps, report.total_steps), (6, 6));
+    assert!((report.losses[0] - std::f64::consts::LN_2).abs() < 1e-6, "{:?}", report.losses);
+    assert!(report.final_loss < report.losses[0] - 0.05, "DPO did not lower its loss: {:?}", report.losses);
+
+    // The published folder is the base checkpoint's layout with new weights, and loads as a causal LM.
+    let (trained, original) = (weights(&report.checkpoint), weights(&base));
+    let layout =
+        |w: &[(String, Tensor)]| -> Vec<(String, Vec<i64>)> { w.iter().map(|(n, t)| (n.clone(), t.size())).collect() };
+    assert_eq!(layout(&trained), layout(&original));
+    assert!(trained.iter().zip(&original).any(|((_, a), (_, b))| a != b), "the weights did not move");
+    for name in ["config.json", "tokenizer.json"] {
+        assert!(report.checkpoint.join(name).exists(), "{name} missing from the published policy");
+    }
+    let lm = CausalLm::load(&report.checkpoint, Kind::Float, Device::Cpu).unwrap();
+    let (ids, valid, completion) = pair_batch(&data.iter().collect::<Vec<_>>(), 3, Device::Cpu);
+    let after = tch::no_grad(|| completion_logps(&lm, &ids, &valid, &completion));
+    let k = data.len() as i64;
+    let before = tch::no_grad(|| {
+        completion_logps(&CausalLm::load(&base, Kind::Float, Device::Cpu).unwrap(), &ids, &valid, &completion)
+    });
+    let margin = |l: &Tensor| (l.narrow(0, 0, k) - l.narrow(0, k, k)).mean(Kind::Float).double_value(&[]);
+    assert!(margin(&after) > margin(&before), "chosen-over-rejected margin {} → {}", margin(&before), margin(&after));
+
+    // Killed after step 3 (checkpoints every step), then resumed: the same final weights, bit for bit.
+    let split = tempfile::tempdir().unwrap();
+    let stopped = train_dpo(&dpo_config(1), &data, &base, split.path(), false, |step, _, _| {
+        if step == 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+    })
+    .unwrap();
+    assert_eq!(stopped.steps, 3);
+    let resumed =
+        train_dpo(&dpo_config(1), &data, &base, split.path(), true, |_, _, _| ControlFlow::Continue(())).unwrap();
+    assert_eq!(resumed.steps, 6);
+    assert_eq!(resumed.losses, report.losses, "a resumed DPO run took other steps");
+    for ((n, a), (_, b)) in weights(&resumed.checkpoint).iter().zip(&trained) {
+        assert_eq!(a, b, "{n} differs after a resume");
+    }
 }

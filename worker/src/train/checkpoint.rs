@@ -89,18 +89,18 @@ pub fn latest(out_dir: &Path) -> Option<PathBuf> {
         .map(|(_, p)| p)
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io { path: path.to_owned(), source }
 }
 
-fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+pub(crate) fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let cpu: Vec<(String, Tensor)> =
         tensors.iter().map(|(n, t)| (n.clone(), t.detach().to_device(Device::Cpu).contiguous())).collect();
     Tensor::write_safetensors(&cpu, path)
         .map_err(|e| Error::Checkpoint { path: path.to_owned(), message: format!("cannot write safetensors: {e}") })
 }
 
-fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+pub(crate) fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value).expect("JSON values always serialise");
     std::fs::write(path, text).map_err(io(path))
 }
@@ -167,7 +167,7 @@ fn tmp_dir(out_dir: &Path, step: usize) -> PathBuf {
 }
 
 /// An empty temp folder for the checkpoint after `step` (a stale one from a crash is cleared).
-fn fresh_tmp(out_dir: &Path, step: usize) -> Result<PathBuf> {
+pub(crate) fn fresh_tmp(out_dir: &Path, step: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(out_dir).map_err(io(out_dir))?;
     let tmp = tmp_dir(out_dir, step);
     if tmp.exists() {
@@ -178,7 +178,7 @@ fn fresh_tmp(out_dir: &Path, step: usize) -> Result<PathBuf> {
 }
 
 /// Writes `train_state.json` last into `tmp`, renames it to `checkpoint-<step>` and removes older checkpoints.
-fn publish(out_dir: &Path, tmp: &Path, state: &TrainState) -> Result<PathBuf> {
+pub(crate) fn publish(out_dir: &Path, tmp: &Path, state: &TrainState) -> Result<PathBuf> {
     write_json(&tmp.join("train_state.json"), state)?;
     let final_dir = checkpoint_dir(out_dir, state.step);
     if final_dir.exists() {
@@ -205,6 +205,12 @@ pub fn save(out_dir: &Path, value: &TrainableValue, opt: &AdamW, state: &TrainSt
     let tmp = fresh_tmp(out_dir, state.step)?;
     write_model(&tmp, value)?;
     let names: Vec<String> = value.named_params().into_iter().map(|(n, _)| n).collect();
+    save_moments(&tmp, &names, opt)?;
+    publish(out_dir, &tmp, state)
+}
+
+/// Writes `opt`'s moments (and masters) of the parameters `names` to `train_state.safetensors` in `dir`.
+pub(crate) fn save_moments(dir: &Path, names: &[String], opt: &AdamW) -> Result<()> {
     let mut moments = Vec::with_capacity(2 * names.len());
     for (i, (name, (m, v))) in names.iter().zip(opt.m.iter().zip(&opt.v)).enumerate() {
         moments.push((format!("m.{name}"), m.shallow_clone()));
@@ -213,8 +219,7 @@ pub fn save(out_dir: &Path, value: &TrainableValue, opt: &AdamW, state: &TrainSt
             moments.push((format!("master.{name}"), master[i].shallow_clone()));
         }
     }
-    write_tensors(&tmp.join("train_state.safetensors"), &moments)?;
-    publish(out_dir, &tmp, state)
+    write_tensors(&dir.join("train_state.safetensors"), &moments)
 }
 
 /// The file of rank `rank`'s shard in a checkpoint written by `world` ranks.
@@ -314,6 +319,12 @@ pub fn load_shards(
 
 /// Reads `train_state.json` and fills `opt`'s moments from `train_state.safetensors` (by parameter name).
 pub fn load_train_state(dir: &Path, value: &TrainableValue, opt: &mut AdamW) -> Result<TrainState> {
+    load_moments(dir, &value.named_params(), opt)
+}
+
+/// Reads `train_state.json` and fills `opt`'s moments (and masters) for the parameters `params` from
+/// `train_state.safetensors`, by name: any trainer that saves with [`save_moments`].
+pub(crate) fn load_moments(dir: &Path, params: &[(String, Tensor)], opt: &mut AdamW) -> Result<TrainState> {
     let state = read_train_state(dir)?;
     let file = dir.join("train_state.safetensors");
     let tensors = Tensor::read_safetensors(&file)
@@ -334,7 +345,6 @@ pub fn load_train_state(dir: &Path, value: &TrainableValue, opt: &mut AdamW) -> 
         }
         Ok(t.to_kind(Kind::Float).to_device(like.device()))
     };
-    let params = value.named_params();
     opt.m = params.iter().map(|(n, p)| find(&format!("m.{n}"), p)).collect::<Result<_>>()?;
     opt.v = params.iter().map(|(n, p)| find(&format!("v.{n}"), p)).collect::<Result<_>>()?;
     if opt.master.is_some() {
