@@ -2,12 +2,17 @@
 //! preference pairs, its loss and every policy parameter's gradient (scripts/fixtures/make_dpo_reference.py: the
 //! policy a perturbed llama_gqa_tied, the reference llama_gqa_tied, β = 0.05, float32).
 
+#[path = "support/dpo_pairs.rs"]
+mod dpo_pairs;
+
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
+use iro_worker::generate::sampler::SamplingParams;
+use iro_worker::generate::{GenerateOptions, generate};
 use iro_worker::model::Checkpoint;
 use iro_worker::model::heads::CausalLm;
-use iro_worker::train::dpo::{DpoConfig, PreferencePair, completion_logps, dpo_sigmoid_loss, pair_batch, train_dpo};
+use iro_worker::train::dpo::{completion_logps, dpo_sigmoid_loss, pair_batch, train_dpo};
 use tch::{Device, Kind, Tensor};
 
 fn fixture(name: &str) -> PathBuf {
@@ -56,33 +61,6 @@ fn dpo_loss_and_gradients_equal_trls_dpo_trainer() {
     assert_eq!(checked, expected, "every parameter TRL differentiates has a gradient here");
 }
 
-fn pairs(n: usize) -> Vec<PreferencePair> {
-    let mut rng = iro_common::data::SplitMix64::new(11);
-    let mut tokens = |len: usize| -> Vec<i64> { (0..len).map(|_| 4 + rng.below(500) as i64).collect() };
-    (0..n)
-        .map(|i| PreferencePair {
-            prompt: tokens(3 + i % 3),
-            chosen: tokens(2 + i % 4),
-            rejected: tokens(1 + (i * 3) % 5),
-        })
-        .collect()
-}
-
-fn dpo_config(checkpoint_every: usize) -> DpoConfig {
-    DpoConfig {
-        beta: 0.1,
-        lr: 5e-3,
-        adam_eps: 1e-5,
-        weight_decay: 0.01,
-        epochs: 3,
-        batch_size: 4,
-        micro_batch_size: 2,
-        checkpoint_every,
-        seed: 5,
-        pad_id: 3,
-    }
-}
-
 fn weights(dir: &Path) -> Vec<(String, Tensor)> {
     let mut w = Tensor::read_safetensors(dir.join("model.safetensors")).unwrap();
     w.sort_by(|a, b| a.0.cmp(&b.0));
@@ -92,10 +70,11 @@ fn weights(dir: &Path) -> Vec<(String, Tensor)> {
 #[test]
 fn dpo_training_lowers_the_loss_publishes_a_causal_lm_and_resumes_to_the_same_weights() {
     let base = fixture("llama_gqa_tied");
-    let data = pairs(6);
+    let data = dpo_pairs::pairs(6);
     let whole = tempfile::tempdir().unwrap();
     let report =
-        train_dpo(&dpo_config(0), &data, &base, whole.path(), false, |_, _, _| ControlFlow::Continue(())).unwrap();
+        train_dpo(&dpo_pairs::config(0), &data, &base, whole.path(), false, |_, _, _| ControlFlow::Continue(()))
+            .unwrap();
     // 6 pairs in batches of 4: 2 steps per epoch. The policy starts as its reference: the first loss is log 2.
     assert_eq!((report.steps, report.total_steps), (6, 6));
     assert!((report.losses[0] - std::f64::consts::LN_2).abs() < 1e-6, "{:?}", report.losses);
@@ -122,16 +101,68 @@ fn dpo_training_lowers_the_loss_publishes_a_causal_lm_and_resumes_to_the_same_we
 
     // Killed after step 3 (checkpoints every step), then resumed: the same final weights, bit for bit.
     let split = tempfile::tempdir().unwrap();
-    let stopped = train_dpo(&dpo_config(1), &data, &base, split.path(), false, |step, _, _| {
+    let stopped = train_dpo(&dpo_pairs::config(1), &data, &base, split.path(), false, |step, _, _| {
         if step == 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
     })
     .unwrap();
     assert_eq!(stopped.steps, 3);
     let resumed =
-        train_dpo(&dpo_config(1), &data, &base, split.path(), true, |_, _, _| ControlFlow::Continue(())).unwrap();
+        train_dpo(&dpo_pairs::config(1), &data, &base, split.path(), true, |_, _, _| ControlFlow::Continue(()))
+            .unwrap();
     assert_eq!(resumed.steps, 6);
     assert_eq!(resumed.losses, report.losses, "a resumed DPO run took other steps");
     for ((n, a), (_, b)) in weights(&resumed.checkpoint).iter().zip(&trained) {
         assert_eq!(a, b, "{n} differs after a resume");
     }
+}
+
+/// A DPO-trained policy as the trainer publishes it is a causal-LM folder transformers reads: `dpo_policy` was
+/// written by this trainer (`examples/dpo_policy_fixture.rs`) and greedy-decoded by transformers'
+/// `AutoModelForCausalLM` (`scripts/fixtures/make_dpo_policy_reference.py`); iro's greedy decoding of the folder
+/// must give the same tokens, and a fresh training the same layout.
+#[test]
+fn a_dpo_policy_loads_in_transformers_and_decodes_greedily_as_iro_does() {
+    let folder = fixture("dpo_policy");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("reference.json")).unwrap()).unwrap();
+    assert_eq!(reference["class"], "LlamaForCausalLM", "{reference}");
+    let ids = |v: &serde_json::Value| -> Vec<Vec<i64>> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_array().unwrap().iter().map(|t| t.as_i64().unwrap()).collect())
+            .collect()
+    };
+    let (prompts, want) = (ids(&reference["prompts"]), ids(&reference["greedy"]));
+    let lm = CausalLm::load(&folder, Kind::Float, Device::Cpu).unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: want[0].len(),
+        sampling: SamplingParams::GREEDY,
+        eos_token_ids: vec![],
+        pad_token_id: 3,
+    };
+    let seeds: Vec<u64> = (0..prompts.len() as u64).collect();
+    let got = generate(&lm, &prompts, &seeds, &opts).unwrap();
+    for ((g, w), p) in got.iter().zip(&want).zip(&prompts) {
+        assert_eq!(&g.tokens, w, "prompt {p:?}: iro's greedy tokens differ from transformers'");
+    }
+
+    let out = tempfile::tempdir().unwrap();
+    let report = train_dpo(
+        &dpo_pairs::config(0),
+        &dpo_pairs::pairs(6),
+        &fixture("llama_gqa_tied"),
+        out.path(),
+        false,
+        |_, _, _| ControlFlow::Continue(()),
+    )
+    .unwrap();
+    let layout = |dir: &Path| -> Vec<(String, Vec<i64>, Kind)> {
+        weights(dir).into_iter().map(|(n, t)| (n, t.size(), t.kind())).collect()
+    };
+    assert_eq!(layout(&report.checkpoint), layout(&folder), "DPO publishes another tensor layout");
+    let config = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+    };
+    assert_eq!(config(&report.checkpoint), config(&folder), "DPO publishes another config.json");
 }
