@@ -44,7 +44,7 @@ fn the_binary_starts_and_lists_only_what_exists() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("sum(arange(4)) = 6"));
     let help = String::from_utf8_lossy(&iro(&["--help"]).stdout).to_string();
-    for cmd in ["info", "generate", "guide", "score", "bench", "coordinator", "status", "check-config"] {
+    for cmd in ["info", "generate", "guide", "dpo", "score", "bench", "coordinator", "status", "check-config"] {
         assert!(help.contains(cmd), "--help lacks {cmd}:\n{help}");
     }
 }

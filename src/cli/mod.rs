@@ -2,6 +2,7 @@
 
 mod bench;
 mod cluster;
+mod dpo;
 mod generate;
 mod guide;
 mod info;
@@ -36,6 +37,8 @@ pub enum Command {
     /// Decode prompts with the frozen policy guided by trained value functions (chunk-level beam search), from
     /// explicit folders or a run's published V_1..V_t.
     Guide(guide::GuideArgs),
+    /// DPO of a causal LM on preference pairs (the DPO baseline as its own command); resumable.
+    Dpo(dpo::DpoArgs),
     /// Score `prompt` + `output` rows with a reward model's scalar head.
     Score(generate::ScoreArgs),
     /// Benchmarks against the Python reference implementations.
@@ -72,6 +75,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Worker(args) => worker::worker(args),
         Command::Generate(args) => generate::generate(args),
         Command::Guide(args) => guide::guide(args),
+        Command::Dpo(args) => dpo::dpo(args),
         Command::Score(args) => generate::score(args),
         Command::CheckConfig { config, device_memory_gib, model_shapes } => {
             info::check_config(&config, device_memory_gib, model_shapes.as_deref())

@@ -2,6 +2,7 @@
 //! new fields out. Output is written to a temporary file and renamed, so a killed job leaves no half file.
 
 pub mod bench;
+pub mod dpo;
 pub mod generate;
 pub mod guide;
 pub mod jsonl;

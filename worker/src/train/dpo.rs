@@ -66,6 +66,8 @@ pub struct DpoConfig {
     pub checkpoint_every: usize,
     pub seed: u64,
     pub pad_id: i64,
+    /// Where the policy and its reference run (f32 weights).
+    pub device: tch::Device,
 }
 
 /// What a DPO training did: the same shape as value training's report.
@@ -116,7 +118,7 @@ pub fn train_dpo(
     if let Some(i) = pairs.iter().position(|p| p.prompt.is_empty() || p.chosen.is_empty() || p.rejected.is_empty()) {
         return Err(Error::InvalidRequest(format!("preference pair {i} has an empty prompt or completion")));
     }
-    let device = tch::Device::Cpu;
+    let device = config.device;
     let steps_per_epoch = n.div_ceil(batch);
     let total_steps = steps_per_epoch * config.epochs;
     let micro = config.micro_batch_size;

@@ -27,5 +27,6 @@ pub fn config(checkpoint_every: usize) -> DpoConfig {
         checkpoint_every,
         seed: 5,
         pad_id: 3,
+        device: tch::Device::Cpu,
     }
 }
