@@ -2,6 +2,7 @@
 //! sockets, a real command log in a temporary folder, and a manual clock, so lease expiry and worker
 //! death are driven by the test instead of waited for. One test binary, one module per concern.
 
+mod pki;
 mod support;
 
 mod auth;
@@ -9,3 +10,4 @@ mod grpc;
 mod manifests;
 mod restart;
 mod status;
+mod tls;

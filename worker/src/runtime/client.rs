@@ -12,7 +12,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use iro_coordinator::driver::{Bearer, ClusterToken, TOKEN_ENV};
+use iro_coordinator::driver::{Bearer, ClientTls, ClusterToken, TOKEN_ENV};
 use iro_proto::coordinator_client::CoordinatorClient;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -70,12 +70,34 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    pub fn new(url: &str, token: Option<&ClusterToken>, timeouts: Timeouts) -> Result<Self> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
+    /// With `tls`, `url` must be `https://` and the coordinator's certificate must chain to its CA; an
+    /// `https://` URL without it, or TLS settings with an `http://` URL, is refused here rather than
+    /// quietly talking plaintext or trusting whatever answers.
+    pub fn new(url: &str, token: Option<&ClusterToken>, tls: Option<&ClientTls>, timeouts: Timeouts) -> Result<Self> {
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| Error::Coordinator(format!("`{url}` is not a usable coordinator URL: {e}")))?
             .connect_timeout(timeouts.connect)
             .timeout(timeouts.request)
             .tcp_nodelay(true);
+        match (url.starts_with("https://"), tls) {
+            (true, Some(tls)) => {
+                iro_coordinator::driver::tls::install_crypto_provider();
+                endpoint = endpoint
+                    .tls_config(tls.grpc())
+                    .map_err(|e| Error::Coordinator(format!("TLS settings for `{url}`: {e}")))?;
+            }
+            (false, None) => {}
+            (true, None) => {
+                return Err(Error::Coordinator(format!(
+                    "`{url}` is https:// but no CA to verify the coordinator with was given (--tls-ca)"
+                )));
+            }
+            (false, Some(_)) => {
+                return Err(Error::Coordinator(format!(
+                    "TLS settings were given but `{url}` is not https://: use https:// to talk TLS"
+                )));
+            }
+        }
         let client = CoordinatorClient::with_interceptor(endpoint.connect_lazy(), Bearer::new(token));
         Ok(Self { client, url: url.to_owned(), timeouts })
     }
