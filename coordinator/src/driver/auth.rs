@@ -135,6 +135,28 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// A fresh session nonce (`wire::SESSION_LEN` hex digits) from the kernel's random source. Chosen by the
+/// driver and written into the RegisterWorker command, so a replay restores the same one.
+pub fn new_session() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    let from_kernel = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).is_ok();
+    if !from_kernel {
+        // No /dev/urandom (not Linux): SipHash under std's randomly keyed hasher, over the time and a counter.
+        use std::hash::{BuildHasher, Hasher};
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        for half in bytes.chunks_mut(8) {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+            hasher.write_u128(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
+            );
+            half.copy_from_slice(&hasher.finish().to_le_bytes());
+        }
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// The server-side check: a tonic interceptor closure over the token. With no token configured every
 /// call passes (the server then listens on loopback only).
 pub fn interceptor(
@@ -167,11 +189,20 @@ pub fn interceptor(
 #[derive(Clone, Default)]
 pub struct Bearer {
     header: Option<MetadataValue<tonic::metadata::Ascii>>,
+    /// The worker's session nonce (`iro-session`), once it has registered.
+    session: Option<MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Bearer {
     pub fn new(token: Option<&ClusterToken>) -> Self {
-        Self { header: token.map(ClusterToken::bearer) }
+        Self { header: token.map(ClusterToken::bearer), session: None }
+    }
+
+    /// Also sends `session` (what RegisterWorker returned) on every call; an empty one (a coordinator
+    /// that predates sessions) sends nothing.
+    pub fn with_session(mut self, session: &str) -> Self {
+        self.session = (!session.is_empty()).then(|| session.parse().ok()).flatten();
+        self
     }
 }
 
@@ -185,6 +216,9 @@ impl tonic::service::Interceptor for Bearer {
     fn call(&mut self, mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
         if let Some(header) = &self.header {
             request.metadata_mut().insert("authorization", header.clone());
+        }
+        if let Some(session) = &self.session {
+            request.metadata_mut().insert(super::wire::SESSION_HEADER, session.clone());
         }
         Ok(request)
     }

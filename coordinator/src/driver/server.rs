@@ -99,6 +99,10 @@ pub struct CoordinatorConfig {
     /// issued (mTLS). None: plaintext (the default; loopback demos and tests).
     pub tls: Option<ServerTls>,
     pub limits: ServerLimits,
+    /// Refuse worker calls that carry no session nonce (`iro-session`, from RegisterWorker). On by default;
+    /// off only for protocol tests and clients that predate sessions, which can then share a lease with
+    /// another process under their worker id (review A6).
+    pub require_sessions: bool,
     pub clock: Arc<dyn Clock>,
     pub driver: DriverOptions,
     /// Publish `manifest.json` for each finished rollout and eval stage to `run.store`, and lease no task
@@ -124,6 +128,7 @@ impl fmt::Debug for CoordinatorConfig {
             .field("status_requires_token", &self.status_requires_token)
             .field("tls", &self.tls)
             .field("limits", &self.limits)
+            .field("require_sessions", &self.require_sessions)
             .field("write_manifests", &self.write_manifests)
             .field("force_fresh_state", &self.force_fresh_state)
             .finish_non_exhaustive()
@@ -146,6 +151,7 @@ impl CoordinatorConfig {
             status_requires_token: false,
             tls: None,
             limits: ServerLimits::default(),
+            require_sessions: true,
             clock: Arc::new(SystemClock::new()),
             driver: DriverOptions::default(),
             write_manifests: true,
@@ -307,7 +313,8 @@ pub async fn serve(config: CoordinatorConfig) -> Result<ServerHandle> {
     } else {
         None
     };
-    let service = CoordinatorService::new(handle.clone(), &run_id, run_config_json, payloads, metrics.clone(), layout);
+    let service = CoordinatorService::new(handle.clone(), &run_id, run_config_json, payloads, metrics.clone(), layout)
+        .require_sessions(config.require_sessions);
     let limits = config.limits.clone();
     let grpc = CoordinatorServer::new(service).max_decoding_message_size(limits.max_message_bytes);
     let grpc = tonic::service::interceptor::InterceptedService::new(

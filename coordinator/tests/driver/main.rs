@@ -9,5 +9,6 @@ mod auth;
 mod grpc;
 mod manifests;
 mod restart;
+mod sessions;
 mod status;
 mod tls;

@@ -65,6 +65,8 @@ pub struct CallContext<'a> {
 #[derive(Clone)]
 pub struct Coordinator {
     client: Client,
+    channel: Channel,
+    bearer: Bearer,
     url: String,
     timeouts: Timeouts,
 }
@@ -98,8 +100,19 @@ impl Coordinator {
                 )));
             }
         }
-        let client = CoordinatorClient::with_interceptor(endpoint.connect_lazy(), Bearer::new(token));
-        Ok(Self { client, url: url.to_owned(), timeouts })
+        let channel = endpoint.connect_lazy();
+        let bearer = Bearer::new(token);
+        let client = CoordinatorClient::with_interceptor(channel.clone(), bearer.clone());
+        Ok(Self { client, channel, bearer, url: url.to_owned(), timeouts })
+    }
+
+    /// The same connection, with every call carrying the session RegisterWorker returned: without it
+    /// the coordinator refuses them, and once another process registers under this worker id, it
+    /// refuses this one's (`FailedPrecondition`, final).
+    pub fn in_session(&self, session: &str) -> Self {
+        let bearer = self.bearer.clone().with_session(session);
+        let client = CoordinatorClient::with_interceptor(self.channel.clone(), bearer.clone());
+        Self { client, channel: self.channel.clone(), bearer, url: self.url.clone(), timeouts: self.timeouts }
     }
 
     pub fn url(&self) -> &str {

@@ -132,6 +132,7 @@ where
         heartbeat_ms = heartbeat.as_millis() as u64,
         "registered with the coordinator"
     );
+    let coordinator = coordinator.in_session(&registered.session);
     let session = Session {
         coordinator,
         worker_id: registered.worker_id,
