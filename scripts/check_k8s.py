@@ -25,7 +25,7 @@ What it checks, and exits 1 naming the file and the problem when one fails:
    with the iro-s3 secret in the coordinator and the workers, a local-folder store is mounted in both; every
    model and data path of the config lies under a volume the workers mount; every `$(VAR)` in a command or env
    value is defined (env values only by variables defined earlier); every volumeMount has its volume; files the
-   iro flags point at (--config, --token-file) are provided by a mounted ConfigMap or Secret; Service selectors
+   iro flags point at (--config, --token-file, --status-token-file, --tls-*) are provided by a mounted ConfigMap or Secret; Service selectors
    and port names match a pod.
 """
 
@@ -116,7 +116,11 @@ def find_binary(explicit: str | None, problems: Problems) -> Path | None:
     if explicit:
         p = Path(explicit)
         return p if p.is_file() and os.access(p, os.X_OK) else None
-    candidates = [ROOT / "target" / d / "iro" for d in ("release", "debug")]
+    # CARGO_TARGET_DIR, when set, is where cargo put the build (relative paths are from the repository root).
+    target_dirs = [ROOT / "target"]
+    if os.environ.get("CARGO_TARGET_DIR"):
+        target_dirs.insert(0, ROOT / os.environ["CARGO_TARGET_DIR"])
+    candidates = [t / d / "iro" for t in target_dirs for d in ("release", "debug")]
     built = [p for p in candidates if p.is_file() and os.access(p, os.X_OK)]
     if not built:
         problems.note("no built binary (target/{release,debug}/iro)")
@@ -902,7 +906,8 @@ def check_rendered(name: str, docs: list[dict], config: dict | None, idx: Index,
                     continue
                 sub = check_iro_argv(argv, spec, cwhere, True, problems) if spec else (argv[0] if argv else None)
                 # Files the flags name must be provided by a mounted ConfigMap or Secret.
-                for flag in ("--config", "--token-file"):
+                for flag in ("--config", "--token-file", "--status-token-file", "--tls-cert", "--tls-key",
+                             "--tls-client-ca", "--tls-ca"):
                     if flag in argv and argv.index(flag) + 1 < len(argv):
                         path = argv[argv.index(flag) + 1]
                         m = mount_for(c, path)

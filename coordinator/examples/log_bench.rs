@@ -100,7 +100,13 @@ impl Bench {
     fn register(&mut self, workers: &[WorkerId], now_ms: u64) {
         for w in workers {
             let resources = Resources { device: "cuda:0".into(), memory_bytes: 80 << 30, cached_models: vec![] };
-            self.send(Command::RegisterWorker { worker_id: w.clone(), name: w.to_string(), resources, now_ms });
+            self.send(Command::RegisterWorker {
+                worker_id: w.clone(),
+                name: w.to_string(),
+                resources,
+                now_ms,
+                session: String::new(),
+            });
         }
     }
 

@@ -8,6 +8,13 @@ pub enum Error {
     /// A command named a worker id the run state has never seen registered.
     #[error("unknown worker `{worker_id}`: it has not registered with this coordinator")]
     UnknownWorker { worker_id: String },
+    /// A call presented a session nonce that is not the one of the worker id's current registration: another
+    /// process registered under this id since (review A6). The caller must stop; it no longer owns the id.
+    #[error(
+        "worker `{worker_id}` is registered by another process now: this call's session is not its current \
+         registration's, so this process must stop (two processes share one worker id?)"
+    )]
+    StaleSession { worker_id: String },
     /// A command named a task outside the run's plan (past the last iteration, shard out of range, ...).
     #[error("unknown task `{task_id}`: {why}")]
     UnknownTask { task_id: String, why: String },
@@ -80,6 +87,7 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::UnknownWorker { .. } => "unknown_worker",
+            Error::StaleSession { .. } => "stale_session",
             Error::UnknownTask { .. } => "unknown_task",
             Error::InvalidTaskId { .. } => "invalid_task_id",
             Error::InvalidWorkerId { .. } => "invalid_worker_id",

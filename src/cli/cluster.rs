@@ -7,9 +7,9 @@ use clap::Args;
 use iro_common::RunConfig;
 use iro_common::layout::RunLayout;
 use iro_common::store::Store;
-use iro_coordinator::driver::{ClusterToken, CoordinatorConfig, TOKEN_ENV, serve};
+use iro_coordinator::driver::{ClientTls, ClusterToken, CoordinatorConfig, ServerTls, TOKEN_ENV, serve};
 use iro_coordinator::state::RunStatus;
-use iro_coordinator::status::client::{fetch_status, render_table};
+use iro_coordinator::status::client::{fetch_status_with, render_table};
 use iro_worker::pipeline::report;
 
 #[derive(Debug, Args)]
@@ -35,8 +35,28 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     pub force_fresh_state: bool,
     /// File holding the cluster token (else the IRO_CLUSTER_TOKEN variable; without either, loopback only).
+    /// Two lines: both tokens are accepted (rotation; workers send the first line of theirs).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Serve gRPC and the status endpoint over TLS with this PEM certificate (chain); needs --tls-key.
+    /// Without it both listen in plaintext.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// mTLS: gRPC callers must present a client certificate issued by this PEM CA (the status endpoint asks
+    /// for none; close it with --status-requires-token).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// File holding the read-only status token (two lines while rotating): with --status-requires-token it
+    /// opens /status, /metrics and the progress page, and nothing on gRPC.
+    #[arg(long, requires = "status_requires_token")]
+    pub status_token_file: Option<PathBuf>,
+    /// Answer 401 on /status, /metrics and the progress page without the status token or the cluster token
+    /// (`Authorization: Bearer ...`); /livez and /readyz stay open for the kubelet.
+    #[arg(long)]
+    pub status_requires_token: bool,
     /// After the run is over (and the report written), keep serving until SIGTERM/ctrl-c: workers still
     /// learn that the run finished, operators still see the final status, and a Kubernetes StatefulSet does
     /// not restart the process in a loop.
@@ -58,6 +78,13 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     config.state_dir = Some(args.state_dir);
     config.force_fresh_state = args.force_fresh_state;
     config.token = ClusterToken::load(args.token_file.as_deref(), std::env::var(TOKEN_ENV).ok())?;
+    config.status_token =
+        args.status_token_file.as_deref().map(|path| ClusterToken::from_file(path, "status_token_file")).transpose()?;
+    config.status_requires_token = args.status_requires_token;
+    config.tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(ServerTls::load(cert, key, args.tls_client_ca.as_deref())?),
+        _ => None,
+    };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let server = serve(config).await?;
@@ -120,15 +147,42 @@ pub struct StatusArgs {
     /// The coordinator's status URL, e.g. http://127.0.0.1:8080
     #[arg(long)]
     pub coordinator: String,
-    /// Cluster token file, when the status endpoint requires it.
+    /// Status token (or cluster token) file, when the status endpoint requires one; the first line is sent.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// For an https:// URL: the PEM CA the coordinator's certificate chains to.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// Check the coordinator's certificate against this name instead of the URL's host.
+    #[arg(long, requires = "tls_ca")]
+    pub tls_domain: Option<String>,
 }
 
 pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let token = ClusterToken::load(args.token_file.as_deref(), std::env::var(TOKEN_ENV).ok())?;
+    let tls = client_tls(args.tls_ca.as_deref(), None, None, args.tls_domain)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let report = rt.block_on(fetch_status(&args.coordinator, token.as_ref()))?;
+    let report = rt.block_on(fetch_status_with(&args.coordinator, token.as_ref(), tls.as_ref()))?;
     print!("{}", render_table(&report));
     Ok(())
+}
+
+/// The client side's TLS from its flags: None without a CA (plaintext).
+pub fn client_tls(
+    ca: Option<&std::path::Path>,
+    cert: Option<&std::path::Path>,
+    key: Option<&std::path::Path>,
+    domain: Option<String>,
+) -> anyhow::Result<Option<ClientTls>> {
+    let Some(ca) = ca else {
+        if cert.is_some() || key.is_some() {
+            anyhow::bail!("--tls-cert and --tls-key need --tls-ca: the CA to verify the coordinator with");
+        }
+        return Ok(None);
+    };
+    let tls = ClientTls::load(ca, cert, key)?;
+    Ok(Some(match domain {
+        Some(domain) => tls.with_domain(domain),
+        None => tls,
+    }))
 }

@@ -24,6 +24,19 @@ pub struct WorkerArgs {
     /// File holding the cluster token (else the IRO_CLUSTER_TOKEN variable; none for a loopback coordinator).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// The PEM CA the coordinator's certificate chains to; needed for an https:// --coordinator, which is
+    /// then verified against it (never against the system roots).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// mTLS: this worker's PEM client certificate (needs --tls-key and --tls-ca).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Check the coordinator's certificate against this name instead of the URL's host.
+    #[arg(long, requires = "tls_ca")]
+    pub tls_domain: Option<String>,
     /// Name shown on the status page (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
@@ -51,6 +64,12 @@ pub fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     let name = args.name.unwrap_or_else(host_name);
     let mut options = WorkerOptions::new(args.coordinator, name, device.clone());
     options.token = token;
+    options.tls = super::cluster::client_tls(
+        args.tls_ca.as_deref(),
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.tls_domain,
+    )?;
     options.worker_id = args.worker_id;
     options.memory_bytes = if device == "cpu" { host_memory_bytes() } else { 0 };
 

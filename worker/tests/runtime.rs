@@ -66,6 +66,15 @@ async fn start(lease_ms: u64, worker_timeout_ms: u64) -> Cluster {
 }
 
 async fn start_on(listen: std::net::SocketAddr, lease_ms: u64, worker_timeout_ms: u64) -> Cluster {
+    start_with(listen, lease_ms, worker_timeout_ms, |_| {}).await
+}
+
+async fn start_with(
+    listen: std::net::SocketAddr,
+    lease_ms: u64,
+    worker_timeout_ms: u64,
+    tweak: impl FnOnce(&mut CoordinatorConfig),
+) -> Cluster {
     let (store_dir, state_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let mut config = CoordinatorConfig::new(run_config(store_dir.path())).unwrap();
     config.plan = fast_plan(config.plan, lease_ms, worker_timeout_ms);
@@ -73,6 +82,7 @@ async fn start_on(listen: std::net::SocketAddr, lease_ms: u64, worker_timeout_ms
     config.status_listen = "127.0.0.1:0".parse().unwrap();
     config.state_dir = Some(state_dir.path().to_owned());
     config.token = Some(ClusterToken::new(TOKEN).unwrap());
+    tweak(&mut config);
     let server = serve(config).await.unwrap();
     let store = Store::open(&store_dir.path().display().to_string()).unwrap();
     Cluster { server, store, layout: RunLayout::new(RUN_ID).unwrap(), _dirs: (store_dir, state_dir) }
@@ -440,4 +450,61 @@ async fn the_embedded_mode_runs_to_the_end_and_a_second_start_resumes_the_finish
     let again = run_embedded(config, 1, state_dir.path(), factory, CancellationToken::new());
     tokio::time::timeout(Duration::from_secs(10), again).await.expect("the resumed run did not end").unwrap();
     assert_eq!(store.get(&manifest_key).await.unwrap(), before, "the rewritten manifest is the same");
+}
+
+/// A CA made at test time (rcgen), the coordinator's certificate for 127.0.0.1 under it, and a worker's
+/// client certificate: TLS for the coordinator with mTLS required, and TLS for a worker that trusts it.
+fn mtls_pair() -> (iro_coordinator::driver::ServerTls, iro_coordinator::driver::ClientTls) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |san: &str, usage| {
+        let mut params = CertificateParams::new(vec![san.to_owned()]).unwrap();
+        params.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca).unwrap();
+        (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+    };
+    let (server_cert, server_key) = leaf("127.0.0.1", ExtendedKeyUsagePurpose::ServerAuth);
+    let client = leaf("pod-a", ExtendedKeyUsagePurpose::ClientAuth);
+    let ca_pem = ca.pem().into_bytes();
+    let server = iro_coordinator::driver::ServerTls::from_pem(server_cert, server_key, Some(ca_pem.clone())).unwrap();
+    let client = iro_coordinator::driver::ClientTls::from_pem(ca_pem, Some(client)).unwrap();
+    (server, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_finishes_a_run_over_mtls() {
+    let (server_tls, client_tls) = mtls_pair();
+    let cluster =
+        start_with("127.0.0.1:0".parse().unwrap(), 10_000, 5_000, |config| config.tls = Some(server_tls)).await;
+    assert!(cluster.server.grpc_url().starts_with("https://"));
+    let violations = Arc::new(Mutex::new(Vec::new()));
+    let shutdown = CancellationToken::new();
+
+    let mut worker = options(&cluster, "pod-a", TOKEN);
+    worker.tls = Some(client_tls);
+    let factory = Double::factory(None, violations.clone());
+    let run = tokio::spawn(run_worker(worker, factory, shutdown.clone()));
+    let exit = tokio::time::timeout(RUN_TIMEOUT, run).await.expect("the run did not finish over mTLS").unwrap();
+    assert_eq!(exit.unwrap(), WorkerExit::RunFinished);
+    let attempts = check_outputs(&cluster.store, &cluster.layout, 2).await;
+    assert!(attempts.values().all(|a| *a == 1), "{attempts:?}");
+    cluster.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_worker_refuses_an_https_url_without_a_ca_and_tls_settings_with_an_http_url() {
+    let (_, client_tls) = mtls_pair();
+    let mut https = WorkerOptions::new("https://127.0.0.1:1", "pod-a", "cpu");
+    https.shutdown_grace = Duration::from_millis(10);
+    let factory = Double::factory(None, Arc::default());
+    let error = run_worker(https, factory, CancellationToken::new()).await.unwrap_err().to_string();
+    assert!(error.contains("--tls-ca"), "{error}");
+    let mut plain = WorkerOptions::new("http://127.0.0.1:1", "pod-a", "cpu");
+    plain.tls = Some(client_tls);
+    let factory = Double::factory(None, Arc::default());
+    let error = run_worker(plain, factory, CancellationToken::new()).await.unwrap_err().to_string();
+    assert!(error.contains("not https://"), "{error}");
 }

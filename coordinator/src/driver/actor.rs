@@ -87,6 +87,8 @@ type ReplyTx = oneshot::Sender<Result<Applied>>;
 enum Msg {
     Apply {
         command: Command,
+        /// The session the call presented; checked against the worker's current registration when set.
+        session: Option<String>,
         reply: ReplyTx,
     },
     /// RegisterWorker with the id picked by the driver when the caller has none.
@@ -120,12 +122,20 @@ fn stopped() -> Error {
 impl Handle {
     /// Applies `command` with its time replaced by the clock's reading now, as it arrives; returns once
     /// it is durable (or, when it changed nothing durable, once everything before it is).
-    pub async fn apply(&self, mut command: Command) -> Result<Applied> {
+    pub async fn apply(&self, command: Command) -> Result<Applied> {
+        self.apply_in_session(command, None).await
+    }
+
+    /// `apply` for a call that presented `session`: refused with `StaleSession` unless it is the session of
+    /// the worker's current registration. Checked by the driver as it applies the command, so no
+    /// registration can slip in between check and apply; a refused command changes nothing and is not
+    /// logged, and one that passed replays the same without the check.
+    pub async fn apply_in_session(&self, mut command: Command, session: Option<String>) -> Result<Applied> {
         // Stamped on arrival, not when the driver gets to it: a heartbeat that waited in the queue behind
         // a slow log write still counts from when the worker sent it.
         command.set_now_ms(self.clock.now_ms());
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Msg::Apply { command, reply }).await.map_err(|_| stopped())?;
+        self.tx.send(Msg::Apply { command, session, reply }).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
 
@@ -489,15 +499,37 @@ impl Actor {
     /// Handles one message; returns the stop reply when it asks the driver to stop.
     fn take(&mut self, msg: Msg, batch: &mut Batch) -> Option<oneshot::Sender<()>> {
         match msg {
-            Msg::Apply { command, reply } => self.apply(command, Some(reply), batch),
+            Msg::Apply { command, session, reply } => {
+                if let Some(refused) = self.stale_session(&command, session.as_deref()) {
+                    batch.len += 1;
+                    self.telemetry.observe(&command, &Err(refused.clone()), self.state.now_ms());
+                    batch.replies.push((Some(reply), Err(refused)));
+                } else {
+                    self.apply(command, Some(reply), batch);
+                }
+            }
             Msg::Register { worker_id, name, resources, now_ms, reply } => {
                 let worker_id = worker_id.unwrap_or_else(|| self.state.fresh_worker_id());
-                self.apply(Command::RegisterWorker { worker_id, name, resources, now_ms }, Some(reply), batch);
+                let session = super::auth::new_session();
+                self.apply(Command::RegisterWorker { worker_id, name, resources, now_ms, session }, Some(reply), batch);
             }
             Msg::Read(read) => batch.reads.push(read),
             Msg::Stop(reply) => return Some(reply),
         }
         None
+    }
+
+    /// The refusal of a call whose session is not its worker's current one. An unknown worker is left to the
+    /// state (it answers UnknownWorker); a worker registered before sessions existed (an old log) has none
+    /// to compare.
+    fn stale_session(&self, command: &Command, session: Option<&str>) -> Option<Error> {
+        let (session, worker) = (session?, command.worker_id()?);
+        match self.state.session_of(worker) {
+            Some(current) if !current.is_empty() && current != session => {
+                Some(Error::StaleSession { worker_id: worker.to_string() })
+            }
+            _ => None,
+        }
     }
 
     /// Applies a command stamped with its arrival time, and queues it for the log if it changed

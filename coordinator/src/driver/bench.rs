@@ -44,7 +44,13 @@ pub fn state_machine(workers: u32, tasks: u32) -> Result<StateBench> {
         let resources = Resources { device: "cpu".into(), memory_bytes: 0, cached_models: vec![] };
         apply(
             &mut state,
-            Command::RegisterWorker { worker_id: id.clone(), name: id.to_string(), resources, now_ms: 0 },
+            Command::RegisterWorker {
+                worker_id: id.clone(),
+                name: id.to_string(),
+                resources,
+                now_ms: 0,
+                session: String::new(),
+            },
         )?;
     }
     let mut now = 1;
@@ -141,7 +147,8 @@ pub async fn grpc_lease_latency(
             worker_id: String::new(),
         };
         let client = &mut clients[i as usize % concurrency];
-        ids.push(client.register_worker(request).await.map_err(unavailable)?.into_inner().worker_id);
+        let registered = client.register_worker(request).await.map_err(unavailable)?.into_inner();
+        ids.push((registered.worker_id, registered.session));
     }
     let ids = Arc::new(ids);
     let started = Instant::now();
@@ -152,29 +159,27 @@ pub async fn grpc_lease_latency(
         tasks_running.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(per_client);
             // Each client drives its own share of the workers, one call at a time.
-            let mine: Vec<&String> = ids.iter().skip(c).step_by(concurrency).collect();
+            let mine: Vec<&(String, String)> = ids.iter().skip(c).step_by(concurrency).collect();
             for i in 0..per_client {
-                let Some(worker_id) = mine.get(i % mine.len().max(1)) else { break };
+                let Some((worker_id, session)) = mine.get(i % mine.len().max(1)).copied() else { break };
                 let call = Instant::now();
                 let response = client
-                    .lease_task(pb::LeaseTaskRequest { worker_id: (*worker_id).clone() })
+                    .lease_task(in_session(session, pb::LeaseTaskRequest { worker_id: worker_id.clone() }))
                     .await
                     .map_err(unavailable)?
                     .into_inner();
                 latencies.push(call.elapsed().as_secs_f64() * 1e3);
                 let Some(pb::lease_task_response::Outcome::Task(task)) = response.outcome else { continue };
-                client
-                    .complete_task(pb::CompleteTaskRequest {
-                        worker_id: (*worker_id).clone(),
-                        task_id: task.task_id.clone(),
-                        attempt: task.attempt,
-                        output_key: format!("bench/{}", task.task_id),
-                        sha256: "0".repeat(64),
-                        records: 64,
-                        tokens: 0,
-                    })
-                    .await
-                    .map_err(unavailable)?;
+                let complete = pb::CompleteTaskRequest {
+                    worker_id: worker_id.clone(),
+                    task_id: task.task_id.clone(),
+                    attempt: task.attempt,
+                    output_key: format!("bench/{}", task.task_id),
+                    sha256: "0".repeat(64),
+                    records: 64,
+                    tokens: 0,
+                };
+                client.complete_task(in_session(session, complete)).await.map_err(unavailable)?;
             }
             Ok::<_, Error>(latencies)
         }));
@@ -198,4 +203,13 @@ pub async fn grpc_lease_latency(
         max_ms: latencies.last().copied().unwrap_or(0.0),
         cycles_per_second: latencies.len() as f64 / seconds.max(1e-9),
     })
+}
+
+/// One client speaks for several workers, so each request carries its worker's session itself.
+fn in_session<T>(session: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Ok(value) = session.parse() {
+        request.metadata_mut().insert(super::wire::SESSION_HEADER, value);
+    }
+    request
 }

@@ -24,6 +24,7 @@ use super::log::{self, CommandLog, FileLog, MemoryLog};
 use super::manifests::Publisher;
 use super::service::CoordinatorService;
 use super::telemetry::RpcMetrics;
+use super::tls::{self, ServerTls};
 use super::wire::Payloads;
 use crate::error::{Error, Result};
 use crate::state::{Plan, RunStatus};
@@ -34,6 +35,38 @@ pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:8080";
 
 /// How long `shutdown` waits for in-flight calls before cutting connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What one gRPC client may ask of the server (review A12). tonic sets no limit on streams per
+/// connection or on a call's time unless told to; these bound what a buggy or hostile token holder can
+/// tie up. Every request of the protocol is well under a kilobyte but a registration, which is capped
+/// at 16 KiB of resources in `wire`.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Largest request message decoded; larger ones are refused with `OutOfRange` before any handler.
+    pub max_message_bytes: usize,
+    /// HTTP/2 streams (calls in flight) one connection may hold open; a worker has at most three
+    /// (heartbeat, a task call, a gang call).
+    pub max_concurrent_streams: u32,
+    /// Calls one connection may have in service at once; more wait.
+    pub concurrency_per_connection: usize,
+    /// A call not answered in this long ends with `Cancelled` (clients retry): no handler waits
+    /// forever on a wedged driver. Workers' own per-call timeout is 30 s too.
+    pub request_timeout: Duration,
+    /// HTTP/2 pings on idle connections, so a worker that vanished without a FIN is noticed.
+    pub keepalive_interval: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 64 * 1024,
+            max_concurrent_streams: 128,
+            concurrency_per_connection: 64,
+            request_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(30),
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct CoordinatorConfig {
@@ -49,12 +82,27 @@ pub struct CoordinatorConfig {
     /// Where the command log lives; a restart on the same folder resumes the run. None: in memory only
     /// (nothing survives a restart; for benchmarks and throwaway runs).
     pub state_dir: Option<PathBuf>,
-    /// The cluster token. None: no authentication, and both listeners must be loopback addresses.
+    /// The cluster token (one, or two while rotating). None: no authentication, and both listeners must
+    /// be loopback addresses.
     pub token: Option<ClusterToken>,
-    /// Also require the token on the status endpoint. Off by default: it is read-only and carries no
-    /// secrets, and browsers and most scrapers cannot easily send a bearer token; keep it on the
-    /// cluster network, or turn this on (Prometheus can send `bearer_token_file`).
+    /// The read-only status token (one, or two while rotating): with `status_requires_token` it opens
+    /// `/status`, `/metrics` and `/`, and nothing on gRPC, so a scraper or dashboard holding it cannot act
+    /// as a worker.
+    pub status_token: Option<ClusterToken>,
+    /// Require a token on the status endpoint's `/status`, `/metrics` and `/` (the probes `/livez` and
+    /// `/readyz` stay open: kubelets send none): the status token, or the cluster token. Off by default:
+    /// the endpoint is read-only and carries no secrets, and browsers and most scrapers cannot easily send
+    /// a bearer token; keep it on the cluster network, or turn this on (Prometheus: `bearer_token_file`).
+    /// Needs `status_token` or `token`.
     pub status_requires_token: bool,
+    /// TLS on both listeners with this certificate; with a client CA, gRPC callers need a certificate it
+    /// issued (mTLS). None: plaintext (the default; loopback demos and tests).
+    pub tls: Option<ServerTls>,
+    pub limits: ServerLimits,
+    /// Refuse worker calls that carry no session nonce (`iro-session`, from RegisterWorker). On by default;
+    /// off only for protocol tests and clients that predate sessions, which can then share a lease with
+    /// another process under their worker id (review A6).
+    pub require_sessions: bool,
     pub clock: Arc<dyn Clock>,
     pub driver: DriverOptions,
     /// Publish `manifest.json` for each finished rollout and eval stage to `run.store`, and lease no task
@@ -76,7 +124,11 @@ impl fmt::Debug for CoordinatorConfig {
             .field("status_listen", &self.status_listen)
             .field("state_dir", &self.state_dir)
             .field("token", &self.token)
+            .field("status_token", &self.status_token)
             .field("status_requires_token", &self.status_requires_token)
+            .field("tls", &self.tls)
+            .field("limits", &self.limits)
+            .field("require_sessions", &self.require_sessions)
             .field("write_manifests", &self.write_manifests)
             .field("force_fresh_state", &self.force_fresh_state)
             .finish_non_exhaustive()
@@ -95,7 +147,11 @@ impl CoordinatorConfig {
             status_listen: parse(DEFAULT_STATUS_LISTEN)?,
             state_dir: None,
             token: None,
+            status_token: None,
             status_requires_token: false,
+            tls: None,
+            limits: ServerLimits::default(),
+            require_sessions: true,
             clock: Arc::new(SystemClock::new()),
             driver: DriverOptions::default(),
             write_manifests: true,
@@ -117,8 +173,26 @@ impl CoordinatorConfig {
                     });
                 }
             }
-            if self.status_requires_token {
-                return Err(Error::Config { field: "status_requires_token", message: "needs a cluster token".into() });
+        }
+        if self.status_requires_token && self.token.is_none() && self.status_token.is_none() {
+            return Err(Error::Config {
+                field: "status_requires_token",
+                message: "needs a status token (--status-token-file) or a cluster token".into(),
+            });
+        }
+        if let Some(status) = &self.status_token {
+            if !self.status_requires_token {
+                // A status token that opens nothing would give a false sense of a closed endpoint.
+                return Err(Error::Config {
+                    field: "status_token",
+                    message: "is set but the status endpoint is open: add --status-requires-token to close it".into(),
+                });
+            }
+            if self.token.as_ref().is_some_and(|cluster| cluster.shares_a_token_with(status)) {
+                return Err(Error::Config {
+                    field: "status_token",
+                    message: "equals the cluster token: the read-only status token must be a different secret".into(),
+                });
             }
         }
         Ok(())
@@ -127,6 +201,7 @@ impl CoordinatorConfig {
 
 /// A running coordinator.
 pub struct ServerHandle {
+    tls: bool,
     grpc_addr: SocketAddr,
     status_addr: SocketAddr,
     handle: Handle,
@@ -140,9 +215,13 @@ impl ServerHandle {
         self.grpc_addr
     }
 
-    /// `http://{grpc_addr}`, what workers connect to.
+    /// `http://{grpc_addr}` (`https://` with TLS), what workers connect to.
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.grpc_addr)
+        format!("{}://{}", self.scheme(), self.grpc_addr)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
     }
 
     pub fn status_addr(&self) -> SocketAddr {
@@ -150,7 +229,7 @@ impl ServerHandle {
     }
 
     pub fn status_url(&self) -> String {
-        format!("http://{}", self.status_addr)
+        format!("{}://{}", self.scheme(), self.status_addr)
     }
 
     /// The driver handle, for in-process callers (the embedded mode reads manifests through it).
@@ -190,6 +269,9 @@ impl ServerHandle {
 /// `status_listen`.
 pub async fn serve(config: CoordinatorConfig) -> Result<ServerHandle> {
     config.check()?;
+    if config.tls.is_some() {
+        tls::install_crypto_provider();
+    }
     let run_id = config.run.run.id.clone();
     let payloads = Payloads::new(&config.run)?;
     let run_config_json = serde_json::to_string(&config.run)
@@ -231,46 +313,87 @@ pub async fn serve(config: CoordinatorConfig) -> Result<ServerHandle> {
     } else {
         None
     };
-    let service = CoordinatorService::new(handle.clone(), &run_id, run_config_json, payloads, metrics.clone(), layout);
-    let grpc = CoordinatorServer::with_interceptor(service, auth::interceptor(config.token.clone(), metrics.clone()));
+    let service = CoordinatorService::new(handle.clone(), &run_id, run_config_json, payloads, metrics.clone(), layout)
+        .require_sessions(config.require_sessions);
+    let limits = config.limits.clone();
+    let grpc = CoordinatorServer::new(service).max_decoding_message_size(limits.max_message_bytes);
+    let grpc = tonic::service::interceptor::InterceptedService::new(
+        grpc,
+        auth::interceptor(config.token.clone(), metrics.clone()),
+    );
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let mut builder = tonic::transport::Server::builder()
+        .timeout(limits.request_timeout)
+        .concurrency_limit_per_connection(limits.concurrency_per_connection)
+        .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        .http2_keepalive_interval(Some(limits.keepalive_interval));
+    if let Some(tls) = &config.tls {
+        builder = builder
+            .tls_config(tls.grpc())
+            .map_err(|e| Error::Config { field: "tls_cert", message: format!("cannot serve gRPC over TLS: {e}") })?;
+    }
     let mut stop = shutdown.subscribe();
     let grpc_task = tokio::spawn(async move {
         let signal = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        if let Err(e) =
-            tonic::transport::Server::builder().add_service(grpc).serve_with_incoming_shutdown(incoming, signal).await
-        {
+        if let Err(e) = builder.add_service(grpc).serve_with_incoming_shutdown(incoming, signal).await {
             tracing::error!("gRPC server stopped: {e}");
         }
     });
 
-    let context = StatusContext {
-        handle: handle.clone(),
-        rpc: metrics,
-        run_id: run_id.clone(),
-        token: config.status_requires_token.then(|| config.token.clone()).flatten(),
+    // Closed: the status tokens and the cluster tokens open it (an operator holding the cluster token
+    // need not hold a second secret); open: nothing is asked.
+    let status_tokens = if config.status_requires_token {
+        Some(config.status_token.iter().chain(config.token.iter()).cloned().collect())
+    } else {
+        None
     };
+    let context = StatusContext { handle: handle.clone(), rpc: metrics, run_id: run_id.clone(), tokens: status_tokens };
     let mut stop = shutdown.subscribe();
-    let status_task = tokio::spawn(async move {
-        let signal = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        if let Err(e) = axum::serve(status_listener, status::router(context)).with_graceful_shutdown(signal).await {
-            tracing::error!("status server stopped: {e}");
+    let router = status::router(context);
+    let status_task = match &config.tls {
+        None => tokio::spawn(async move {
+            let signal = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(status_listener, router).with_graceful_shutdown(signal).await {
+                tracing::error!("status server stopped: {e}");
+            }
+        }),
+        Some(tls) => {
+            let listener = tls.http_listener(status_listener)?;
+            tokio::spawn(async move {
+                let signal = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(signal).await {
+                    tracing::error!("status server stopped: {e}");
+                }
+            })
         }
-    });
+    };
 
     tracing::info!(
         run = %run_id,
         grpc = %grpc_addr,
         status = %status_addr,
         auth = config.token.is_some(),
+        tls = config.tls.is_some(),
+        mtls = config.tls.as_ref().is_some_and(ServerTls::mtls),
+        status_closed = config.status_requires_token,
         state_dir = ?config.state_dir,
         "coordinator listening"
     );
-    Ok(ServerHandle { grpc_addr, status_addr, handle, shutdown, servers: vec![grpc_task, status_task], driver })
+    Ok(ServerHandle {
+        tls: config.tls.is_some(),
+        grpc_addr,
+        status_addr,
+        handle,
+        shutdown,
+        servers: vec![grpc_task, status_task],
+        driver,
+    })
 }
 
 async fn open_log(dir: PathBuf, run_id: String, plan: Plan, config_sha256: String) -> Result<FileLog> {

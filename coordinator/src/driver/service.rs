@@ -26,6 +26,7 @@ pub struct CoordinatorService {
     /// Shard outputs must sit at their layout key (when this coordinator writes the manifests, which refuse
     /// any other key): checked at the door, so a bad report is refused instead of stalling the manifest writer.
     layout: Option<RunLayout>,
+    require_sessions: bool,
 }
 
 impl CoordinatorService {
@@ -44,6 +45,7 @@ impl CoordinatorService {
             payloads: Arc::new(payloads),
             metrics,
             layout,
+            require_sessions: true,
         }
     }
 
@@ -59,8 +61,28 @@ impl CoordinatorService {
         result.map(Response::new)
     }
 
-    async fn apply(&self, command: Command) -> Result<Reply, Status> {
-        self.handle.apply(command).await.map(|applied| applied.reply).map_err(wire::status)
+    async fn apply(&self, command: Command, session: Option<String>) -> Result<Reply, Status> {
+        self.handle.apply_in_session(command, session).await.map(|applied| applied.reply).map_err(wire::status)
+    }
+
+    /// The session a call after RegisterWorker presents; a call without one is refused when sessions
+    /// are required (the default).
+    fn session<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+        let session = wire::session(request.metadata())?;
+        if session.is_none() && self.require_sessions {
+            return Err(Status::failed_precondition(format!(
+                "{}: missing; every call after RegisterWorker carries the session it returned",
+                wire::SESSION_HEADER
+            )));
+        }
+        Ok(session)
+    }
+
+    /// Whether calls without a session are refused (on by default). Off only for clients that predate
+    /// sessions; such a client can then share a lease with another process under its id (review A6).
+    pub fn require_sessions(mut self, require: bool) -> Self {
+        self.require_sessions = require;
+        self
     }
 }
 
@@ -83,7 +105,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         self.timed("heartbeat", async {
-            let reply = self.apply(wire::heartbeat(request.into_inner())?).await?;
+            let session = self.session(&request)?;
+            let reply = self.apply(wire::heartbeat(request.into_inner())?, session).await?;
             wire::heartbeat_response(reply)
         })
         .await
@@ -94,7 +117,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::LeaseTaskRequest>,
     ) -> Result<Response<pb::LeaseTaskResponse>, Status> {
         self.timed("lease_task", async {
-            let reply = self.apply(wire::lease(request.into_inner())?).await?;
+            let session = self.session(&request)?;
+            let reply = self.apply(wire::lease(request.into_inner())?, session).await?;
             wire::lease_response(reply, &self.payloads)
         })
         .await
@@ -105,11 +129,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         self.timed("complete_task", async {
+            let session = self.session(&request)?;
             let command = wire::complete(request.into_inner())?;
             if let Some(layout) = &self.layout {
                 wire::check_output_key(&command, layout)?;
             }
-            let reply = self.apply(command).await?;
+            let reply = self.apply(command, session).await?;
             wire::complete_response(reply)
         })
         .await
@@ -117,7 +142,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 
     async fn fail_task(&self, request: Request<pb::FailTaskRequest>) -> Result<Response<pb::FailTaskResponse>, Status> {
         self.timed("fail_task", async {
-            let reply = self.apply(wire::fail(request.into_inner())?).await?;
+            let session = self.session(&request)?;
+            let reply = self.apply(wire::fail(request.into_inner())?, session).await?;
             wire::fail_response(reply)
         })
         .await
@@ -125,7 +151,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
 
     async fn join_gang(&self, request: Request<pb::JoinGangRequest>) -> Result<Response<pb::JoinGangResponse>, Status> {
         self.timed("join_gang", async {
-            let reply = self.apply(wire::join_gang(request.into_inner())?).await?;
+            let session = self.session(&request)?;
+            let reply = self.apply(wire::join_gang(request.into_inner())?, session).await?;
             wire::join_gang_response(reply)
         })
         .await
@@ -136,7 +163,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
         request: Request<pb::AbortGangRequest>,
     ) -> Result<Response<pb::AbortGangResponse>, Status> {
         self.timed("abort_gang", async {
-            let reply = self.apply(wire::abort_gang(request.into_inner())?).await?;
+            let session = self.session(&request)?;
+            let reply = self.apply(wire::abort_gang(request.into_inner())?, session).await?;
             wire::abort_gang_response(reply)
         })
         .await

@@ -966,7 +966,7 @@ async fn a_failed_log_write_fails_the_probes_and_ends_the_driver_with_the_error(
         handle: handle.clone(),
         rpc: Arc::default(),
         run_id: "full".into(),
-        token: None,
+        tokens: None,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

@@ -19,6 +19,26 @@ pub const MAX_TEXT: usize = 4096;
 /// The largest `records` or `tokens` a completion may report.
 pub const MAX_COUNT: u64 = 1 << 40;
 
+/// The gRPC metadata key that carries a worker's session nonce on every call after RegisterWorker.
+pub const SESSION_HEADER: &str = "iro-session";
+/// A session nonce: 32 lowercase hex digits (128 random bits).
+pub const SESSION_LEN: usize = 32;
+
+/// The session a call presents; None when it carries none.
+pub fn session(metadata: &tonic::metadata::MetadataMap) -> Result<Option<String>, Status> {
+    let Some(value) = metadata.get(SESSION_HEADER) else {
+        return Ok(None);
+    };
+    let value = value.to_str().map_err(|_| invalid(SESSION_HEADER, "is not ASCII"))?;
+    if value.len() != SESSION_LEN || !value.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return Err(invalid(
+            SESSION_HEADER,
+            format!("must be {SESSION_LEN} lowercase hex digits (the session RegisterWorker returned)"),
+        ));
+    }
+    Ok(Some(value.to_owned()))
+}
+
 fn invalid(field: &str, message: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {message}"))
 }
@@ -225,6 +245,7 @@ pub fn status(error: Error) -> Status {
     let message = error.to_string();
     match error {
         Error::UnknownWorker { .. } => Status::not_found(format!("worker_id: {message}; register first")),
+        Error::StaleSession { .. } => Status::failed_precondition(format!("{SESSION_HEADER}: {message}")),
         Error::UnknownTask { .. } => Status::not_found(format!("task_id: {message}")),
         Error::InvalidTaskId { .. } => Status::invalid_argument(format!("task_id: {message}")),
         Error::InvalidWorkerId { .. } => Status::invalid_argument(format!("worker_id: {message}")),
@@ -260,7 +281,8 @@ pub fn register_response(
     run_config_json: &str,
 ) -> Result<pb::RegisterWorkerResponse, Status> {
     match reply {
-        Reply::Registered { worker_id, heartbeat_interval_ms } => Ok(pb::RegisterWorkerResponse {
+        Reply::Registered { worker_id, heartbeat_interval_ms, session } => Ok(pb::RegisterWorkerResponse {
+            session,
             worker_id: worker_id.to_string(),
             run_id: run_id.to_owned(),
             heartbeat_interval_ms: ms_u32(heartbeat_interval_ms),

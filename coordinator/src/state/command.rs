@@ -50,6 +50,12 @@ pub enum Command {
         name: String,
         resources: Resources,
         now_ms: u64,
+        /// The nonce of this registration, chosen by the driver (so a replay sets the same one): every
+        /// later call of the process must present it, and a newer registration of the id replaces it,
+        /// so two processes under one id cannot share a lease (review A6). Empty in logs written before
+        /// sessions existed.
+        #[serde(default)]
+        session: String,
     },
     /// Liveness, and when `lease` is set, an extension of that lease.
     Heartbeat {
@@ -147,6 +153,20 @@ impl OutputProblem {
 }
 
 impl Command {
+    /// The worker a worker's command is from; None for the driver's own commands.
+    pub fn worker_id(&self) -> Option<&WorkerId> {
+        match self {
+            Command::RegisterWorker { worker_id, .. }
+            | Command::Heartbeat { worker_id, .. }
+            | Command::LeaseTask { worker_id, .. }
+            | Command::CompleteTask { worker_id, .. }
+            | Command::FailTask { worker_id, .. }
+            | Command::JoinGang { worker_id, .. }
+            | Command::AbortGang { worker_id, .. } => Some(worker_id),
+            Command::ExpireLeases { .. } | Command::RejectOutput { .. } => None,
+        }
+    }
+
     /// Every `kind()`, so metrics can show a zero before the first of each.
     pub const KINDS: [&'static str; 9] = [
         "register_worker",
@@ -218,6 +238,8 @@ pub enum Reply {
     Registered {
         worker_id: WorkerId,
         heartbeat_interval_ms: u64,
+        /// The registration's session nonce, for the process to present on every later call.
+        session: String,
     },
     /// A heartbeat without a lease was recorded.
     Alive,

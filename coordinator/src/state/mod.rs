@@ -156,8 +156,8 @@ impl RunState {
     /// Applies one command. On `Err` nothing changed.
     pub fn apply(&mut self, command: Command) -> Result<Applied> {
         let result = match command {
-            Command::RegisterWorker { worker_id, name, resources, now_ms } => {
-                self.register(worker_id, name, resources, now_ms)
+            Command::RegisterWorker { worker_id, name, resources, now_ms, session } => {
+                self.register(worker_id, name, resources, now_ms, session)
             }
             Command::Heartbeat { worker_id, lease, progress, now_ms } => {
                 self.heartbeat(&worker_id, lease, progress, now_ms)

@@ -35,6 +35,9 @@ pub struct Worker {
     /// No new task before this time (0: never quarantined).
     #[serde(default)]
     pub quarantined_until_ms: u64,
+    /// The nonce of the registration that owns this id now; calls presenting another are refused.
+    #[serde(default)]
+    pub session: String,
 }
 
 impl RunState {
@@ -44,12 +47,15 @@ impl RunState {
         name: String,
         resources: Resources,
         now_ms: u64,
+        session: String,
     ) -> Result<Reply> {
         worker.check()?;
         self.tick(now_ms);
         if let Some(existing) = self.workers.get_mut(&worker) {
             existing.name = name;
             existing.resources = resources;
+            // The new process owns the id from now on; the old one's calls are refused.
+            existing.session = session.clone();
             let held = existing.current;
             self.touch(&worker);
             if let Some(held) = held
@@ -74,12 +80,18 @@ impl RunState {
                     failures: 0,
                     consecutive_failures: 0,
                     quarantined_until_ms: 0,
+                    session: session.clone(),
                 },
             );
             self.liveness.insert((now, worker.clone()));
             self.events.push(Event::WorkerRegistered { worker: worker.clone() });
         }
-        Ok(Reply::Registered { worker_id: worker, heartbeat_interval_ms: self.plan.heartbeat_interval_ms })
+        Ok(Reply::Registered { worker_id: worker, heartbeat_interval_ms: self.plan.heartbeat_interval_ms, session })
+    }
+
+    /// The session nonce `worker`'s current registration holds; None for an unknown worker.
+    pub fn session_of(&self, worker: &WorkerId) -> Option<&str> {
+        self.workers.get(worker).map(|w| w.session.as_str())
     }
 
     pub(super) fn heartbeat(

@@ -1,16 +1,16 @@
 //! The other end of the status endpoint, for `iro status --coordinator URL`: a minimal HTTP/1.1 GET
-//! (plain `http://` on the cluster network; no client crate needed for one request) and a terminal
-//! table of the report.
+//! (`http://`, or `https://` verified against a CA file; no client crate needed for one request) and a
+//! terminal table of the report.
 
 use std::fmt::Write;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::StatusReport;
 use super::page::duration;
-use crate::driver::ClusterToken;
+use crate::driver::{ClientTls, ClusterToken};
 use crate::error::{Error, Result};
 
 /// A response: status code, `content-type`, body.
@@ -25,30 +25,64 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `GET {base}{path}` where `base` is `http://host:port` (a trailing slash is fine).
 pub async fn get(base: &str, path: &str, token: Option<&ClusterToken>) -> Result<HttpResponse> {
+    get_with(base, path, token, None).await
+}
+
+/// `get`, and for an `https://host:port` base the TLS to verify the coordinator with.
+pub async fn get_with(
+    base: &str,
+    path: &str,
+    token: Option<&ClusterToken>,
+    tls: Option<&ClientTls>,
+) -> Result<HttpResponse> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
     let fail = |message: String| Error::Unavailable { message: format!("GET {url}: {message}") };
-    let authority = base
-        .strip_prefix("http://")
-        .ok_or_else(|| fail("only http:// URLs are supported".into()))?
-        .trim_end_matches('/');
-    if authority.is_empty() || authority.contains('/') {
-        return Err(fail("expected http://HOST:PORT".into()));
-    }
-    let authority = if authority.contains(':') { authority.to_owned() } else { format!("{authority}:80") };
-    let exchange = async {
-        let mut stream = TcpStream::connect(&authority).await.map_err(|e| fail(e.to_string()))?;
-        let mut request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nAccept: */*\r\n");
-        if let Some(token) = token {
-            let _ = write!(request, "Authorization: Bearer {}\r\n", token.expose());
+    let (authority, tls, default_port) = match (base.strip_prefix("http://"), base.strip_prefix("https://")) {
+        (Some(rest), _) => (rest, None, 80),
+        (_, Some(rest)) => {
+            let tls = tls.ok_or_else(|| fail("an https:// URL needs the CA to verify it with (--tls-ca)".into()))?;
+            (rest, Some(tls), 443)
         }
-        request.push_str("\r\n");
-        stream.write_all(request.as_bytes()).await.map_err(|e| fail(e.to_string()))?;
-        let mut bytes = Vec::new();
-        stream.read_to_end(&mut bytes).await.map_err(|e| fail(e.to_string()))?;
-        Ok::<_, Error>(bytes)
+        _ => return Err(fail("only http:// and https:// URLs are supported".into())),
+    };
+    let authority = authority.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') {
+        return Err(fail("expected http(s)://HOST:PORT".into()));
+    }
+    let has_port = authority.rsplit_once(':').is_some_and(|(_, port)| !port.contains(']'));
+    let authority = if has_port { authority.to_owned() } else { format!("{authority}:{default_port}") };
+    let host = authority.rsplit_once(':').map_or(authority.as_str(), |(host, _)| host).to_owned();
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nAccept: */*\r\n");
+    if let Some(token) = token {
+        let _ = write!(request, "Authorization: Bearer {}\r\n", token.expose());
+    }
+    request.push_str("\r\n");
+    let exchange = async {
+        let stream = TcpStream::connect(&authority).await.map_err(|e| fail(e.to_string()))?;
+        match tls {
+            None => exchange(stream, &request).await,
+            Some(tls) => {
+                let stream = tls.connect(&host, stream).await.map_err(|e| format!("TLS: {e}")).map_err(fail)?;
+                exchange(stream, &request).await
+            }
+        }
+        .map_err(|e| fail(e.to_string()))
     };
     let bytes = tokio::time::timeout(TIMEOUT, exchange).await.map_err(|_| fail("timed out".into()))??;
     parse_response(&bytes).map_err(fail)
+}
+
+async fn exchange(mut stream: impl AsyncRead + AsyncWrite + Unpin, request: &str) -> std::io::Result<Vec<u8>> {
+    stream.write_all(request.as_bytes()).await?;
+    stream.flush().await?;
+    let mut bytes = Vec::new();
+    match stream.read_to_end(&mut bytes).await {
+        Ok(_) => Ok(bytes),
+        // A TLS peer that closes without close_notify: the response is complete if its length says so,
+        // which `parse_response` checks.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !bytes.is_empty() => Ok(bytes),
+        Err(e) => Err(e),
+    }
 }
 
 fn parse_response(bytes: &[u8]) -> std::result::Result<HttpResponse, String> {
@@ -63,17 +97,22 @@ fn parse_response(bytes: &[u8]) -> std::result::Result<HttpResponse, String> {
         .ok_or_else(|| format!("bad status line `{status_line}`"))?;
     let mut content_type = String::new();
     let mut chunked = false;
+    let mut length: Option<usize> = None;
     for line in lines {
         let Some((name, value)) = line.split_once(':') else { continue };
         let value = value.trim();
         match name.trim().to_ascii_lowercase().as_str() {
             "content-type" => content_type = value.to_owned(),
             "transfer-encoding" => chunked = value.eq_ignore_ascii_case("chunked"),
+            "content-length" => length = value.parse().ok(),
             _ => {}
         }
     }
     let raw = &bytes[split + 4..];
     let body = if chunked { dechunk(raw)? } else { raw.to_vec() };
+    if length.is_some_and(|length| body.len() < length) {
+        return Err(format!("truncated body: {} of {} bytes", body.len(), length.unwrap_or_default()));
+    }
     let body = String::from_utf8(body).map_err(|_| "body is not UTF-8")?;
     Ok(HttpResponse { status, content_type, body })
 }
@@ -99,7 +138,16 @@ fn dechunk(mut raw: &[u8]) -> std::result::Result<Vec<u8>, String> {
 
 /// The coordinator's `/status`, parsed.
 pub async fn fetch_status(base: &str, token: Option<&ClusterToken>) -> Result<StatusReport> {
-    let response = get(base, "/status", token).await?;
+    fetch_status_with(base, token, None).await
+}
+
+/// `fetch_status` with the TLS an `https://` base needs.
+pub async fn fetch_status_with(
+    base: &str,
+    token: Option<&ClusterToken>,
+    tls: Option<&ClientTls>,
+) -> Result<StatusReport> {
+    let response = get_with(base, "/status", token, tls).await?;
     if response.status != 200 {
         return Err(Error::Unavailable {
             message: format!("GET {base}/status answered {}: {}", response.status, response.body.trim()),

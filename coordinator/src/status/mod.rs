@@ -5,8 +5,10 @@
 //!
 //! Access: by default the endpoint needs no token. It is read-only and shows no secret (worker names,
 //! task ids, error messages), and browsers and scrapers cannot easily send a bearer token, so operators
-//! keep it on the cluster network. With `status_requires_token` every GET must carry the same
-//! `Authorization: Bearer <token>` as the workers (Prometheus: `bearer_token_file`).
+//! keep it on the cluster network. With `status_requires_token` every GET but the probes must carry
+//! `Authorization: Bearer <token>` with the read-only status token (Prometheus: `bearer_token_file`) or
+//! the cluster token; either may be two tokens while it is rotated. With TLS the endpoint serves HTTPS
+//! with the coordinator's certificate.
 
 pub mod client;
 pub mod metrics;
@@ -32,8 +34,8 @@ pub struct StatusContext {
     pub handle: Handle,
     pub rpc: Arc<RpcMetrics>,
     pub run_id: String,
-    /// Set when GETs must carry the cluster token.
-    pub token: Option<ClusterToken>,
+    /// Set when GETs (but the probes) must carry one of these tokens.
+    pub tokens: Option<Vec<ClusterToken>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -287,14 +289,16 @@ async fn probe_route(State(context): State<StatusContext>) -> Response {
 
 /// Err: the response to send instead (unauthorized, or the driver is gone).
 async fn collect(context: &StatusContext, headers: &HeaderMap) -> Result<(StatusReport, Counters), Response> {
-    if let Some(token) = &context.token {
+    if let Some(tokens) = &context.tokens {
         let given = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).unwrap_or_default();
-        if !token.matches_header(given) {
+        // Every token is compared (no early exit), so the time says nothing about which one matched.
+        let matched = tokens.iter().fold(false, |any, token| any | token.matches_header(given));
+        if !matched {
             context.rpc.auth_failure();
             return Err((
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
-                "this status endpoint requires `Authorization: Bearer <cluster token>`\n",
+                "this status endpoint requires `Authorization: Bearer <status token>`\n",
             )
                 .into_response());
         }

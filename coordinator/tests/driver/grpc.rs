@@ -193,3 +193,22 @@ async fn a_released_lease_goes_back_without_counting_a_failure() {
     assert!(status(&server).await.recent_errors.is_empty(), "a release is not an error");
     server.shutdown().await;
 }
+
+/// Review A12: a request over the 64 KiB message limit is refused by tonic before any handler runs, so a
+/// token holder cannot make the coordinator decode (or log) megabytes per call.
+#[tokio::test]
+async fn a_request_larger_than_the_message_limit_is_refused_before_it_reaches_the_driver() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &iro_coordinator::driver::ManualClock::new(T0)).await;
+    let mut client = client(&server).await;
+    let mut fat = register_request("pod-fat");
+    fat.resources.as_mut().unwrap().cached_models = vec!["m".repeat(1024); 100];
+    let refused = client.register_worker(fat).await.unwrap_err();
+    assert!(
+        matches!(refused.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted),
+        "a 100 KiB request: {refused:?}"
+    );
+    assert_eq!(status(&server).await.workers.len(), 0, "nothing was registered");
+    assert!(!register(&mut client, "pod-thin").await.is_empty(), "a normal request still gets through");
+    server.shutdown().await;
+}

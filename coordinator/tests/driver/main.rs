@@ -2,10 +2,13 @@
 //! sockets, a real command log in a temporary folder, and a manual clock, so lease expiry and worker
 //! death are driven by the test instead of waited for. One test binary, one module per concern.
 
+mod pki;
 mod support;
 
 mod auth;
 mod grpc;
 mod manifests;
 mod restart;
+mod sessions;
 mod status;
+mod tls;

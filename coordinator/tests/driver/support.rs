@@ -51,6 +51,8 @@ pub fn config(dir: &Path, clock: &ManualClock) -> CoordinatorConfig {
     // These tests speak the protocol with made-up output keys; manifests are tested with real objects
     // in worker/tests/runtime.rs and the driver's unit tests.
     config.write_manifests = false;
+    // These protocol tests call without the session nonce RegisterWorker returns; sessions.rs tests them.
+    config.require_sessions = false;
     config
 }
 

@@ -12,7 +12,7 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use iro_coordinator::driver::{Bearer, ClusterToken, TOKEN_ENV};
+use iro_coordinator::driver::{Bearer, ClientTls, ClusterToken, TOKEN_ENV};
 use iro_proto::coordinator_client::CoordinatorClient;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -65,19 +65,54 @@ pub struct CallContext<'a> {
 #[derive(Clone)]
 pub struct Coordinator {
     client: Client,
+    channel: Channel,
+    bearer: Bearer,
     url: String,
     timeouts: Timeouts,
 }
 
 impl Coordinator {
-    pub fn new(url: &str, token: Option<&ClusterToken>, timeouts: Timeouts) -> Result<Self> {
-        let endpoint = Endpoint::from_shared(url.to_owned())
+    /// With `tls`, `url` must be `https://` and the coordinator's certificate must chain to its CA; an
+    /// `https://` URL without it, or TLS settings with an `http://` URL, is refused here rather than
+    /// quietly talking plaintext or trusting whatever answers.
+    pub fn new(url: &str, token: Option<&ClusterToken>, tls: Option<&ClientTls>, timeouts: Timeouts) -> Result<Self> {
+        let mut endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| Error::Coordinator(format!("`{url}` is not a usable coordinator URL: {e}")))?
             .connect_timeout(timeouts.connect)
             .timeout(timeouts.request)
             .tcp_nodelay(true);
-        let client = CoordinatorClient::with_interceptor(endpoint.connect_lazy(), Bearer::new(token));
-        Ok(Self { client, url: url.to_owned(), timeouts })
+        match (url.starts_with("https://"), tls) {
+            (true, Some(tls)) => {
+                iro_coordinator::driver::tls::install_crypto_provider();
+                endpoint = endpoint
+                    .tls_config(tls.grpc())
+                    .map_err(|e| Error::Coordinator(format!("TLS settings for `{url}`: {e}")))?;
+            }
+            (false, None) => {}
+            (true, None) => {
+                return Err(Error::Coordinator(format!(
+                    "`{url}` is https:// but no CA to verify the coordinator with was given (--tls-ca)"
+                )));
+            }
+            (false, Some(_)) => {
+                return Err(Error::Coordinator(format!(
+                    "TLS settings were given but `{url}` is not https://: use https:// to talk TLS"
+                )));
+            }
+        }
+        let channel = endpoint.connect_lazy();
+        let bearer = Bearer::new(token);
+        let client = CoordinatorClient::with_interceptor(channel.clone(), bearer.clone());
+        Ok(Self { client, channel, bearer, url: url.to_owned(), timeouts })
+    }
+
+    /// The same connection, with every call carrying the session RegisterWorker returned: without it
+    /// the coordinator refuses them, and once another process registers under this worker id, it
+    /// refuses this one's (`FailedPrecondition`, final).
+    pub fn in_session(&self, session: &str) -> Self {
+        let bearer = self.bearer.clone().with_session(session);
+        let client = CoordinatorClient::with_interceptor(self.channel.clone(), bearer.clone());
+        Self { client, channel: self.channel.clone(), bearer, url: self.url.clone(), timeouts: self.timeouts }
     }
 
     pub fn url(&self) -> &str {

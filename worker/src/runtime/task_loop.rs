@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use iro_common::RunConfig;
-use iro_coordinator::driver::ClusterToken;
+use iro_coordinator::driver::{ClientTls, ClusterToken};
 use iro_proto as pb;
 use pb::lease_task_response::Outcome;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +26,8 @@ pub struct WorkerOptions {
     pub coordinator: String,
     /// The cluster token; None when the coordinator runs without one (loopback only).
     pub token: Option<ClusterToken>,
+    /// How to verify an `https://` coordinator (and the client certificate for mTLS); None: plaintext.
+    pub tls: Option<ClientTls>,
     /// Operator-facing name (a pod or host name), shown on the status page.
     pub name: String,
     /// Register under this id (e.g. a stable pod name) so a restarted process takes over from its
@@ -48,6 +50,7 @@ impl WorkerOptions {
         Self {
             coordinator: coordinator.into(),
             token: None,
+            tls: None,
             name: name.into(),
             worker_id: None,
             device: device.into(),
@@ -103,7 +106,8 @@ pub async fn run_worker<F>(options: WorkerOptions, runner_factory: F, shutdown: 
 where
     F: FnOnce(&RunConfig) -> Result<Box<dyn TaskRunner>> + Send + 'static,
 {
-    let coordinator = Coordinator::new(&options.coordinator, options.token.as_ref(), options.timeouts)?;
+    let coordinator =
+        Coordinator::new(&options.coordinator, options.token.as_ref(), options.tls.as_ref(), options.timeouts)?;
     let registered = match register(&coordinator, &options, &shutdown).await {
         Ok(registered) => registered,
         Err(Error::Cancelled(_)) => return Ok(WorkerExit::Shutdown),
@@ -128,6 +132,7 @@ where
         heartbeat_ms = heartbeat.as_millis() as u64,
         "registered with the coordinator"
     );
+    let coordinator = coordinator.in_session(&registered.session);
     let session = Session {
         coordinator,
         worker_id: registered.worker_id,

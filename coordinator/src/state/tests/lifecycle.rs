@@ -131,6 +131,7 @@ fn a_hundred_thousand_tasks_over_a_thousand_workers() {
             name: worker.to_string(),
             resources: Resources::default(),
             now_ms: i as u64,
+            session: String::new(),
         };
         state.apply(command).unwrap();
     }

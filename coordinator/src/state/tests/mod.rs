@@ -84,7 +84,13 @@ impl Harness {
     pub fn register(&mut self, id: &str) -> WorkerId {
         let worker_id = w(id);
         let resources = Resources { device: "cpu".into(), memory_bytes: 1 << 30, cached_models: vec![] };
-        self.ok(Command::RegisterWorker { worker_id: worker_id.clone(), name: id.into(), resources, now_ms: self.now });
+        self.ok(Command::RegisterWorker {
+            worker_id: worker_id.clone(),
+            name: id.into(),
+            resources,
+            now_ms: self.now,
+            session: String::new(),
+        });
         worker_id
     }
 

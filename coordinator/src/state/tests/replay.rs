@@ -72,6 +72,7 @@ fn a_serialized_state_continues_like_the_original() {
             name: "d".into(),
             resources: Resources::default(),
             now_ms: h.now,
+            session: "0123456789abcdef0123456789abcdef".into(),
         },
         Command::LeaseTask { worker_id: d.clone(), now_ms: h.now },
         Command::ExpireLeases { now_ms: h.now + 1_000_000 },

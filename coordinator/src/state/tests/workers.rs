@@ -169,8 +169,13 @@ fn an_unsafe_worker_id_is_refused() {
     let mut h = Harness::new(plan(1, 1, 1, 1));
     let before = h.state.clone();
     for id in ["", "a/b", "..", "has space"] {
-        let command =
-            Command::RegisterWorker { worker_id: w(id), name: "n".into(), resources: Resources::default(), now_ms: 0 };
+        let command = Command::RegisterWorker {
+            worker_id: w(id),
+            name: "n".into(),
+            resources: Resources::default(),
+            now_ms: 0,
+            session: String::new(),
+        };
         assert_eq!(h.apply(command).unwrap_err().kind(), "invalid_worker_id", "{id:?}");
     }
     assert_eq!(h.state, before);
