@@ -166,3 +166,52 @@ fn a_dpo_policy_loads_in_transformers_and_decodes_greedily_as_iro_does() {
     };
     assert_eq!(config(&report.checkpoint), config(&folder), "DPO publishes another config.json");
 }
+
+/// Two ranks over the TCP ring, each taking every other micro-batch, end where one rank ends: 7 pairs in batches of
+/// 4 (micro-batches of 1) make the last batch of each epoch uneven between the ranks.
+#[test]
+fn two_rank_dpo_ends_with_one_ranks_weights() {
+    use iro_worker::collective::TcpRing;
+    use iro_worker::collective::tcp_ring::RingOptions;
+    use iro_worker::train::DataParallel;
+    use iro_worker::train::dpo::train_dpo_ranked;
+
+    let base = fixture("llama_gqa_tied");
+    let data = dpo_pairs::pairs(7);
+    let mut config = dpo_pairs::config(0);
+    config.micro_batch_size = 1;
+    let one = tempfile::tempdir().unwrap();
+    let single = train_dpo(&config, &data, &base, one.path(), false, |_, _, _| ControlFlow::Continue(())).unwrap();
+
+    let listeners: Vec<_> = (0..2).map(|_| TcpRing::bind("127.0.0.1:0").unwrap()).collect();
+    let endpoints: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let outs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let reports: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let (endpoints, data, config, base, out) =
+                    (endpoints.clone(), &data, &config, &base, outs[rank].path());
+                s.spawn(move || {
+                    let opts = RingOptions { deadline: std::time::Duration::from_secs(30), segment_bytes: 1 << 16 };
+                    let mut ring = TcpRing::connect(rank, endpoints, l, opts).unwrap();
+                    let gang = DataParallel { collective: &mut ring, bucket_bytes: 1 << 16 };
+                    train_dpo_ranked(config, data, base, out, false, gang, |_, _, _| ControlFlow::Continue(())).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(reports[0].steps, single.steps);
+    for (a, b) in reports[0].losses.iter().zip(&single.losses) {
+        assert!((a - b).abs() <= 1e-5, "gang loss {a}, one rank {b}");
+    }
+    let worst = weights(&reports[0].checkpoint)
+        .iter()
+        .zip(weights(&single.checkpoint))
+        .map(|((_, a), (_, b))| (a - b).abs().max().double_value(&[]))
+        .fold(0.0, f64::max);
+    eprintln!("2-rank DPO vs one rank: max-abs weight difference {worst:.2e}");
+    assert!(worst <= 1e-5, "2-rank DPO ends {worst} away from one rank");
+}

@@ -13,8 +13,9 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 use super::checkpoint::{self, TrainState};
-use super::epoch_order;
 use super::optim::{AdamW, AdamWConfig, cosine_lr, zero_grads};
+use super::{DataParallel, epoch_order};
+use crate::collective::{DEFAULT_BUCKET_BYTES, SingleRank, all_reduce_bucketed};
 use crate::error::{Error, Result};
 use crate::model::{CausalLm, Checkpoint, positions_from_valid};
 
@@ -106,8 +107,27 @@ pub fn train_dpo(
     policy_dir: &Path,
     out_dir: &Path,
     resume: bool,
+    progress: impl FnMut(usize, usize, f64) -> ControlFlow<()>,
+) -> Result<DpoReport> {
+    let mut single = SingleRank;
+    let gang = DataParallel { collective: &mut single, bucket_bytes: DEFAULT_BUCKET_BYTES };
+    train_dpo_ranked(config, pairs, policy_dir, out_dir, resume, gang, progress)
+}
+
+/// [`train_dpo`] as one rank of a data-parallel gang: every rank loads the same policy and pairs, takes every
+/// `world`-th micro-batch of each step, and the gradients are summed across the gang (bucketed all-reduce) before
+/// each rank's identical AdamW step, so R ranks end with one rank's weights. Rank 0 writes the checkpoints.
+pub fn train_dpo_ranked(
+    config: &DpoConfig,
+    pairs: &[PreferencePair],
+    policy_dir: &Path,
+    out_dir: &Path,
+    resume: bool,
+    gang: DataParallel<'_>,
     mut progress: impl FnMut(usize, usize, f64) -> ControlFlow<()>,
 ) -> Result<DpoReport> {
+    let DataParallel { collective, bucket_bytes } = gang;
+    let (rank, world) = (collective.rank(), collective.world());
     let (n, batch) = (pairs.len(), config.batch_size.max(1));
     if n == 0 || config.micro_batch_size == 0 || config.epochs == 0 {
         return Err(Error::InvalidRequest(format!(
@@ -214,7 +234,14 @@ pub fn train_dpo(
         let picked: Vec<usize> = order.1[start..(start + batch).min(n)].to_vec();
         zero_grads(&params);
         let mut step_loss = 0.0;
-        for part in picked.chunks(micro) {
+        let micros: Vec<&[usize]> = picked.chunks(micro).collect();
+        let mut mine: Vec<(&[usize], f64)> = micros.iter().skip(rank).step_by(world).map(|m| (*m, 1.0)).collect();
+        if mine.is_empty() && world > 1 && params.iter().any(|p| !p.grad().defined()) {
+            // No micro-batch for this rank in a short batch, and no gradient yet: a zero-weighted pass defines its
+            // gradients where the other ranks' are, so the all-reduce buckets line up, and adds nothing.
+            mine.push((micros[0], 0.0));
+        }
+        for (part, weight) in mine {
             let refs: Vec<&PreferencePair> = part.iter().map(|&i| &pairs[i]).collect();
             let (ids, valid, completion) = pair_batch(&refs, config.pad_id, device);
             let logps = completion_logps(&policy, &ids, &valid, &completion);
@@ -228,9 +255,16 @@ pub fn train_dpo(
                 &as_tensor(&rc),
                 &as_tensor(&rr),
                 config.beta,
-            ) * (k as f64 / picked.len() as f64);
+            ) * (weight * k as f64 / picked.len() as f64);
             loss.backward();
             step_loss += loss.double_value(&[]);
+        }
+        if world > 1 {
+            let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
+            all_reduce_bucketed(collective, &grads, bucket_bytes)?;
+            let mut total = Tensor::from_slice(&[step_loss]);
+            collective.all_reduce_sum(&mut total)?;
+            step_loss = total.double_value(&[0]);
         }
         let lr = cosine_lr(config.lr, state.step, total_steps);
         opt.step(&params, lr);
@@ -239,7 +273,7 @@ pub fn train_dpo(
         state.position = (state.step % steps_per_epoch) * batch;
         state.losses.push(step_loss);
         let due = config.checkpoint_every > 0 && state.step % config.checkpoint_every == 0;
-        if due || state.step == total_steps {
+        if (due || state.step == total_steps) && rank == 0 {
             last = save_policy(out_dir, policy_dir, &named, &opt, &state)?;
         }
         if progress(state.step, total_steps, step_loss).is_break() {
