@@ -4,5 +4,6 @@
 pub mod driver;
 pub mod error;
 pub mod plan;
+pub mod raft;
 pub mod state;
 pub mod status;
