@@ -81,7 +81,9 @@ pub fn decode(index: u64, data: &[u8]) -> Result<Body> {
 pub fn apply(state: &mut RunState, body: Body) -> Result<Applied> {
     let mut command = match body {
         Body::Cmd(command) => command,
-        Body::Register { name, resources, now_ms } => register_command(state.fresh_worker_id(), name, resources, now_ms),
+        Body::Register { name, resources, now_ms } => {
+            register_command(state.fresh_worker_id(), name, resources, now_ms)
+        }
     };
     command.set_now_ms(command.now_ms().max(state.now_ms()));
     state.apply(command)

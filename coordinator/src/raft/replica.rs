@@ -134,7 +134,8 @@ impl Replica {
     pub fn open(config: ReplicaConfig, storage: RaftStorage, plan: Plan) -> Result<Self> {
         let snapshot = storage.latest_snapshot();
         let index = snapshot.get_metadata().index;
-        let state = if index > 0 { entry::decode_snapshot(index, snapshot.get_data())? } else { RunState::new(plan.clone())? };
+        let state =
+            if index > 0 { entry::decode_snapshot(index, snapshot.get_data())? } else { RunState::new(plan.clone())? };
         if state.plan() != &plan {
             return Err(Error::StateMismatch {
                 path: storage.dir().display().to_string(),
@@ -439,7 +440,8 @@ impl Replica {
             {
                 self.pending.remove(&id.seq);
                 self.clear_expire(id.seq);
-                let result = result.unwrap_or_else(|| Err(Error::Raft { message: "an empty entry was proposed".into() }));
+                let result =
+                    result.unwrap_or_else(|| Err(Error::Raft { message: "an empty entry was proposed".into() }));
                 self.outcomes.push(Outcome { id, index: entry.index, result });
             }
             self.settle_through(entry.index);

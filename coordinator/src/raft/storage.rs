@@ -267,7 +267,8 @@ impl RaftStorage {
         let mut reader = match SegmentReader::open(path, RAFT_FORMAT as u16) {
             Ok(reader) => reader,
             Err(ReadError::Bad { why, .. })
-                if is_last && fs::metadata(path).map_err(|e| storage(path, e))?.len() <= record::SEGMENT_HEADER as u64 =>
+                if is_last
+                    && fs::metadata(path).map_err(|e| storage(path, e))?.len() <= record::SEGMENT_HEADER as u64 =>
             {
                 tracing::warn!(path = %path.display(), error = %why, "a Raft log segment torn while it was created; emptying it");
                 let file = OpenOptions::new().write(true).open(path).map_err(|e| storage(path, e))?;
@@ -508,13 +509,15 @@ impl RaftStorage {
         if index <= snapshot_index {
             return Ok(());
         }
-        let term = raft::Storage::term(self, index).map_err(|e| {
-            storage(&self.snap, format!("cannot snapshot at entry {index}: its term is unknown ({e})"))
-        })?;
+        let term = raft::Storage::term(self, index)
+            .map_err(|e| storage(&self.snap, format!("cannot snapshot at entry {index}: its term is unknown ({e})")))?;
         if index > self.hard_state.commit {
             return Err(storage(
                 &self.snap,
-                format!("cannot snapshot at entry {index}: only entries up to {} are committed", self.hard_state.commit),
+                format!(
+                    "cannot snapshot at entry {index}: only entries up to {} are committed",
+                    self.hard_state.commit
+                ),
             ));
         }
         let mut snapshot = Snapshot::default();
@@ -622,8 +625,8 @@ fn read_snapshot(path: &Path, index: u64) -> std::result::Result<Snapshot, Strin
     let mut snapshot = Snapshot::default();
     snapshot.set_data(body.data.get().as_bytes().to_vec().into());
     let mut meta = SnapshotMetadata::default();
-    meta.index = body.index;
-    meta.term = body.term;
+    meta.set_index(body.index);
+    meta.set_term(body.term);
     let mut conf_state = ConfState::default();
     conf_state.set_voters(body.voters);
     conf_state.set_learners(body.learners);

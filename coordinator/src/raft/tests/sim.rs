@@ -13,11 +13,11 @@
 //!
 //! Then the faults stop and the run must finish on every replica, with every task accepted exactly once.
 //!
-//! `IRO_SIM_SEEDS=N` runs seeds 0..N (default 300); `IRO_SIM_SEED=S` replays seed S alone, exactly: all
+//! `IRO_SIM_SEEDS=N` runs seeds 0..N (default 500); `IRO_SIM_SEED=S` replays seed S alone, exactly: all
 //! randomness comes from the seed (raft's election timeouts too, `ReplicaConfig::fixed_election_tick`). A
 //! failing seed prints the command that replays it.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,13 +28,15 @@ use crate::error::Error;
 use crate::raft::entry::{ProposalId, register_command};
 use crate::raft::replica::{LocalTime, Replica, ReplicaConfig, Request};
 use crate::raft::storage::{Durability, RaftStorage};
-use crate::state::{Command, Fenced, Lease, LeaseRef, Output, Plan, Progress, Reply, Resources, RunStatus, TaskId, WorkerId};
+use crate::state::{
+    Command, Fenced, Lease, LeaseRef, Output, Plan, Progress, Reply, Resources, RunStatus, TaskId, WorkerId,
+};
 
 const NODES: [u64; 3] = [1, 2, 3];
 const STEP_MS: u64 = 5;
 const TICK_MS: u64 = 20;
 /// Faults happen during this much simulated time; then the network heals and the run must finish.
-const FAULT_MS: u64 = 3_000;
+const FAULT_MS: u64 = 4_000;
 const FINISH_BY_MS: u64 = 40_000;
 const WORKERS: usize = 4;
 const REQUEST_TIMEOUT_MS: u64 = 300;
@@ -77,7 +79,7 @@ fn plan() -> Plan {
         worker_timeout_ms: 800,
         gang_join_timeout_ms: 2_000,
         retry_after_ms: 100,
-        ..Plan::new(2, 4, 2, 2)
+        ..Plan::new(3, 6, 3, 2)
     }
 }
 
@@ -103,10 +105,7 @@ struct Node {
 
 impl Node {
     fn time(&self, now: u64) -> LocalTime {
-        LocalTime {
-            mono_ms: now + self.mono_offset,
-            wall_ms: (EPOCH_MS as i64 + now as i64 + self.skew_ms) as u64,
-        }
+        LocalTime { mono_ms: now + self.mono_offset, wall_ms: (EPOCH_MS as i64 + now as i64 + self.skew_ms) as u64 }
     }
 }
 
@@ -144,7 +143,6 @@ struct Ack {
 }
 
 struct Sim {
-    seed: u64,
     rng: Rng,
     now: u64,
     nodes: Vec<Node>,
@@ -161,8 +159,9 @@ struct Sim {
     leaders: BTreeMap<u64, u64>,
     /// The digest of the applied state at each index, as the first replica to reach it had it.
     digests: BTreeMap<u64, (u64, u64)>,
-    /// (task, attempt) → the worker it was leased to, from the replies workers got.
-    leased: BTreeMap<(TaskId, u32), WorkerId>,
+    /// (task, attempt, rank) → the worker it was leased to, from the replies workers got (a gang's
+    /// ranks share the task's attempt; rank 0 for shards).
+    leased: BTreeMap<(TaskId, u32, u32), WorkerId>,
     acks: Vec<Ack>,
     accepted: BTreeMap<TaskId, u32>,
     /// Counts of what happened, so a seed that exercised nothing is noticed.
@@ -208,7 +207,6 @@ impl Sim {
             })
             .collect();
         let mut sim = Self {
-            seed,
             rng,
             now: 0,
             nodes,
@@ -244,7 +242,8 @@ impl Sim {
         config.snapshot_every = 40;
         config.keep_tail = 10;
         config.max_clock_lead_ms = 200;
-        let replica = Replica::open(config, storage, plan()).map_err(|e| format!("replica {} cannot start: {e}", node.id))?;
+        let replica =
+            Replica::open(config, storage, plan()).map_err(|e| format!("replica {} cannot start: {e}", node.id))?;
         node.last_applied = (replica.applied_index(), replica.state().now_ms());
         node.replica = Some(replica);
         Ok(())
@@ -364,7 +363,8 @@ impl Sim {
     }
 
     fn deliver(&mut self) -> Check {
-        let (mut due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.net).into_iter().partition(|m| m.at <= self.now);
+        let (mut due, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.net).into_iter().partition(|m| m.at <= self.now);
         self.net = rest;
         due.sort_by_key(|m| (m.at, m.seq));
         for InFlight { message, .. } in due {
@@ -430,7 +430,8 @@ impl Sim {
             if outcome.index == 0 {
                 self.stats.lost_proposals += 1;
             }
-            let Some(w) = self.workers.iter().position(|w| w.asked.as_ref().is_some_and(|a| a.node == id && a.id == outcome.id))
+            let Some(w) =
+                self.workers.iter().position(|w| w.asked.as_ref().is_some_and(|a| a.node == id && a.id == outcome.id))
             else {
                 continue; // the leader's own ExpireLeases, or a request its worker gave up on
             };
@@ -522,16 +523,22 @@ impl Sim {
             }
             (Reply::Lease(lease), _) => match lease {
                 Lease::Task { task_id, attempt, .. } | Lease::GangRank { task_id, attempt, .. } => {
-                    let gang = matches!(lease, Lease::GangRank { .. });
+                    let (gang, rank) = match lease {
+                        Lease::GangRank { rank, .. } => (true, rank),
+                        _ => (false, 0),
+                    };
                     let me = worker.id.clone().expect("leased to a registered worker");
-                    if let Some(other) = self.leased.insert((task_id, attempt), me.clone())
+                    if let Some(other) = self.leased.insert((task_id, attempt, rank), me.clone())
                         && other != me
                     {
-                        return Err(format!("{task_id} attempt {attempt} was leased to {other} and to {me}"));
+                        return Err(format!(
+                            "{task_id} attempt {attempt} rank {rank} was leased to {other} and to {me}"
+                        ));
                     }
-                    let done_at = now + self.rng.between(30, 250);
+                    let done_at = now + self.rng.between(50, 400);
                     let worker = &mut self.workers[w];
-                    worker.doing = Doing::Working { task: task_id, attempt, gang, joined: false, done_at, last_beat: now };
+                    worker.doing =
+                        Doing::Working { task: task_id, attempt, gang, joined: false, done_at, last_beat: now };
                 }
                 Lease::RetryAfter { ms, .. } => worker.next_at = now + ms.min(200),
                 Lease::RunFinished => worker.doing = Doing::Finished,
@@ -641,7 +648,15 @@ impl Sim {
                 } else if fail {
                     worker.doing = Doing::Idle;
                     let error = "object store unreachable".into();
-                    Command::FailTask { worker_id, task_id: task, attempt, error, released: false, retryable: true, now_ms: 0 }
+                    Command::FailTask {
+                        worker_id,
+                        task_id: task,
+                        attempt,
+                        error,
+                        released: false,
+                        retryable: true,
+                        now_ms: 0,
+                    }
                 } else if now >= done_at {
                     let output = Output {
                         key: format!("runs/sim/{task}.attempt-{attempt}"),
@@ -650,7 +665,13 @@ impl Sim {
                         tokens: 1,
                     };
                     return Some((
-                        Request::Command(Command::CompleteTask { worker_id, task_id: task, attempt, output, now_ms: 0 }),
+                        Request::Command(Command::CompleteTask {
+                            worker_id,
+                            task_id: task,
+                            attempt,
+                            output,
+                            now_ms: 0,
+                        }),
                         "complete",
                     ));
                 } else if now >= last_beat + 150 {
@@ -695,7 +716,16 @@ impl Sim {
                     .nodes
                     .iter()
                     .filter_map(|n| n.replica.as_ref())
-                    .map(|r| format!("{}: {:?} term {} applied {} {:?}", r.id(), r.role(), r.term(), r.applied_index(), r.state().status()))
+                    .map(|r| {
+                        format!(
+                            "{}: {:?} term {} applied {} {:?}",
+                            r.id(),
+                            r.role(),
+                            r.term(),
+                            r.applied_index(),
+                            r.state().status()
+                        )
+                    })
                     .collect();
                 let workers: Vec<String> = self.workers.iter().map(|w| format!("{}: {:?}", w.name, w.doing)).collect();
                 return Err(format!(
@@ -759,7 +789,7 @@ fn env_u64(name: &str) -> Option<u64> {
 fn three_replicas_under_partitions_drops_and_crashes_agree_and_lose_no_acknowledged_completion() {
     let seeds: Vec<u64> = match env_u64("IRO_SIM_SEED") {
         Some(seed) => vec![seed],
-        None => (0..env_u64("IRO_SIM_SEEDS").unwrap_or(300)).collect(),
+        None => (0..env_u64("IRO_SIM_SEEDS").unwrap_or(500)).collect(),
     };
     let next = AtomicU64::new(0);
     let failures = Mutex::new(Vec::new());
@@ -768,20 +798,22 @@ fn three_replicas_under_partitions_drops_and_crashes_agree_and_lose_no_acknowled
     let started = std::time::Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..threads {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
-                let Some(&seed) = seeds.get(i) else { break };
-                match run_seed(seed) {
-                    Ok(stats) => {
-                        let mut t = totals.lock().unwrap();
-                        t.crashes += stats.crashes;
-                        t.partitions += stats.partitions;
-                        t.elections += stats.elections;
-                        t.snapshots_installed += stats.snapshots_installed;
-                        t.lost_proposals += stats.lost_proposals;
-                        t.acks += stats.acks;
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    let Some(&seed) = seeds.get(i) else { break };
+                    match run_seed(seed) {
+                        Ok(stats) => {
+                            let mut t = totals.lock().unwrap();
+                            t.crashes += stats.crashes;
+                            t.partitions += stats.partitions;
+                            t.elections += stats.elections;
+                            t.snapshots_installed += stats.snapshots_installed;
+                            t.lost_proposals += stats.lost_proposals;
+                            t.acks += stats.acks;
+                        }
+                        Err(e) => failures.lock().unwrap().push((seed, e)),
                     }
-                    Err(e) => failures.lock().unwrap().push((seed, e)),
                 }
             });
         }

@@ -14,9 +14,9 @@ const VOTERS: [u64; 3] = [1, 2, 3];
 
 fn entry(index: u64, term: u64) -> Entry {
     let mut e = Entry::default();
-    e.index = index;
-    e.term = term;
-    e.data = format!(r#"{{"v":1,"i":{index},"t":{term}}}"#).into_bytes().into();
+    e.set_index(index);
+    e.set_term(term);
+    e.set_data(format!(r#"{{"v":1,"i":{index},"t":{term}}}"#).into_bytes().into());
     e
 }
 
@@ -26,9 +26,9 @@ fn entries(range: std::ops::RangeInclusive<u64>, term: u64) -> Vec<Entry> {
 
 fn hard_state(term: u64, vote: u64, commit: u64) -> HardState {
     let mut hs = HardState::default();
-    hs.term = term;
-    hs.vote = vote;
-    hs.commit = commit;
+    hs.set_term(term);
+    hs.set_vote(vote);
+    hs.set_commit(commit);
     hs
 }
 
