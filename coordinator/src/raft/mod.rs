@@ -31,6 +31,20 @@
 //!   backwards, a grace follows every election, and only the leader proposes expiry. `state/` is
 //!   unchanged. Session and lease nonces (review A6, another change) must likewise be chosen by the
 //!   proposer and carried in the entry, never drawn while applying.
+//!
+//! ## Where this differs from review Part B
+//! - Segments are numbered by write order, not by first index (a record may replace entries of an
+//!   earlier segment), and old ones are deleted as a prefix once the older kept snapshot covers every
+//!   index they name. Snapshot files use the command log's checksummed format (`{index}.snap`), with the
+//!   term and ConfState in the body; the HardState is a record kind in the same segments.
+//! - Snapshots are taken synchronously in the Ready loop (B4 wants a blocking thread): fine for the
+//!   simulation's small states; the gRPC driver should move `create_snapshot`'s write off its task.
+//! - Leader time (B7): `max(applied time, clamp(wall, steady, steady + max_clock_lead_ms))` with `steady`
+//!   the applied time at election plus the monotonic time since, so neither a fast nor a slow wall clock
+//!   moves state time by more than the bound.
+//! - Every command is replicated, idle polls and lease-less heartbeats included: the single-process
+//!   driver's `changes_only_liveness` shortcut would let replicas' liveness differ. Keeping liveness as
+//!   leader soft state (B6.4) is the later optimisation.
 
 pub mod entry;
 mod log;
