@@ -70,6 +70,13 @@ pub enum Error {
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {message}")]
     Bind { addr: String, message: String },
+    /// A Raft replica failed (an entry it cannot apply, a raft-rs error): it must stop, since going on
+    /// could diverge from the others.
+    #[error("raft: {message}")]
+    Raft { message: String },
+    /// A proposal reached a replica that does not lead; `leader` is the one it knows of, if any.
+    #[error("not the leader{}", leader.map(|l| format!(": replica {l} leads")).unwrap_or_default())]
+    NotLeader { leader: Option<u64> },
 }
 
 impl Error {
@@ -103,6 +110,8 @@ impl Error {
             Error::Unavailable { .. } => "unavailable",
             Error::Config { .. } => "config",
             Error::Bind { .. } => "bind",
+            Error::Raft { .. } => "raft",
+            Error::NotLeader { .. } => "not_leader",
         }
     }
 }

@@ -250,7 +250,8 @@ pub fn status(error: Error) -> Status {
         Error::InvalidTaskId { .. } => Status::invalid_argument(format!("task_id: {message}")),
         Error::InvalidWorkerId { .. } => Status::invalid_argument(format!("worker_id: {message}")),
         Error::NotAGangTask { .. } => Status::invalid_argument(format!("task_id: {message}")),
-        Error::Unavailable { .. } | Error::Storage { .. } => Status::unavailable(message),
+        // NotLeader: no replicated driver serves gRPC yet; routing adds the leader's address (issue 14).
+        Error::Unavailable { .. } | Error::Storage { .. } | Error::NotLeader { .. } => Status::unavailable(message),
         Error::InvalidPlan { .. }
         | Error::CorruptLog { .. }
         | Error::StateLocked { .. }
@@ -259,7 +260,8 @@ pub fn status(error: Error) -> Status {
         | Error::Config { .. }
         | Error::CannotReject { .. }
         | Error::RunExists { .. }
-        | Error::Bind { .. } => Status::internal(message),
+        | Error::Bind { .. }
+        | Error::Raft { .. } => Status::internal(message),
     }
 }
 

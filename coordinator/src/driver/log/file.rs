@@ -40,11 +40,11 @@ const KEEP_SNAPSHOTS: usize = 2;
 /// frees space in pieces and a scan of one segment stays short.
 const SEGMENT_BYTES: u64 = 64 << 20;
 
-fn storage(path: &Path, e: impl ToString) -> Error {
+pub(crate) fn storage(path: &Path, e: impl ToString) -> Error {
     Error::Storage { path: path.display().to_string(), message: e.to_string() }
 }
 
-fn corrupt(path: &Path, offset: u64, message: impl Into<String>) -> Error {
+pub(crate) fn corrupt(path: &Path, offset: u64, message: impl Into<String>) -> Error {
     Error::CorruptLog { path: path.display().to_string(), offset, message: message.into() }
 }
 
@@ -324,7 +324,7 @@ impl CommandLog for FileLog {
     }
 }
 
-fn read_error(path: &Path, e: ReadError) -> Error {
+pub(crate) fn read_error(path: &Path, e: ReadError) -> Error {
     match e {
         ReadError::Io(e) => storage(path, e),
         ReadError::Bad { offset, why } => corrupt(path, offset, why),
@@ -391,7 +391,7 @@ fn read_segment(
 }
 
 /// Decides what a bad record at `offset` is, and cuts it off if it is a torn tail.
-fn cut_torn_tail(path: &Path, is_last: bool, offset: u64, file_len: u64, why: &str) -> Result<u64> {
+pub(crate) fn cut_torn_tail(path: &Path, is_last: bool, offset: u64, file_len: u64, why: &str) -> Result<u64> {
     if !is_last {
         return Err(corrupt(path, offset, format!("{why}, in a segment that later segments follow")));
     }
@@ -417,7 +417,7 @@ fn cut_torn_tail(path: &Path, is_last: bool, offset: u64, file_len: u64, why: &s
 
 /// Takes the folder's writer lock, or says who to stop. The lock is the OS's (flock on Linux), so it
 /// goes away with the process however that ends; the pid written into the file only names the holder.
-fn lock(dir: &Path) -> Result<File> {
+pub(crate) fn lock(dir: &Path) -> Result<File> {
     let path = dir.join(LOCK_FILE);
     // Not truncated on open: a coordinator refused the lock must still read the holder's pid.
     let mut file = OpenOptions::new()
@@ -498,15 +498,28 @@ fn snapshot_path(snap: &Path, index: u64) -> PathBuf {
 /// JSON in memory beside it: the header needs the checksum first, and a snapshot is rare.
 fn write_snapshot(snap: &Path, index: u64, run_id: &str, state: &RunState) -> Result<()> {
     let path = snapshot_path(snap, index);
-    let body = SnapshotBodyRef { index, run_id, state };
+    write_checked_json(snap, &path, FORMAT, index, &SnapshotBodyRef { index, run_id, state }, true)
+}
+
+/// Writes `body` durably to `path` in the snapshot file format: a JSON header line (`format`, `index`,
+/// the body's length and CRC-32), then the body's JSON. Shared with the Raft log's snapshots. `fsync`
+/// false skips the syncs (the Raft simulation's disk, which models durability itself), never the rename.
+pub(crate) fn write_checked_json(
+    dir: &Path,
+    path: &Path,
+    format: u32,
+    index: u64,
+    body: &impl Serialize,
+    fsync: bool,
+) -> Result<()> {
     let mut sum = Crc32Writer { inner: std::io::sink(), hasher: crc32fast::Hasher::new(), bytes: 0 };
-    serde_json::to_writer(&mut sum, &body).map_err(|e| storage(&path, e))?;
-    let header = SnapshotHeader { format: FORMAT, index, bytes: sum.bytes, crc32: sum.hasher.finalize() };
-    write_durably_with(snap, &path, |file| {
+    serde_json::to_writer(&mut sum, body).map_err(|e| storage(path, e))?;
+    let header = SnapshotHeader { format, index, bytes: sum.bytes, crc32: sum.hasher.finalize() };
+    write_file_with(dir, path, fsync, |file| {
         let mut out = Crc32Writer { inner: BufWriter::new(file), hasher: crc32fast::Hasher::new(), bytes: 0 };
         serde_json::to_writer(&mut out.inner, &header)?;
         out.inner.write_all(b"\n")?;
-        serde_json::to_writer(&mut out, &body)?;
+        serde_json::to_writer(&mut out, body)?;
         // Serialization is deterministic (no hash maps in the state); this only guards that claim.
         if (out.bytes, out.hasher.finalize()) != (header.bytes, header.crc32) {
             return Err(std::io::Error::other("the state serialized differently twice"));
@@ -538,9 +551,22 @@ impl<W: Write> Write for Crc32Writer<W> {
 /// The longest header line a snapshot can have; past it, the file is not a snapshot.
 const MAX_SNAPSHOT_HEADER: usize = 4096;
 
-/// The state in a snapshot file, or why it cannot be trusted. Streams the body into the parser while
-/// checksumming it, so memory is the state itself, not the state plus its JSON.
+/// The state in a snapshot file, or why it cannot be trusted.
 fn read_snapshot(path: &Path, index: u64, run_id: &str) -> std::result::Result<RunState, String> {
+    let body: SnapshotBody = read_checked_json(path, FORMAT, index)?;
+    if body.index != index || body.run_id != run_id {
+        return Err(format!("it is of run `{}` at index {}", body.run_id, body.index));
+    }
+    Ok(body.state)
+}
+
+/// The body of a file `write_checked_json` wrote, or why it cannot be trusted. Streams the body into the
+/// parser while checksumming it, so memory is the body itself, not the body plus its JSON.
+pub(crate) fn read_checked_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    format: u32,
+    index: u64,
+) -> std::result::Result<T, String> {
     let mut file = File::open(path).map_err(|e| e.to_string())?;
     let file_len = file.metadata().map_err(|e| e.to_string())?.len();
     let mut head = vec![0u8; MAX_SNAPSHOT_HEADER.min(file_len as usize)];
@@ -548,8 +574,8 @@ fn read_snapshot(path: &Path, index: u64, run_id: &str) -> std::result::Result<R
     let split = head.iter().position(|b| *b == b'\n').ok_or("no header line")?;
     let header: SnapshotHeader =
         serde_json::from_slice(&head[..split]).map_err(|e| format!("the header line does not parse: {e}"))?;
-    if header.format != FORMAT {
-        return Err(format!("snapshot format {}, this build reads format {FORMAT}", header.format));
+    if header.format != format {
+        return Err(format!("snapshot format {}, this build reads format {format}", header.format));
     }
     let body_len = file_len - split as u64 - 1;
     if header.index != index || body_len != header.bytes {
@@ -560,17 +586,13 @@ fn read_snapshot(path: &Path, index: u64, run_id: &str) -> std::result::Result<R
     }
     file.seek(SeekFrom::Start(split as u64 + 1)).map_err(|e| e.to_string())?;
     let mut body = BufReader::new(Crc32Reader { inner: file, hasher: crc32fast::Hasher::new() });
-    let parsed = serde_json::from_reader::<_, SnapshotBody>(&mut body);
+    let parsed = serde_json::from_reader::<_, T>(&mut body);
     // The checksum decides, not the parser: a damaged body may parse, or fail to with a misleading error.
     std::io::copy(&mut body, &mut std::io::sink()).map_err(|e| e.to_string())?;
     if body.into_inner().hasher.finalize() != header.crc32 {
         return Err("the body fails its checksum".into());
     }
-    let body = parsed.map_err(|e| format!("the body does not parse: {e}"))?;
-    if body.index != index || body.run_id != run_id {
-        return Err(format!("it is of run `{}` at index {}", body.run_id, body.index));
-    }
-    Ok(body.state)
+    parsed.map_err(|e| format!("the body does not parse: {e}"))
 }
 
 /// Checksums what is read through it.
@@ -613,7 +635,7 @@ fn prune(snap: &Path, wal: &Path, index: u64) -> Result<()> {
 }
 
 /// Files `{number:020}.{ext}` in `dir`, sorted by number.
-fn list(dir: &Path, ext: &str) -> Result<Vec<(u64, PathBuf)>> {
+pub(crate) fn list(dir: &Path, ext: &str) -> Result<Vec<(u64, PathBuf)>> {
     let mut found = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| storage(dir, e))? {
         let path = entry.map_err(|e| storage(dir, e))?.path();
@@ -629,7 +651,7 @@ fn list(dir: &Path, ext: &str) -> Result<Vec<(u64, PathBuf)>> {
 }
 
 /// A crash mid-write leaves `*.tmp` files behind; they were never renamed into place, so never used.
-fn remove_temp_files(dir: &Path) -> Result<()> {
+pub(crate) fn remove_temp_files(dir: &Path) -> Result<()> {
     for entry in fs::read_dir(dir).map_err(|e| storage(dir, e))? {
         let path = entry.map_err(|e| storage(dir, e))?.path();
         if path.extension().and_then(|e| e.to_str()) == Some("tmp") {
@@ -640,25 +662,39 @@ fn remove_temp_files(dir: &Path) -> Result<()> {
 }
 
 /// Temp file, fsync, rename, fsync the folder: the file is either absent or whole after a crash.
-pub(super) fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_durably(dir: &Path, path: &Path, bytes: &[u8]) -> Result<()> {
     write_durably_with(dir, path, |file| file.write_all(bytes))
 }
 
 /// `write_durably` with the content written by `write`.
-fn write_durably_with(dir: &Path, path: &Path, write: impl FnOnce(&mut File) -> std::io::Result<()>) -> Result<()> {
+pub(crate) fn write_durably_with(
+    dir: &Path,
+    path: &Path,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<()> {
+    write_file_with(dir, path, true, write)
+}
+
+/// `write_durably_with`, the syncs skipped unless `fsync`.
+fn write_file_with(
+    dir: &Path,
+    path: &Path,
+    fsync: bool,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
     let written = File::create(&tmp).and_then(|mut file| {
         write(&mut file)?;
-        file.sync_all()
+        if fsync { file.sync_all() } else { Ok(()) }
     });
     written.map_err(|e| storage(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| storage(path, e))?;
-    sync_dir(dir)
+    if fsync { sync_dir(dir) } else { Ok(()) }
 }
 
 /// A new or renamed file survives a crash only once its folder entry is on disk.
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| storage(dir, e))
 }

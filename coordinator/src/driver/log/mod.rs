@@ -6,8 +6,8 @@
 //! `FileLog` (`file`) keeps it in a locked state folder as checksummed segments (`record`) beside
 //! snapshots; `MemoryLog` is its in-memory twin for tests and benchmarks.
 
-mod file;
-mod record;
+pub(crate) mod file;
+pub(crate) mod record;
 
 use std::ops::Range;
 use std::path::Path;

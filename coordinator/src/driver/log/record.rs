@@ -17,8 +17,8 @@ use std::path::Path;
 
 use crate::state::Command;
 
-pub(super) const SEGMENT_MAGIC: &[u8; 6] = b"IROWAL";
-pub(super) const SEGMENT_HEADER: usize = 20;
+pub(crate) const SEGMENT_MAGIC: &[u8; 6] = b"IROWAL";
+pub(crate) const SEGMENT_HEADER: usize = 20;
 const RECORD_HEADER: usize = 8;
 const BODY_PREFIX: usize = 13;
 /// The largest record body. A longer length is a damaged length field, and refusing it keeps a corrupt
@@ -26,17 +26,27 @@ const BODY_PREFIX: usize = 13;
 /// >= 0x20) never read as a plausible length, so a scan for records skips payload bytes at once.
 const MAX_BODY: usize = 64 << 20;
 
-/// What a record holds. Raft will add its HardState as another kind (review B3), so readers refuse kinds
-/// they do not know rather than guess.
+/// What a record holds. The command log writes only `Entries`; the Raft log (`crate::raft::storage`, in
+/// segments of its own format) writes the other three. Readers refuse kinds they do not know rather than
+/// guess.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub(super) enum Kind {
+pub(crate) enum Kind {
     /// `count` commands, each serde_json encoded and ended by a newline (JSON escapes every newline
     /// inside a string, so the split is exact).
     Entries = 1,
+    /// `count` Raft log entries from `first_index` on, each a protobuf `eraftpb::Entry` framed as
+    /// `[len u32][bytes]` (`frames`). Replaces every entry read before it from `first_index` on: a
+    /// follower whose log its leader overwrote appends, it never rewrites in place.
+    RaftEntries = 2,
+    /// Raft's HardState (term, vote, commit) as protobuf, `count` 1; the last one read wins.
+    HardState = 3,
+    /// A Raft snapshot at `first_index` (its term, `u64`, the payload) was installed from the leader and
+    /// is durable in the snapshot folder: every entry read before this record is dropped.
+    SnapshotInstalled = 4,
 }
 
-pub(super) fn segment_header(format: u16, first_index: u64) -> [u8; SEGMENT_HEADER] {
+pub(crate) fn segment_header(format: u16, first_index: u64) -> [u8; SEGMENT_HEADER] {
     let mut header = [0u8; SEGMENT_HEADER];
     header[..6].copy_from_slice(SEGMENT_MAGIC);
     header[6..8].copy_from_slice(&format.to_le_bytes());
@@ -47,7 +57,7 @@ pub(super) fn segment_header(format: u16, first_index: u64) -> [u8; SEGMENT_HEAD
 }
 
 /// The first entry index a segment header names, or why it is not a header of this format.
-pub(super) fn parse_segment_header(format: u16, header: &[u8]) -> Result<u64, String> {
+pub(crate) fn parse_segment_header(format: u16, header: &[u8]) -> Result<u64, String> {
     if header.len() < SEGMENT_HEADER {
         return Err(format!("the segment header is cut short ({} of {SEGMENT_HEADER} bytes)", header.len()));
     }
@@ -66,7 +76,7 @@ pub(super) fn parse_segment_header(format: u16, header: &[u8]) -> Result<u64, St
 
 /// Appends `commands`, numbered from `first_index`, to `buf` as framed records: one record, unless the
 /// batch is over `MAX_BODY`. Err names why a command cannot be stored.
-pub(super) fn encode_entries(buf: &mut Vec<u8>, first_index: u64, commands: &[Command]) -> Result<(), String> {
+pub(crate) fn encode_entries(buf: &mut Vec<u8>, first_index: u64, commands: &[Command]) -> Result<(), String> {
     encode_within(buf, first_index, commands, MAX_BODY)
 }
 
@@ -92,6 +102,51 @@ fn encode_within(buf: &mut Vec<u8>, first_index: u64, commands: &[Command], max_
     Ok(())
 }
 
+/// Appends `frames` (the bytes of items numbered from `first_index`) to `buf` as records of `kind`, each
+/// item framed `[len u32][bytes]`: one record, unless they are over `MAX_BODY` together. Err names the
+/// item that alone is over the limit.
+pub(crate) fn encode_frames<'a>(
+    buf: &mut Vec<u8>,
+    kind: Kind,
+    first_index: u64,
+    frames: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<(), String> {
+    encode_frames_within(buf, kind, first_index, frames, MAX_BODY)
+}
+
+fn encode_frames_within<'a>(
+    buf: &mut Vec<u8>,
+    kind: Kind,
+    first_index: u64,
+    frames: impl IntoIterator<Item = &'a [u8]>,
+    max_body: usize,
+) -> Result<(), String> {
+    let mut record = Open::start_kind(buf, kind, first_index);
+    for (frame, index) in frames.into_iter().zip(first_index..) {
+        let framed = 4 + frame.len();
+        if BODY_PREFIX + framed > max_body {
+            return Err(format!("item {index} is {} bytes, over the {max_body}-byte record limit", frame.len()));
+        }
+        if record.count > 0 && buf.len() - record.body + framed > max_body {
+            record.close(buf);
+            record = Open::start_kind(buf, kind, index);
+        }
+        buf.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+        buf.extend_from_slice(frame);
+        record.count += 1;
+    }
+    record.close(buf);
+    Ok(())
+}
+
+/// Appends one record of `kind` holding `payload` as is, with `count` stated by the caller.
+pub(crate) fn encode_record(buf: &mut Vec<u8>, kind: Kind, first_index: u64, count: u32, payload: &[u8]) {
+    let mut record = Open::start_kind(buf, kind, first_index);
+    buf.extend_from_slice(payload);
+    record.count = count;
+    record.close(buf);
+}
+
 /// A record being encoded at the end of a buffer: its header is filled in on `close`.
 struct Open {
     start: usize,
@@ -101,9 +156,13 @@ struct Open {
 
 impl Open {
     fn start(buf: &mut Vec<u8>, first_index: u64) -> Self {
+        Self::start_kind(buf, Kind::Entries, first_index)
+    }
+
+    fn start_kind(buf: &mut Vec<u8>, kind: Kind, first_index: u64) -> Self {
         let start = buf.len();
         buf.extend_from_slice(&[0; RECORD_HEADER]);
-        buf.push(Kind::Entries as u8);
+        buf.push(kind as u8);
         buf.extend_from_slice(&first_index.to_le_bytes());
         buf.extend_from_slice(&[0; 4]);
         Self { start, body: start + RECORD_HEADER, count: 0 }
@@ -122,7 +181,7 @@ impl Open {
 
 /// One checksummed record, borrowed from the reader's buffer.
 #[derive(Debug)]
-pub(super) struct Record<'a> {
+pub(crate) struct Record<'a> {
     pub kind: Kind,
     pub first_index: u64,
     pub count: u32,
@@ -146,11 +205,38 @@ impl Record<'_> {
         }
         Ok((self.first_index..).zip(lines()))
     }
+
+    /// The record's `[len u32][bytes]` frames, in order, as (index, bytes), once their number is checked
+    /// against `count` and each fits in the payload.
+    pub fn frames(&self) -> Result<Vec<(u64, &[u8])>, String> {
+        let mut out = Vec::with_capacity(self.count as usize);
+        let mut rest = self.payload;
+        while !rest.is_empty() {
+            if rest.len() < 4 {
+                return Err(format!("a frame length is cut short ({} of 4 bytes)", rest.len()));
+            }
+            let len = u32::from_le_bytes(rest[..4].try_into().unwrap_or_default()) as usize;
+            if len > rest.len() - 4 {
+                return Err(format!("a frame of {len} bytes runs past the record's end"));
+            }
+            out.push((self.first_index + out.len() as u64, &rest[4..4 + len]));
+            rest = &rest[4 + len..];
+        }
+        if out.len() != self.count as usize {
+            return Err(format!("record says {} items but holds {}", self.count, out.len()));
+        }
+        Ok(out)
+    }
+
+    /// The payload as is (HardState and SnapshotInstalled records).
+    pub fn payload(&self) -> &[u8] {
+        self.payload
+    }
 }
 
 /// One entry of a record. A record that passed its checksum but does not decode was written wrong, not
 /// torn: the caller reports it as corruption.
-pub(super) fn decode(index: u64, line: &[u8]) -> Result<Command, String> {
+pub(crate) fn decode(index: u64, line: &[u8]) -> Result<Command, String> {
     serde_json::from_slice(line).map_err(|e| format!("command {index} does not decode: {e}"))
 }
 
@@ -160,6 +246,9 @@ fn decode_body(body: &[u8]) -> Result<Record<'_>, String> {
     }
     let kind = match body[0] {
         1 => Kind::Entries,
+        2 => Kind::RaftEntries,
+        3 => Kind::HardState,
+        4 => Kind::SnapshotInstalled,
         other => return Err(format!("unknown record kind {other}")),
     };
     let first_index = u64::from_le_bytes(body[1..9].try_into().unwrap_or_default());
@@ -169,7 +258,7 @@ fn decode_body(body: &[u8]) -> Result<Record<'_>, String> {
 
 /// Why reading a segment stopped early.
 #[derive(Debug)]
-pub(super) enum ReadError {
+pub(crate) enum ReadError {
     Io(std::io::Error),
     /// The bytes at `offset` are not a good record (or header): cut short, implausible, or failing
     /// their checksum. Whether that is a torn tail or corruption is the caller's call.
@@ -187,7 +276,7 @@ impl From<std::io::Error> for ReadError {
 
 /// Reads a segment one record at a time through a `BufReader`: memory is one record, whatever the
 /// segment's size.
-pub(super) struct SegmentReader {
+pub(crate) struct SegmentReader {
     reader: BufReader<File>,
     /// End of the last good record (or of the header): where a torn tail is cut.
     offset: u64,
@@ -263,7 +352,7 @@ fn plausible(len: u32) -> bool {
 /// corruption. A record cannot hide inside another's payload: its length field has bytes below 0x20,
 /// which serde_json never writes unescaped (see `MAX_BODY`). Streams the file in chunks: memory is a
 /// chunk plus the body of one candidate record.
-pub(super) fn good_record_after(path: &Path, bad: u64) -> std::io::Result<Option<u64>> {
+pub(crate) fn good_record_after(path: &Path, bad: u64) -> std::io::Result<Option<u64>> {
     const CHUNK: usize = 1 << 16;
     let mut file = File::open(path)?;
     let file_len = file.metadata()?.len();
@@ -340,5 +429,25 @@ mod tests {
 
         let refused = encode_within(&mut Vec::new(), 7, &batch, BODY_PREFIX + line - 1).unwrap_err();
         assert!(refused.contains("entry 7") && refused.contains("record limit"), "{refused}");
+    }
+
+    #[test]
+    fn framed_items_split_at_the_record_limit_and_read_back_numbered_on() {
+        let items: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 10]).collect();
+        let mut buf = Vec::new();
+        encode_frames_within(&mut buf, Kind::RaftEntries, 3, items.iter().map(Vec::as_slice), BODY_PREFIX + 2 * 14)
+            .unwrap();
+        let mut rest = &buf[..];
+        let mut read = Vec::new();
+        while !rest.is_empty() {
+            let len = u32::from_le_bytes(rest[..4].try_into().unwrap()) as usize;
+            let body = &rest[RECORD_HEADER..RECORD_HEADER + len];
+            assert_eq!(crc32fast::hash(body), u32::from_le_bytes(rest[4..8].try_into().unwrap()));
+            let record = decode_body(body).unwrap();
+            assert_eq!(record.kind, Kind::RaftEntries);
+            read.extend(record.frames().unwrap().into_iter().map(|(i, b)| (i, b.to_vec())));
+            rest = &rest[RECORD_HEADER + len..];
+        }
+        assert_eq!(read, (3..).zip(items).collect::<Vec<_>>());
     }
 }

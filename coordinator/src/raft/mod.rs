@@ -1,0 +1,59 @@
+//! Replication of the run state over Raft (issue 14, phase 1): three replicas of the pure `RunState`,
+//! each applying the same committed log. This phase is the replicated core only, driven in process by
+//! the deterministic simulation (`tests/sim.rs`); the peer transport, the routing of worker RPCs and
+//! the gRPC driver on top of it come later, and the single-process path (`driver`) does not use it.
+//!
+//! - `storage`: `raft::Storage` on the command log's segment and snapshot formats.
+//! - `replica`: one `RawNode`, its storage and the `RunState` its committed entries build; the Ready loop.
+//! - `entry`: what an entry and a snapshot carry, and how an entry applies.
+//! - `log`: raft-rs's `slog` records forwarded to `tracing`.
+//!
+//! ## Decisions, and why
+//! - **raft-rs 0.7 with the `protobuf-codec` feature** (the default codec; the default logger is off).
+//!   Both codecs were built offline from the crate registry on this project's machines: `protobuf-codec`
+//!   builds with its pure-Rust code generator, while `prost-codec` fails in raft-proto's build script
+//!   ("Could not find `protoc`": prost-build 0.11 needs a system `protoc`, and our vendored one is wired
+//!   only into the `proto` crate) and would add prost 0.11 beside the workspace's 0.14. The price is
+//!   `protobuf` 2.28 (RUSTSEC-2024-0437, a stack overflow on crafted input): the peer transport must let
+//!   only authenticated replicas send bytes that raft parses (review B11: mTLS between replicas).
+//! - **Entries are the existing command encoding in a versioned envelope, not bincode.** `Entry.data` is
+//!   `{"v":1,"cmd":<Command as serde_json>}` (`entry`), snapshots `{"v":1,"state":<RunState>}`. The design
+//!   card's bincode does not fit: bincode 2 cannot decode the internally tagged serde enums the run state
+//!   uses (`RunStatus`, `TaskState`: `#[serde(tag)]` needs `deserialize_any`), nor round-trip
+//!   `#[serde(skip)]`, so a snapshot would encode fine and fail only when a follower installs it; it has
+//!   no schema evolution, so adding a field to a command would make every old entry unreadable; and it is
+//!   no longer developed (3.0.0 is a `compile_error!` placeholder). JSON is already the command log's
+//!   format, is covered by the replay tests, evolves with `#[serde(default)]`, and at ≲100 entries/s the
+//!   fsync and the network round trip cost far more than encoding. The version field lets a behaviour
+//!   change ship as a new envelope version that every replica of a rolling upgrade applies alike.
+//! - **State-machine changes Raft forces live here, not in `state/`** (see `replica`): worker ids are
+//!   assigned in apply (`entry::Body::Register`), the leader stamps time and applying never lets it run
+//!   backwards, a grace follows every election, and only the leader proposes expiry. `state/` is
+//!   unchanged. Session and lease nonces (review A6, another change) must likewise be chosen by the
+//!   proposer and carried in the entry, never drawn while applying.
+//!
+//! ## Where this differs from review Part B
+//! - Segments are numbered by write order, not by first index (a record may replace entries of an
+//!   earlier segment), and old ones are deleted as a prefix once the older kept snapshot covers every
+//!   index they name. Snapshot files use the command log's checksummed format (`{index}.snap`), with the
+//!   term and ConfState in the body; the HardState is a record kind in the same segments.
+//! - Snapshots are taken synchronously in the Ready loop (B4 wants a blocking thread): fine for the
+//!   simulation's small states; the gRPC driver should move `create_snapshot`'s write off its task.
+//! - Leader time (B7): `max(applied time, clamp(wall, steady, steady + max_clock_lead_ms))` with `steady`
+//!   the applied time at election plus the monotonic time since, so neither a fast nor a slow wall clock
+//!   moves state time by more than the bound.
+//! - Every command is replicated, idle polls and lease-less heartbeats included: the single-process
+//!   driver's `changes_only_liveness` shortcut would let replicas' liveness differ. Keeping liveness as
+//!   leader soft state (B6.4) is the later optimisation.
+
+pub mod entry;
+mod log;
+pub mod replica;
+pub mod storage;
+
+#[cfg(test)]
+mod tests;
+
+pub use entry::{Body, ENTRY_VERSION, Envelope, ProposalId};
+pub use replica::{LocalTime, Outcome, Replica, ReplicaConfig, Request};
+pub use storage::{Durability, RaftStorage};

@@ -1,0 +1,3 @@
+mod replica;
+mod sim;
+mod storage;
