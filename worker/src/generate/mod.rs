@@ -248,11 +248,7 @@ impl<'m> Decoder<'m> {
             let count = &self.hidden_count + live.sum_dim_intlist(1, false, Kind::Float);
             (fed.where_self(&any, &self.last_hidden), sum, count)
         };
-        match pooling {
-            ValuePooling::Last => last,
-            ValuePooling::Mean => sum / count,
-            ValuePooling::LastMean => Tensor::cat(&[last.to_kind(Kind::Float), sum / count], 1),
-        }
+        crate::train::features::pool(pooling, || last, || sum / count)
     }
 
     /// Ends `rows` where they stand (cut off, not at EOS): they sample nothing more. Guided search stops a

@@ -139,7 +139,8 @@ pub(crate) fn load_value(
         }
         ValueKind::Head => {
             let head = load_value_head(dir, device)?;
-            let pooling = head_pooling(dir)?;
+            let (config_path, config) = head_config(dir)?;
+            let pooling = head_pooling(&config_path, &config)?;
             let (width, policy_width) = (head.input_width(), policy.config.hidden_size() * pooling.blocks());
             if width != policy_width {
                 return Err(Error::Checkpoint {
@@ -152,7 +153,7 @@ pub(crate) fn load_value(
                     ),
                 });
             }
-            let depth = head_depth(dir, policy.config.num_layers())?;
+            let depth = head_depth(&config_path, &config, policy.config.num_layers())?;
             let model =
                 ScalarModel { config: policy.config.clone(), backbone: policy.backbone.clone(), head, depth, pooling };
             LoadedValue { model, kind, tokenizer: None }
@@ -160,45 +161,40 @@ pub(crate) fn load_value(
     })
 }
 
-/// How a `head`-kind value in `dir` pools the states it reads (`config.json`'s `pooling`; absent: `last`, as every
-/// head saved before the key existed).
-fn head_pooling(dir: &Path) -> Result<ValuePooling> {
+/// A `head`-kind value's `config.json` in `dir` (`Null` when absent: heads saved before it carried keys), read once
+/// for `head_pooling` and `head_depth`.
+fn head_config(dir: &Path) -> Result<(PathBuf, serde_json::Value)> {
     let path = dir.join("config.json");
-    let Ok(bytes) = std::fs::read(&path) else { return Ok(ValuePooling::Last) };
-    let config: serde_json::Value = serde_json::from_slice(&bytes)
+    let Ok(bytes) = std::fs::read(&path) else { return Ok((path, serde_json::Value::Null)) };
+    let config = serde_json::from_slice(&bytes)
         .map_err(|e| Error::Checkpoint { path: path.clone(), message: format!("malformed config.json: {e}") })?;
+    Ok((path, config))
+}
+
+/// How the head pools the states it reads (`pooling`; absent: `last`, as every head saved before the key existed).
+fn head_pooling(path: &Path, config: &serde_json::Value) -> Result<ValuePooling> {
     match config.get(crate::train::checkpoint::POOLING) {
         None => Ok(ValuePooling::Last),
         Some(v) => v.as_str().and_then(ValuePooling::parse).ok_or_else(|| Error::Checkpoint {
-            path,
+            path: path.to_owned(),
             message: format!("`pooling` must be \"last\", \"mean\" or \"last_mean\", got {v}"),
         }),
     }
 }
 
-/// The decoder layers a `head`-kind value in `dir` reads the states after (`config.json`'s `feature_layers`; absent
-/// or 0: all of them, as every head saved before the key existed), checked against the policy's `layers`.
-fn head_depth(dir: &Path, layers: usize) -> Result<Option<usize>> {
-    let path = dir.join("config.json");
-    let want = match std::fs::read(&path) {
-        Ok(bytes) => {
-            let config: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::Checkpoint {
-                path: path.clone(),
-                message: format!("malformed config.json: {e}"),
-            })?;
-            match config.get(crate::train::checkpoint::FEATURE_LAYERS) {
-                None => 0,
-                Some(v) => v.as_u64().ok_or_else(|| Error::Checkpoint {
-                    path: path.clone(),
-                    message: format!("`feature_layers` must be a whole number, got {v}"),
-                })? as usize,
-            }
-        }
-        Err(_) => 0,
+/// The decoder layers the head reads the states after (`feature_layers`; absent or 0: all of them, as every head
+/// saved before the key existed), checked against the policy's `layers`.
+fn head_depth(path: &Path, config: &serde_json::Value, layers: usize) -> Result<Option<usize>> {
+    let want = match config.get(crate::train::checkpoint::FEATURE_LAYERS) {
+        None => 0,
+        Some(v) => v.as_u64().ok_or_else(|| Error::Checkpoint {
+            path: path.to_owned(),
+            message: format!("`feature_layers` must be a whole number, got {v}"),
+        })? as usize,
     };
     if want > layers {
         return Err(Error::Checkpoint {
-            path,
+            path: path.to_owned(),
             message: format!("the head reads the states after {want} layers, but the policy has {layers}"),
         });
     }

@@ -14,7 +14,7 @@ use tch::{Kind, Tensor};
 
 use super::checkpoint::{self, TrainState};
 use super::optim::{AdamW, AdamWConfig, cosine_lr, zero_grads};
-use super::{DataParallel, epoch_order};
+use super::{DataParallel, epoch_order, gang_loss};
 use crate::collective::{DEFAULT_BUCKET_BYTES, SingleRank, all_reduce_bucketed};
 use crate::error::{Error, Result};
 use crate::model::{CausalLm, Checkpoint, positions_from_valid};
@@ -262,9 +262,7 @@ pub fn train_dpo_ranked(
         if world > 1 {
             let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
             all_reduce_bucketed(collective, &grads, bucket_bytes)?;
-            let mut total = Tensor::from_slice(&[step_loss]);
-            collective.all_reduce_sum(&mut total)?;
-            step_loss = total.double_value(&[0]);
+            step_loss = gang_loss(collective, step_loss)?;
         }
         let lr = cosine_lr(config.lr, state.step, total_steps);
         opt.step(&params, lr);

@@ -122,11 +122,7 @@ pub fn pool_prefixes(states: &Tensor, pooling: ValuePooling) -> Tensor {
         let counts = Tensor::arange_start(1, n + 1, (Kind::Float, states.device())).unsqueeze(1);
         states.cumsum(0, Kind::Float) / counts
     };
-    match pooling {
-        ValuePooling::Last => states.shallow_clone(),
-        ValuePooling::Mean => mean(),
-        ValuePooling::LastMean => Tensor::cat(&[states.to_kind(Kind::Float), mean()], 1),
-    }
+    pool(pooling, || states.shallow_clone(), mean)
 }
 
 /// Per row i of `hidden` [B, T, H] (one forward over whole sequences), the `pooling` features of the prefix whose
@@ -147,6 +143,12 @@ pub fn pool_columns(hidden: &Tensor, starts: &[i64], ends: &[i64], pooling: Valu
         let counts: Vec<f32> = starts.iter().zip(ends).map(|(s, e)| (e - s + 1) as f32).collect();
         span / Tensor::from_slice(&counts).to_device(device).unsqueeze(1)
     };
+    pool(pooling, last, mean)
+}
+
+/// The features `pooling` reads, from the last state and the mean (each computed only when needed): the one place
+/// that fixes `last_mean`'s layout (last, then mean), which training, guidance and the diagnostics must share.
+pub fn pool(pooling: ValuePooling, last: impl FnOnce() -> Tensor, mean: impl FnOnce() -> Tensor) -> Tensor {
     match pooling {
         ValuePooling::Last => last(),
         ValuePooling::Mean => mean(),

@@ -471,7 +471,7 @@ fn model_batch(micro: &[(usize, &ValueExample)], pad_id: i64, device: Device) ->
 }
 
 /// The effective batch's loss summed over the gang (each rank holds the share of its micro-batches).
-fn gang_loss(collective: &mut dyn Collective, loss: f64) -> Result<f64> {
+pub(crate) fn gang_loss(collective: &mut dyn Collective, loss: f64) -> Result<f64> {
     let mut total = Tensor::from_slice(&[loss]);
     collective.all_reduce_sum(&mut total)?;
     Ok(total.double_value(&[0]))
