@@ -79,12 +79,15 @@ pub struct View<'a> {
     pub log_index: u64,
     /// Why LeaseTask is answered "retry later" for now (manifests still being written); None when it is not.
     pub held_back: Option<String>,
+    /// The replica's Raft state; None for the single-process driver.
+    pub raft: Option<crate::raft::RaftStatus>,
 }
 
-type ReadFn = Box<dyn FnOnce(View<'_>) + Send>;
-type ReplyTx = oneshot::Sender<Result<Applied>>;
+pub(crate) type ReadFn = Box<dyn FnOnce(View<'_>) + Send>;
+pub(crate) type ReplyTx = oneshot::Sender<Result<Applied>>;
 
-enum Msg {
+/// What a `Handle` sends its driver: the single-process `Actor` here, or a Raft replica's (`raft::node`).
+pub(crate) enum Msg {
     Apply {
         command: Command,
         /// The session the call presented; checked against the worker's current registration when set.
@@ -120,6 +123,16 @@ fn stopped() -> Error {
 }
 
 impl Handle {
+    pub(crate) fn from_parts(
+        tx: mpsc::Sender<Msg>,
+        run: watch::Receiver<RunStatus>,
+        health: watch::Receiver<Health>,
+        clock: Arc<dyn Clock>,
+        published: Option<(watch::Receiver<usize>, usize)>,
+    ) -> Self {
+        Self { tx, run, health, clock, published }
+    }
+
     /// Applies `command` with its time replaced by the clock's reading now, as it arrives; returns once
     /// it is durable (or, when it changed nothing durable, once everything before it is).
     pub async fn apply(&self, command: Command) -> Result<Applied> {
@@ -519,17 +532,8 @@ impl Actor {
         None
     }
 
-    /// The refusal of a call whose session is not its worker's current one. An unknown worker is left to the
-    /// state (it answers UnknownWorker); a worker registered before sessions existed (an old log) has none
-    /// to compare.
     fn stale_session(&self, command: &Command, session: Option<&str>) -> Option<Error> {
-        let (session, worker) = (session?, command.worker_id()?);
-        match self.state.session_of(worker) {
-            Some(current) if !current.is_empty() && current != session => {
-                Some(Error::StaleSession { worker_id: worker.to_string() })
-            }
-            _ => None,
-        }
+        super::auth::stale_session(&self.state, command, session)
     }
 
     /// Applies a command stamped with its arrival time, and queues it for the log if it changed
@@ -646,6 +650,7 @@ impl Actor {
                 now_ms: now,
                 log_index: self.log_index,
                 held_back: held_back.clone(),
+                raft: None,
             });
         }
         self.run.send_if_modified(|status| {

@@ -137,6 +137,23 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// A fresh session nonce (`wire::SESSION_LEN` hex digits) from the kernel's random source. Chosen by the
 /// driver and written into the RegisterWorker command, so a replay restores the same one.
+/// The refusal of a call whose session is not its worker's current one. An unknown worker is left to the
+/// state (it answers UnknownWorker); a worker registered before sessions existed (an old log) has none
+/// to compare.
+pub fn stale_session(
+    state: &crate::state::RunState,
+    command: &crate::state::Command,
+    session: Option<&str>,
+) -> Option<Error> {
+    let (session, worker) = (session?, command.worker_id()?);
+    match state.session_of(worker) {
+        Some(current) if !current.is_empty() && current != session => {
+            Some(Error::StaleSession { worker_id: worker.to_string() })
+        }
+        _ => None,
+    }
+}
+
 pub fn new_session() -> String {
     use std::io::Read;
     let mut bytes = [0u8; 16];

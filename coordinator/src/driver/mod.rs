@@ -24,5 +24,5 @@ pub use actor::{DriverOptions, Handle, Health, View};
 pub use auth::{Bearer, ClusterToken, TOKEN_ENV};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use log::{CommandLog, FileLog, MemoryLog, config_sha256};
-pub use server::{CoordinatorConfig, ServerHandle, ServerLimits, serve};
+pub use server::{CoordinatorConfig, RaftOptions, ServerHandle, ServerLimits, serve};
 pub use tls::{ClientTls, ServerTls};

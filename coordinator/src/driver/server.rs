@@ -2,6 +2,7 @@
 //! run from its state folder, bind the gRPC and status listeners (port 0 is fine), and hand back the
 //! bound addresses and a way to shut down.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use iro_common::layout::RunLayout;
 use iro_common::store::Store;
 use iro_proto::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tonic::transport::server::TcpIncoming;
 
@@ -27,6 +28,8 @@ use super::telemetry::RpcMetrics;
 use super::tls::{self, ServerTls};
 use super::wire::Payloads;
 use crate::error::{Error, Result};
+use crate::raft::node::{self, NodeConfig, PublisherFactory};
+use crate::raft::{Outbox, PeerService, PeerTls, ReplicaConfig};
 use crate::state::{Plan, RunStatus};
 use crate::status::{self, StatusContext};
 
@@ -65,6 +68,66 @@ impl Default for ServerLimits {
             request_timeout: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(30),
         }
+    }
+}
+
+/// A replicated coordinator: this replica's Raft id and its peers (issue 14).
+#[derive(Clone)]
+pub struct RaftOptions {
+    pub id: u64,
+    /// Raft id → host:port of its peer port, this replica's own included.
+    pub peers: BTreeMap<u64, String>,
+    /// Where this replica's peer port listens.
+    pub listen: SocketAddr,
+    /// Raft id → the gRPC URL workers reach that replica at: the leader hint a follower answers with.
+    pub grpc_urls: BTreeMap<u64, String>,
+    /// mTLS between replicas; None only when every peer address is a loopback address (tests).
+    pub tls: Option<PeerTls>,
+    /// Raft's tick and tuning (tests shorten them).
+    pub tick: Duration,
+    pub replica: ReplicaConfig,
+}
+
+impl RaftOptions {
+    pub fn new(id: u64, peers: BTreeMap<u64, String>, listen: SocketAddr) -> Self {
+        Self {
+            id,
+            peers,
+            listen,
+            grpc_urls: BTreeMap::new(),
+            tls: None,
+            tick: Duration::from_millis(100),
+            replica: ReplicaConfig::new(id),
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |message: String| Err(Error::Config { field: "raft_peers", message });
+        if !self.peers.contains_key(&self.id) {
+            return bad(format!("does not name this replica's id {}", self.id));
+        }
+        if self.peers.len().is_multiple_of(2) {
+            return bad(format!(
+                "names {} replicas: use an odd number (3 or 5), so a majority survives a split",
+                self.peers.len()
+            ));
+        }
+        if self.tls.is_none() {
+            let loopback = |address: &String| {
+                let host = address.rsplit_once(':').map_or(address.as_str(), |(h, _)| h);
+                host == "localhost"
+                    || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            };
+            if !self.peers.values().all(loopback) || !self.listen.ip().is_loopback() {
+                return Err(Error::Config {
+                    field: "raft_tls_cert",
+                    message: "replicas must authenticate each other (mTLS): give --raft-tls-cert, --raft-tls-key and \
+                              --raft-tls-ca (plaintext is allowed only when every replica is on loopback)"
+                        .into(),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -113,6 +176,8 @@ pub struct CoordinatorConfig {
     /// over the outputs they name (`--force-fresh-state`). Off: such a start is refused, since the run was
     /// started before and its state folder is what resumes it.
     pub force_fresh_state: bool,
+    /// Run as one replica of a Raft group (needs `state_dir`); None: a single coordinator.
+    pub raft: Option<RaftOptions>,
 }
 
 impl fmt::Debug for CoordinatorConfig {
@@ -131,6 +196,7 @@ impl fmt::Debug for CoordinatorConfig {
             .field("require_sessions", &self.require_sessions)
             .field("write_manifests", &self.write_manifests)
             .field("force_fresh_state", &self.force_fresh_state)
+            .field("raft_id", &self.raft.as_ref().map(|r| r.id))
             .finish_non_exhaustive()
     }
 }
@@ -156,6 +222,7 @@ impl CoordinatorConfig {
             driver: DriverOptions::default(),
             write_manifests: true,
             force_fresh_state: false,
+            raft: None,
         })
     }
 
@@ -172,6 +239,15 @@ impl CoordinatorConfig {
                         ),
                     });
                 }
+            }
+        }
+        if let Some(raft) = &self.raft {
+            raft.check()?;
+            if self.state_dir.is_none() {
+                return Err(Error::Config {
+                    field: "state_dir",
+                    message: "a Raft replica needs a state folder".into(),
+                });
             }
         }
         if self.status_requires_token && self.token.is_none() && self.status_token.is_none() {
@@ -207,6 +283,9 @@ pub struct ServerHandle {
     handle: Handle,
     shutdown: watch::Sender<bool>,
     servers: Vec<JoinHandle<()>>,
+    /// A replica's peer port: it stops after the driver, which as leader hands leadership over first
+    /// and needs its peers' answers for that.
+    peer_server: Option<(watch::Sender<bool>, JoinHandle<()>)>,
     driver: JoinHandle<Result<()>>,
 }
 
@@ -259,9 +338,17 @@ impl ServerHandle {
             }
         }
         self.handle.stop().await;
-        self.driver
+        let ended = self
+            .driver
             .await
-            .map_err(|e| Error::Unavailable { message: format!("the coordinator driver panicked: {e}") })?
+            .map_err(|e| Error::Unavailable { message: format!("the coordinator driver panicked: {e}") })?;
+        if let Some((stop, mut server)) = self.peer_server {
+            let _ = stop.send(true);
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+                server.abort();
+            }
+        }
+        ended
     }
 }
 
@@ -276,13 +363,6 @@ pub async fn serve(config: CoordinatorConfig) -> Result<ServerHandle> {
     let payloads = Payloads::new(&config.run)?;
     let run_config_json = serde_json::to_string(&config.run)
         .map_err(|e| Error::Config { field: "run", message: format!("cannot serialize the run config: {e}") })?;
-    let log: Box<dyn CommandLog> = match &config.state_dir {
-        Some(dir) => {
-            let config_sha256 = log::config_sha256(&config.run)?;
-            Box::new(open_log(dir.clone(), run_id.clone(), config.plan.clone(), config_sha256).await?)
-        }
-        None => Box::new(MemoryLog::new()),
-    };
     // Bind before starting the driver, so a taken port fails fast without touching the log's timers.
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|e| Error::Bind { addr: addr.to_string(), message: e.to_string() })
@@ -295,17 +375,18 @@ pub async fn serve(config: CoordinatorConfig) -> Result<ServerHandle> {
     let grpc_addr = local(&grpc_listener, config.listen)?;
     let status_addr = local(&status_listener, config.status_listen)?;
 
-    let publisher = if config.write_manifests {
-        let store = Store::open(&config.run.run.store)
-            .map_err(|e| Error::Config { field: "run.store", message: format!("cannot open the object store: {e}") })?;
-        Some(Publisher::start(store, &run_id)?.force_fresh_start(config.force_fresh_state))
-    } else {
-        None
-    };
-    let (handle, driver) =
-        actor::start(config.plan.clone(), log, config.clock.clone(), config.driver.clone(), publisher).await?;
-    let metrics = Arc::new(RpcMetrics::default());
     let (shutdown, _) = watch::channel(false);
+    let mut peer_server = None;
+    let (handle, driver) = match &config.raft {
+        None => start_single(&config, &run_id).await?,
+        Some(raft) => {
+            let (stop, _) = watch::channel(false);
+            let (handle, driver, server) = start_replica(&config, raft, &run_id, &stop).await?;
+            peer_server = Some((stop, server));
+            (handle, driver)
+        }
+    };
+    let metrics = Arc::new(RpcMetrics::default());
 
     let layout = if config.write_manifests {
         let layout = RunLayout::new(&run_id).map_err(|e| Error::Config { field: "run.id", message: e.to_string() })?;
@@ -314,7 +395,8 @@ pub async fn serve(config: CoordinatorConfig) -> Result<ServerHandle> {
         None
     };
     let service = CoordinatorService::new(handle.clone(), &run_id, run_config_json, payloads, metrics.clone(), layout)
-        .require_sessions(config.require_sessions);
+        .require_sessions(config.require_sessions)
+        .leader_urls(config.raft.as_ref().map(|r| r.grpc_urls.clone()).unwrap_or_default());
     let limits = config.limits.clone();
     let grpc = CoordinatorServer::new(service).max_decoding_message_size(limits.max_message_bytes);
     let grpc = tonic::service::interceptor::InterceptedService::new(
@@ -392,8 +474,84 @@ pub async fn serve(config: CoordinatorConfig) -> Result<ServerHandle> {
         handle,
         shutdown,
         servers: vec![grpc_task, status_task],
+        peer_server,
         driver,
     })
+}
+
+/// The single-process driver over the command log in `state_dir` (or in memory).
+async fn start_single(config: &CoordinatorConfig, run_id: &str) -> Result<(Handle, JoinHandle<Result<()>>)> {
+    let log: Box<dyn CommandLog> = match &config.state_dir {
+        Some(dir) => {
+            let config_sha256 = log::config_sha256(&config.run)?;
+            Box::new(open_log(dir.clone(), run_id.to_owned(), config.plan.clone(), config_sha256).await?)
+        }
+        None => Box::new(MemoryLog::new()),
+    };
+    let publisher = if config.write_manifests {
+        Some(Publisher::start(open_store(config)?, run_id)?.force_fresh_start(config.force_fresh_state))
+    } else {
+        None
+    };
+    actor::start(config.plan.clone(), log, config.clock.clone(), config.driver.clone(), publisher).await
+}
+
+fn open_store(config: &CoordinatorConfig) -> Result<Store> {
+    Store::open(&config.run.run.store)
+        .map_err(|e| Error::Config { field: "run.store", message: format!("cannot open the object store: {e}") })
+}
+
+/// One Raft replica: its peer port (mTLS), the senders to its peers, and the replicated driver over
+/// `state_dir/raft`. The manifest writer runs on whichever replica leads.
+async fn start_replica(
+    config: &CoordinatorConfig,
+    raft: &RaftOptions,
+    run_id: &str,
+    shutdown: &watch::Sender<bool>,
+) -> Result<(Handle, JoinHandle<Result<()>>, JoinHandle<()>)> {
+    let state_dir = config.state_dir.clone().ok_or(Error::Config { field: "state_dir", message: "needed".into() })?;
+    let listener = TcpListener::bind(raft.listen)
+        .await
+        .map_err(|e| Error::Bind { addr: raft.listen.to_string(), message: e.to_string() })?;
+    if raft.tls.is_some() {
+        tls::install_crypto_provider();
+    }
+    let (inbox_tx, inbox) = mpsc::channel(crate::raft::transport::INBOX);
+    let peers: Vec<u64> = raft.peers.keys().copied().collect();
+    let service = PeerService::new(raft.id, peers.clone(), inbox_tx).server();
+    let mut builder = tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(10)));
+    if let Some(peer_tls) = &raft.tls {
+        builder = builder.tls_config(peer_tls.server.grpc()).map_err(|e| Error::Config {
+            field: "raft_tls_cert",
+            message: format!("cannot serve the peer port over TLS: {e}"),
+        })?;
+    }
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut stop = shutdown.subscribe();
+    let server = tokio::spawn(async move {
+        let signal = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = builder.add_service(service).serve_with_incoming_shutdown(incoming, signal).await {
+            tracing::error!("raft peer server stopped: {e}");
+        }
+    });
+    let (feedback_tx, feedback) = mpsc::unbounded_channel();
+    let outbox = Outbox::start(raft.id, &raft.peers, raft.tls.as_ref(), feedback_tx)?;
+    let make_publisher: Option<PublisherFactory> = if config.write_manifests {
+        let store = open_store(config)?;
+        let run_id = run_id.to_owned();
+        Some(Box::new(move || Publisher::start(store.clone(), &run_id)))
+    } else {
+        None
+    };
+    let mut node = NodeConfig::new(raft.id, state_dir.join("raft"), peers);
+    node.replica = raft.replica.clone();
+    node.tick = raft.tick;
+    tracing::info!(raft_id = raft.id, peers = ?raft.peers, listen = %raft.listen, mtls = raft.tls.is_some(), "starting a coordinator replica");
+    let (handle, driver) =
+        node::start(config.plan.clone(), node, config.clock.clone(), make_publisher, outbox, inbox, feedback).await?;
+    Ok((handle, driver, server))
 }
 
 async fn open_log(dir: PathBuf, run_id: String, plan: Plan, config_sha256: String) -> Result<FileLog> {

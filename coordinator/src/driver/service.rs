@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use super::actor::Handle;
 use super::telemetry::RpcMetrics;
 use super::wire::{self, Payloads};
+use crate::error::Error;
 use crate::state::{Command, Reply};
 
 #[derive(Clone)]
@@ -27,7 +28,13 @@ pub struct CoordinatorService {
     /// any other key): checked at the door, so a bad report is refused instead of stalling the manifest writer.
     layout: Option<RunLayout>,
     require_sessions: bool,
+    /// Raft id → gRPC URL of every replica, for the leader hint a follower answers with; empty for one
+    /// coordinator.
+    leader_urls: Arc<std::collections::BTreeMap<u64, String>>,
 }
+
+/// The metadata a follower's UNAVAILABLE carries: the leader's gRPC URL, for the worker to go to.
+const LEADER_HEADER: &str = "iro-leader";
 
 impl CoordinatorService {
     pub fn new(
@@ -46,7 +53,29 @@ impl CoordinatorService {
             metrics,
             layout,
             require_sessions: true,
+            leader_urls: Arc::default(),
         }
+    }
+
+    /// The replicas' gRPC URLs by Raft id (replicated coordinators).
+    pub fn leader_urls(mut self, urls: std::collections::BTreeMap<u64, String>) -> Self {
+        self.leader_urls = Arc::new(urls);
+        self
+    }
+
+    /// The driver's refusal as a gRPC status; a follower's names the leader's URL when it knows one.
+    fn status(&self, error: Error) -> Status {
+        let leader = match &error {
+            Error::NotLeader { leader } => leader.and_then(|id| self.leader_urls.get(&id)).cloned(),
+            _ => None,
+        };
+        let mut status = wire::status(error);
+        if let Some(url) = leader
+            && let Ok(value) = url.parse()
+        {
+            status.metadata_mut().insert(LEADER_HEADER, value);
+        }
+        status
     }
 
     async fn timed<T>(
@@ -62,7 +91,7 @@ impl CoordinatorService {
     }
 
     async fn apply(&self, command: Command, session: Option<String>) -> Result<Reply, Status> {
-        self.handle.apply_in_session(command, session).await.map(|applied| applied.reply).map_err(wire::status)
+        self.handle.apply_in_session(command, session).await.map(|applied| applied.reply).map_err(|e| self.status(e))
     }
 
     /// The session a call after RegisterWorker presents; a call without one is refused when sessions
@@ -94,7 +123,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
         self.timed("register_worker", async {
             let (id, name, resources) = wire::register(request.into_inner())?;
-            let applied = self.handle.register(id, name, resources).await.map_err(wire::status)?;
+            let applied = self.handle.register(id, name, resources).await.map_err(|e| self.status(e))?;
             wire::register_response(applied.reply, &self.run_id, &self.run_config_json)
         })
         .await

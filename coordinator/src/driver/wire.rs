@@ -250,7 +250,7 @@ pub fn status(error: Error) -> Status {
         Error::InvalidTaskId { .. } => Status::invalid_argument(format!("task_id: {message}")),
         Error::InvalidWorkerId { .. } => Status::invalid_argument(format!("worker_id: {message}")),
         Error::NotAGangTask { .. } => Status::invalid_argument(format!("task_id: {message}")),
-        // NotLeader: no replicated driver serves gRPC yet; routing adds the leader's address (issue 14).
+        // NotLeader: the service adds the leader's URL (`iro-leader`) when the follower knows it.
         Error::Unavailable { .. } | Error::Storage { .. } | Error::NotLeader { .. } => Status::unavailable(message),
         Error::InvalidPlan { .. }
         | Error::CorruptLog { .. }

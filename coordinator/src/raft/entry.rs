@@ -39,19 +39,23 @@ pub enum Body {
         #[serde(default)]
         session: String,
     },
+    /// A worker's command sent under the session nonce its RegisterWorker returned: refused with
+    /// `StaleSession` where it applies unless that is still the worker's current session. Checked in apply,
+    /// not when proposing, so a registration committed in between cannot slip past the check.
+    InSession { command: Command, session: String },
 }
 
 impl Body {
     pub fn now_ms(&self) -> u64 {
         match self {
-            Body::Cmd(command) => command.now_ms(),
+            Body::Cmd(command) | Body::InSession { command, .. } => command.now_ms(),
             Body::Register { now_ms, .. } => *now_ms,
         }
     }
 
     pub fn kind(&self) -> &'static str {
         match self {
-            Body::Cmd(command) => command.kind(),
+            Body::Cmd(command) | Body::InSession { command, .. } => command.kind(),
             Body::Register { .. } => "register_worker",
         }
     }
@@ -88,6 +92,12 @@ pub fn decode(index: u64, data: &[u8]) -> Result<Body> {
 pub fn apply(state: &mut RunState, body: Body) -> Result<Applied> {
     let mut command = match body {
         Body::Cmd(command) => command,
+        Body::InSession { command, session } => {
+            if let Some(refused) = crate::driver::auth::stale_session(state, &command, Some(&session)) {
+                return Err(refused);
+            }
+            command
+        }
         Body::Register { name, resources, now_ms, session } => {
             register_command(state.fresh_worker_id(), name, resources, now_ms, session)
         }
@@ -177,6 +187,9 @@ mod tests {
         let register =
             Body::Register { name: "n".into(), resources: Resources::default(), now_ms: 9, session: "s".into() };
         assert_eq!(decode(4, &encode(&register).unwrap()).unwrap(), register);
+
+        let in_session = Body::InSession { command: Command::ExpireLeases { now_ms: 2 }, session: "s".into() };
+        assert_eq!(decode(6, &encode(&in_session).unwrap()).unwrap(), in_session);
 
         let newer = br#"{"v":2,"cmd":{"ExpireLeases":{"now_ms":1}}}"#;
         let refused = decode(5, newer).unwrap_err().to_string();

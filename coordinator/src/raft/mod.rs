@@ -48,12 +48,16 @@
 
 pub mod entry;
 mod log;
+pub mod node;
 pub mod replica;
 pub mod storage;
+pub mod transport;
 
 #[cfg(test)]
 mod tests;
 
 pub use entry::{Body, ENTRY_VERSION, Envelope, ProposalId};
-pub use replica::{LocalTime, Outcome, Replica, ReplicaConfig, Request};
+pub use node::{NodeConfig, RaftStatus, parse_peers};
+pub use replica::{LocalTime, Outcome, PeerProgress, Replica, ReplicaConfig, Request};
 pub use storage::{Durability, RaftStorage};
+pub use transport::{Outbox, PeerService, PeerTls};

@@ -83,6 +83,19 @@ pub enum Request {
     Command(Command),
     /// RegisterWorker with the id assigned where the entry applies.
     Register { name: String, resources: Resources },
+    /// A worker's command under its session nonce, checked where the entry applies (`Body::InSession`).
+    InSession { command: Command, session: String },
+}
+
+/// How far the leader knows a peer's log to match its own.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PeerProgress {
+    pub id: u64,
+    /// The highest index known to be replicated there.
+    pub matched: u64,
+    pub next: u64,
+    /// probe | replicate | snapshot
+    pub state: String,
 }
 
 /// How a proposal ended: applied at `index` (its reply, or the command's refusal), or not known to
@@ -261,6 +274,33 @@ impl Replica {
         self.raw.report_snapshot(peer, status);
     }
 
+    /// On the leader: every other voter's replication progress, by id.
+    pub fn peer_progress(&self) -> Vec<PeerProgress> {
+        if !self.is_leader() {
+            return Vec::new();
+        }
+        let mut peers: Vec<PeerProgress> = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != self.config.id)
+            .map(|(id, p)| PeerProgress {
+                id: *id,
+                matched: p.matched,
+                next: p.next_idx,
+                state: format!("{:?}", p.state).to_lowercase(),
+            })
+            .collect();
+        peers.sort_by_key(|p| p.id);
+        peers
+    }
+
+    /// Asks raft to hand leadership to `to` (it catches `to` up first, then tells it to campaign at once).
+    pub fn transfer_leader(&mut self, to: u64) {
+        self.raw.transfer_leader(to);
+    }
+
     /// The time the leader stamps on what it proposes now (see the module docs).
     pub fn leader_now(&self, t: LocalTime) -> u64 {
         let Some(leading) = &self.leading else {
@@ -284,6 +324,10 @@ impl Replica {
             Request::Command(mut command) => {
                 command.set_now_ms(now_ms);
                 Body::Cmd(command)
+            }
+            Request::InSession { mut command, session } => {
+                command.set_now_ms(now_ms);
+                Body::InSession { command, session }
             }
             Request::Register { name, resources } => {
                 Body::Register { name, resources, now_ms, session: crate::driver::auth::new_session() }

@@ -149,6 +149,19 @@ pub fn render(report: &StatusReport, counters: &Counters, rpc: &RpcMetrics) -> S
     out.family("iro_log_healthy", "gauge", "0 once the command log could not be written (commands are refused).");
     out.sample("iro_log_healthy", &[], u8::from(report.log.error.is_none()));
 
+    if let Some(raft) = &report.raft {
+        out.family("iro_raft_term", "gauge", "This replica's Raft term.");
+        out.sample("iro_raft_term", &[], raft.term);
+        out.family("iro_raft_is_leader", "gauge", "1 on the replica that leads (answers workers), 0 elsewhere.");
+        out.sample("iro_raft_is_leader", &[], u8::from(raft.role == "leader"));
+        out.family("iro_raft_commit_index", "gauge", "The highest Raft entry this replica knows committed.");
+        out.sample("iro_raft_commit_index", &[], raft.commit_index);
+        out.family("iro_raft_applied_index", "gauge", "The highest Raft entry applied to this replica's run state.");
+        out.sample("iro_raft_applied_index", &[], raft.applied_index);
+        out.family("iro_raft_leader_changes_total", "counter", "Changes of the leader this replica has seen.");
+        out.sample("iro_raft_leader_changes_total", &[], raft.leader_changes);
+    }
+
     out.family("iro_rpc_requests_total", "counter", "gRPC calls by method and status code.");
     for ((method, code), n) in rpc.calls() {
         out.sample("iro_rpc_requests_total", &[("method", method), ("code", code)], n);

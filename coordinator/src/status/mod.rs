@@ -72,6 +72,9 @@ pub struct StatusReport {
     /// Oldest first: requests the coordinator refused (unknown worker or task, ...).
     pub recent_rejections: Vec<Rejection>,
     pub log: LogReport,
+    /// This replica's Raft state, when the coordinator runs replicated (`--raft-id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raft: Option<crate::raft::RaftStatus>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,7 +169,7 @@ pub struct Counters {
 }
 
 pub fn report(run_id: &str, view: View<'_>) -> StatusReport {
-    let View { state, telemetry, now_ms, log_index, held_back } = view;
+    let View { state, telemetry, now_ms, log_index, held_back, raft } = view;
     let snapshot = state.snapshot();
     let (status, failure) = match &snapshot.run {
         RunStatus::Running => ("running", None),
@@ -244,6 +247,7 @@ pub fn report(run_id: &str, view: View<'_>) -> StatusReport {
             .collect(),
         recent_rejections: telemetry.recent_rejections.iter().cloned().collect(),
         log: LogReport { index: log_index, recovered: telemetry.recovered, error: telemetry.log_error.clone() },
+        raft,
     }
 }
 

@@ -8,6 +8,7 @@ mod support;
 mod auth;
 mod grpc;
 mod manifests;
+mod raft;
 mod restart;
 mod sessions;
 mod status;

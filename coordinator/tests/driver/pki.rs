@@ -32,9 +32,13 @@ impl Pki {
     }
 
     fn leaf(&self, name: &str, sans: &[&str], usage: ExtendedKeyUsagePurpose) -> Leaf {
+        self.leaf_for(name, sans, vec![usage])
+    }
+
+    fn leaf_for(&self, name: &str, sans: &[&str], usages: Vec<ExtendedKeyUsagePurpose>) -> Leaf {
         let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![usage];
+        params.extended_key_usages = usages;
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Leaf { cert: cert.pem(), key: key.serialize_pem() }
@@ -43,6 +47,12 @@ impl Pki {
     /// The coordinator's certificate, for `127.0.0.1` and `localhost`.
     pub fn server(&self) -> Leaf {
         self.leaf("coordinator", &["127.0.0.1", "localhost"], ExtendedKeyUsagePurpose::ServerAuth)
+    }
+
+    /// A coordinator replica's certificate: it serves the peer port and authenticates to the others.
+    pub fn peer(&self) -> Leaf {
+        let both = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        self.leaf_for("replica", &["127.0.0.1", "localhost"], both)
     }
 
     pub fn client(&self, name: &str) -> Leaf {
