@@ -526,6 +526,8 @@ class Index:
     secret_keys: dict[str, set[str]] = field(default_factory=dict)
     config_map_keys: dict[str, set[str]] = field(default_factory=dict)
     service_ports: dict[str, set[int]] = field(default_factory=dict)
+    # StatefulSet name -> (its governing Service, replicas): a pod's DNS name is {name}-{i}.{service}.
+    stateful_sets: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def add(self, kind: str, name: str) -> None:
         self.names.setdefault(kind, set()).add(name)
@@ -537,6 +539,7 @@ class Index:
         out = copy.deepcopy(self)
         for kind, names in other.names.items():
             out.names.setdefault(kind, set()).update(names)
+        out.stateful_sets.update(other.stateful_sets)
         for attr in ("secret_keys", "config_map_keys", "service_ports"):
             for k, v in getattr(other, attr).items():
                 getattr(out, attr).setdefault(k, set()).update(v)
@@ -547,6 +550,9 @@ def index_docs(docs: list[Doc], k: Kustomization | None) -> Index:
     idx = Index()
     for d in docs:
         idx.add(d.kind, d.name)
+        if d.kind == "StatefulSet":
+            spec = d.body.get("spec") or {}
+            idx.stateful_sets[d.name] = (spec.get("serviceName", ""), int(spec.get("replicas", 1)))
         if d.kind == "Secret":
             idx.secret_keys.setdefault(d.name, set()).update((d.body.get("stringData") or {}).keys())
             idx.secret_keys[d.name].update((d.body.get("data") or {}).keys())
@@ -566,7 +572,20 @@ def index_docs(docs: list[Doc], k: Kustomization | None) -> Index:
     return idx
 
 
-URL = re.compile(r"\b(?:https?|grpc)://([a-z0-9]([-a-z0-9]*[a-z0-9])?)(?:\.[-a-z0-9.]+)?:(\d+)")
+URL = re.compile(r"\b(?:https?|grpc)://([a-z0-9]([-a-z0-9]*[a-z0-9])?)(?:\.([-a-z0-9.]+))?:(\d+)")
+
+
+def pod_service(idx: "Index", host: str, rest: str | None) -> tuple[str | None, str | None]:
+    """For `{set}-{i}.{service}...`, a StatefulSet pod's DNS name: (the service, a problem or None)."""
+    m = re.fullmatch(r"(.+)-(\d+)", host)
+    if not m or m.group(1) not in idx.stateful_sets or not rest:
+        return None, None
+    service, replicas = idx.stateful_sets[m.group(1)]
+    if rest.split(".")[0] != service:
+        return service, f"pod `{host}` is reached through its StatefulSet's Service `{service}`, not `{rest.split('.')[0]}`"
+    if int(m.group(2)) >= replicas:
+        return service, f"pod `{host}` does not exist: StatefulSet `{m.group(1)}` has {replicas} replica(s)"
+    return service, None
 
 
 def check_references(doc: Doc, idx: Index, problems: Problems) -> None:
@@ -621,7 +640,11 @@ def check_references(doc: Doc, idx: Index, problems: Problems) -> None:
                 if "configMapKeyRef" in vf:
                     need("ConfigMap", vf["configMapKeyRef"].get("name", ""), f"env {env.get('name')}")
                 for m in URL.finditer(str(env.get("value") or "")):
-                    svc, port = m.group(1), int(m.group(3))
+                    svc, port = m.group(1), int(m.group(4))
+                    via, problem = pod_service(idx, svc, m.group(3))
+                    if problem:
+                        problems.add(doc.where, f"env {env.get('name')} ({m.group(0)}): {problem}")
+                    svc = via or svc
                     need("Service", svc, f"env {env.get('name')} ({m.group(0)})")
                     ports = idx.service_ports.get(svc)
                     if ports is not None and port not in ports:

@@ -62,6 +62,8 @@ pub struct CoordinatorArgs {
     /// not restart the process in a loop.
     #[arg(long)]
     pub linger: bool,
+    #[command(flatten)]
+    pub raft: super::replica::RaftArgs,
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
@@ -70,7 +72,10 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         run.run.store = store;
     }
     let (store_url, run_id, iterations) = (run.run.store.clone(), run.run.id.clone(), run.run.iterations);
-    let linger = args.linger;
+    let replicated = args.raft.raft_id.is_some();
+    // A replica keeps serving after the run: its peers may need it for a quorum, and a worker that asks
+    // late must still hear that the run finished.
+    let linger = args.linger || replicated;
     let exit_grace = std::time::Duration::from_secs(2 * run.cluster.heartbeat_interval_s.max(1));
     let mut config = CoordinatorConfig::new(run)?;
     config.listen = args.listen;
@@ -85,6 +90,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         (Some(cert), Some(key)) => Some(ServerTls::load(cert, key, args.tls_client_ca.as_deref())?),
         _ => None,
     };
+    config.raft = args.raft.options(args.listen, config.tls.is_some())?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let server = serve(config).await?;
@@ -103,7 +109,12 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
                 false
             }
         };
+        // A replica's run_over resolves once it leads and has published every manifest: the leader writes
+        // the report (a later leader writes the same again).
         if finished {
+            if replicated {
+                tracing::info!("this replica leads at the end of the run: writing the report");
+            }
             // The results table of a finished run, from the accepted eval shards (the manifests are written).
             let store = Store::open(&store_url)?;
             let layout = RunLayout::new(&run_id)?;

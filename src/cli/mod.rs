@@ -7,6 +7,7 @@ mod generate;
 mod guide;
 mod info;
 mod progress;
+mod replica;
 mod run;
 mod worker;
 
