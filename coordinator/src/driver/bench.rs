@@ -122,22 +122,90 @@ pub async fn grpc_lease_latency(
     concurrency: usize,
     state_dir: Option<PathBuf>,
 ) -> Result<GrpcBench> {
+    let token = ClusterToken::new("benchmark-token-0123456789")?;
+    let mut config = bench_config(tasks, &token)?;
+    config.state_dir = state_dir;
+    let server = serve(config).await?;
+    let result = drive(&server.grpc_url(), &token, workers, calls, concurrency).await;
+    server.shutdown().await;
+    result
+}
+
+fn bench_config(tasks: u32, token: &ClusterToken) -> Result<CoordinatorConfig> {
     let mut config = CoordinatorConfig::new(RunConfig::default())?;
     config.plan = Plan::new(1, tasks, 0, 1);
     config.listen = "127.0.0.1:0".parse().map_err(unavailable)?;
     config.status_listen = "127.0.0.1:0".parse().map_err(unavailable)?;
-    config.state_dir = state_dir;
     // The simulated workers write no objects, so there is nothing a manifest could name.
     config.write_manifests = false;
-    let token = ClusterToken::new("benchmark-token-0123456789")?;
     config.token = Some(token.clone());
-    let server = serve(config).await?;
-    let endpoint = Endpoint::from_shared(server.grpc_url()).map_err(unavailable)?;
+    Ok(config)
+}
+
+/// `grpc_lease_latency` against three Raft replicas on loopback (each with its fsync'd Raft log under
+/// `dir`, plaintext peer links): the clients call the leader, which answers once a majority has the
+/// command. Also returns how long the first leader took to be elected.
+pub async fn grpc_lease_latency_replicated(
+    workers: u32,
+    tasks: u32,
+    calls: usize,
+    concurrency: usize,
+    dir: PathBuf,
+) -> Result<(GrpcBench, f64)> {
+    let token = ClusterToken::new("benchmark-token-0123456789")?;
+    let port = || -> Result<u16> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(unavailable)?;
+        Ok(listener.local_addr().map_err(unavailable)?.port())
+    };
+    let mut grpc = std::collections::BTreeMap::new();
+    let mut peers = std::collections::BTreeMap::new();
+    for id in 1..=3u64 {
+        grpc.insert(id, port()?);
+        peers.insert(id, format!("127.0.0.1:{}", port()?));
+    }
+    let started = Instant::now();
+    let mut servers = Vec::new();
+    for id in 1..=3u64 {
+        let mut config = bench_config(tasks, &token)?;
+        config.listen = format!("127.0.0.1:{}", grpc[&id]).parse().map_err(unavailable)?;
+        config.state_dir = Some(dir.join(format!("replica-{id}")));
+        let listen = peers[&id].parse().map_err(unavailable)?;
+        let mut raft = super::server::RaftOptions::new(id, peers.clone(), listen);
+        raft.grpc_urls = grpc.iter().map(|(id, port)| (*id, format!("http://127.0.0.1:{port}"))).collect();
+        config.raft = Some(raft);
+        servers.push(serve(config).await?);
+    }
+    let mut leader = None;
+    for _ in 0..1_000 {
+        for server in &servers {
+            let raft = server.handle().read(|v| v.raft.clone()).await?;
+            if raft.as_ref().is_some_and(|r| r.role == "leader") {
+                leader = Some(server.grpc_url());
+            }
+        }
+        if leader.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elected_s = started.elapsed().as_secs_f64();
+    let leader = leader.ok_or_else(|| unavailable("no leader was elected in 10 s"))?;
+    let result = drive(&leader, &token, workers, calls, concurrency).await;
+    for server in servers {
+        server.shutdown().await;
+    }
+    Ok((result?, elected_s))
+}
+
+/// Registers `workers` workers at `url`, then makes `calls` LeaseTask calls (each followed by its
+/// CompleteTask) from `concurrency` concurrent clients.
+async fn drive(url: &str, token: &ClusterToken, workers: u32, calls: usize, concurrency: usize) -> Result<GrpcBench> {
+    let endpoint = Endpoint::from_shared(url.to_owned()).map_err(unavailable)?;
     let concurrency = concurrency.max(1);
     let mut clients = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         let channel = endpoint.connect().await.map_err(unavailable)?;
-        clients.push(CoordinatorClient::with_interceptor(channel, Bearer::new(Some(&token))));
+        clients.push(CoordinatorClient::with_interceptor(channel, Bearer::new(Some(token))));
     }
     let mut ids = Vec::with_capacity(workers as usize);
     for i in 0..workers {
@@ -189,7 +257,6 @@ pub async fn grpc_lease_latency(
         latencies.extend(task.await.map_err(unavailable)??);
     }
     let seconds = started.elapsed().as_secs_f64();
-    server.shutdown().await;
     latencies.sort_by(f64::total_cmp);
     let pick = |q: f64| {
         latencies.get(((latencies.len() as f64 * q).ceil() as usize).saturating_sub(1)).copied().unwrap_or(0.0)
