@@ -81,6 +81,17 @@ pub struct Cluster {
     procs: Vec<Proc>,
     /// Incarnation counter per name, so a restarted process gets a fresh log file.
     starts: BTreeMap<String, u32>,
+    /// With `start_replicas`: three coordinator replicas (`coordinator-1..3`) instead of one.
+    pub replicas: Vec<ReplicaAddrs>,
+}
+
+/// The ports of one coordinator replica.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaAddrs {
+    pub id: u64,
+    pub grpc: SocketAddr,
+    pub status: SocketAddr,
+    pub peer: SocketAddr,
 }
 
 impl Cluster {
@@ -108,6 +119,7 @@ impl Cluster {
             started: Instant::now(),
             procs: Vec::new(),
             starts: BTreeMap::new(),
+            replicas: Vec::new(),
         }
     }
 
@@ -204,8 +216,95 @@ impl Cluster {
         );
     }
 
+    /// Three `iro coordinator` replicas of one Raft group on loopback (plaintext peer links, allowed only
+    /// there), each with its own state folder; waits until each answers on its status port.
+    pub fn start_replicas(&mut self) {
+        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        for id in 1..=3u64 {
+            let (grpc, status) = free_ports();
+            let (peer, _) = free_ports();
+            self.replicas.push(ReplicaAddrs {
+                id,
+                grpc: loopback(grpc),
+                status: loopback(status),
+                peer: loopback(peer),
+            });
+        }
+        for id in 1..=3 {
+            self.start_replica(id);
+        }
+    }
+
+    /// Starts (or restarts, on its state folder) replica `id`, as `coordinator-{id}`.
+    pub fn start_replica(&mut self, id: u64) {
+        let me = self.replicas[id as usize - 1];
+        let peers: Vec<String> = self.replicas.iter().map(|r| format!("{}={}", r.id, r.peer)).collect();
+        let urls: Vec<String> = self.replicas.iter().map(|r| format!("{}=http://{}", r.id, r.grpc)).collect();
+        let (config, token) = (self.config_path.clone(), self.token_path.clone());
+        let state = self.state_dir.join(format!("replica-{id}"));
+        let (grpc, status, peer) = (me.grpc.to_string(), me.status.to_string(), me.peer.to_string());
+        let (id_arg, peers, urls) = (id.to_string(), peers.join(","), urls.join(","));
+        self.spawn(
+            &format!("coordinator-{id}"),
+            &[
+                "coordinator",
+                "--config",
+                config.to_str().unwrap(),
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--listen",
+                &grpc,
+                "--status-listen",
+                &status,
+                "--token-file",
+                token.to_str().unwrap(),
+                "--raft-id",
+                &id_arg,
+                "--raft-peers",
+                &peers,
+                "--raft-listen",
+                &peer,
+                "--raft-peer-urls",
+                &urls,
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(me.status).is_err() {
+            if let Some(exit) = self.exited(&format!("coordinator-{id}")) {
+                panic!("replica {id} exited at start ({exit}):\n{}", self.log(&format!("coordinator-{id}")));
+            }
+            assert!(Instant::now() < deadline, "replica {id} did not start serving on {}", me.status);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Each live replica's /status, by id.
+    pub fn replica_statuses(&self) -> BTreeMap<u64, StatusReport> {
+        let mut out = BTreeMap::new();
+        for r in &self.replicas {
+            if let Ok(body) = http_get(r.status, "/status")
+                && let Ok(report) = serde_json::from_str::<StatusReport>(&body)
+            {
+                out.insert(r.id, report);
+            }
+        }
+        out
+    }
+
+    /// The id of the replica that reports itself leader, if one does.
+    pub fn leader(&self) -> Option<u64> {
+        self.replica_statuses()
+            .into_iter()
+            .find(|(_, s)| s.raft.as_ref().is_some_and(|r| r.role == "leader"))
+            .map(|(id, _)| id)
+    }
+
     pub fn start_worker(&mut self, name: &str) {
-        let url = format!("http://{}", self.grpc);
+        let url = if self.replicas.is_empty() {
+            format!("http://{}", self.grpc)
+        } else {
+            self.replicas.iter().map(|r| format!("http://{}", r.grpc)).collect::<Vec<_>>().join(",")
+        };
         let work = self.dir.path().join(format!("work-{name}"));
         let token = self.token_path.clone();
         self.spawn(
@@ -302,8 +401,14 @@ impl Cluster {
             .join("\n")
     }
 
-    /// GET /status; None while the coordinator is not answering.
+    /// GET /status (of the leader, with replicas); None while the coordinator is not answering.
     pub fn status(&self) -> Option<StatusReport> {
+        if !self.replicas.is_empty() {
+            let mut statuses = self.replica_statuses();
+            let leader = statuses.iter().find(|(_, s)| s.raft.as_ref().is_some_and(|r| r.role == "leader"));
+            let id = leader.map(|(id, _)| *id)?;
+            return statuses.remove(&id);
+        }
         let body = http_get(self.status, "/status").ok()?;
         Some(serde_json::from_str(&body).unwrap_or_else(|e| panic!("/status is not a StatusReport: {e}\n{body}")))
     }
