@@ -10,6 +10,7 @@ pub mod bench;
 pub mod clock;
 pub mod log;
 pub mod manifests;
+pub mod routing;
 pub mod server;
 pub mod service;
 pub mod snapshots;

@@ -1,4 +1,4 @@
-//! The other end of the status endpoint, for `iro status --coordinator URL`: a minimal HTTP/1.1 GET
+//! The other end of the status endpoint, for `iro status --coordinator URL[,URL...]`: a minimal HTTP/1.1 GET
 //! (`http://`, or `https://` verified against a CA file; no client crate needed for one request) and a
 //! terminal table of the report.
 
@@ -155,6 +155,42 @@ pub async fn fetch_status_with(
     }
     serde_json::from_str(&response.body)
         .map_err(|e| Error::Unavailable { message: format!("GET {base}/status: not a status report: {e}") })
+}
+
+/// `fetch_status_with` on each of `bases` in order (every replica of a replicated coordinator serves
+/// `/status`) until one answers with a report. With one base, its error as is; with several, when none
+/// answers, an error naming each one's failure.
+pub async fn fetch_status_from(
+    bases: &[&str],
+    token: Option<&ClusterToken>,
+    tls: Option<&ClientTls>,
+) -> Result<StatusReport> {
+    let mut tried: Vec<&str> = Vec::new();
+    let mut failures = Vec::new();
+    for &base in bases {
+        if tried.contains(&base) {
+            continue;
+        }
+        tried.push(base);
+        match fetch_status_with(base, token, tls).await {
+            Ok(report) => return Ok(report),
+            Err(e) => failures.push(e),
+        }
+    }
+    match failures.len() {
+        0 => Err(Error::Unavailable { message: "no status URL given".to_owned() }),
+        1 => Err(failures.remove(0)),
+        n => {
+            let each: Vec<String> = failures
+                .into_iter()
+                .map(|e| match e {
+                    Error::Unavailable { message } => message,
+                    other => other.to_string(),
+                })
+                .collect();
+            Err(Error::Unavailable { message: format!("none of the {n} status URLs answered: {}", each.join("; ")) })
+        }
+    }
 }
 
 /// The report as a terminal table (what `iro status` prints).

@@ -173,3 +173,29 @@ async fn heartbeat_idle(client: &mut Client, worker: &str) {
     let request = pb::HeartbeatRequest { worker_id: worker.into(), ..Default::default() };
     client.heartbeat(request).await.unwrap();
 }
+
+/// `iro status --coordinator A,B`: a replica that does not answer is passed over for the next; when none
+/// answers, the error names each.
+#[tokio::test]
+async fn status_tries_each_listed_url_until_one_answers() {
+    use iro_coordinator::status::client::fetch_status_from;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(T0);
+    let server = start(dir.path(), &clock).await;
+    let closed = || {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        format!("http://{addr}")
+    };
+    let (down, also_down) = (closed(), closed());
+    let up = server.status_url();
+    let report = fetch_status_from(&[&down, &up], None, None).await.unwrap();
+    assert_eq!(report.run_id, "itest");
+    let error = fetch_status_from(&[&down, &also_down, &down], None, None).await.unwrap_err().to_string();
+    assert!(error.contains("none of the 2 status URLs answered"), "{error}");
+    assert!(
+        error.contains(&format!("GET {down}/status")) && error.contains(&format!("GET {also_down}/status")),
+        "{error}"
+    );
+    let one = fetch_status_from(&[&down], None, None).await.unwrap_err().to_string();
+    assert!(one.starts_with(&format!("coordinator unavailable: GET {down}/status")), "{one}");
+}

@@ -4,14 +4,20 @@
 //! request, unknown worker) is final and comes back as `Error::Coordinator` naming the call and the
 //! coordinator's own reason.
 //!
+//! A Raft-replicated coordinator (issue 14) is a list of URLs, one per replica: only the leader serves
+//! worker calls, and a follower's `Unavailable` names the leader (`iro_coordinator::driver::routing`),
+//! which the next try goes to at once; a replica that does not answer is left for the next listed one.
+//!
 //! Retrying is safe because every call is idempotent on the coordinator's side: LeaseTask hands a held
 //! lease back, a repeated CompleteTask or FailTask is fenced, JoinGang and Heartbeat only renew. The one
 //! exception is RegisterWorker without an id, which may leave a stray registration behind when its reply
 //! is lost; that worker record holds nothing and is soon declared dead.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use iro_coordinator::driver::routing::{leader_hint, parse_urls};
 use iro_coordinator::driver::{Bearer, ClientTls, ClusterToken, TOKEN_ENV};
 use iro_proto::coordinator_client::CoordinatorClient;
 use tokio_util::sync::CancellationToken;
@@ -60,63 +66,66 @@ pub struct CallContext<'a> {
     pub attempt: u32,
 }
 
-/// A cheap, cloneable connection. The channel connects lazily and reconnects by itself; calls made
-/// while it cannot connect fail with `Unavailable` and are retried here.
+/// Channels one worker keeps at most: the listed replicas, plus leaders learned from hints (a replaced
+/// leader may come back under a new address), the oldest learned one dropped first.
+const MAX_CHANNELS: usize = 16;
+
+/// A cheap, cloneable connection to the coordinator: to one URL, or to every replica of a Raft-replicated
+/// one (issue 14), of which only the leader serves worker calls. Each URL has its own channel, which
+/// connects lazily and reconnects by itself; calls go to the "current" URL, shared by all clones. A
+/// follower answers `Unavailable` naming the leader (`iro-leader`, `driver::routing`): the call moves
+/// there and is retried at once. Other transient failures move it to the next listed URL and are retried
+/// here with backoff.
 #[derive(Clone)]
 pub struct Coordinator {
-    client: Client,
-    channel: Channel,
+    routes: Arc<Routes>,
     bearer: Bearer,
-    url: String,
     timeouts: Timeouts,
 }
 
+/// The replicas behind one `Coordinator` and its clones.
+struct Routes {
+    /// The URLs the operator listed, in order: where a failure without a hint moves on to.
+    listed: Vec<String>,
+    tls: Option<ClientTls>,
+    timeouts: Timeouts,
+    table: Mutex<Table>,
+}
+
+/// Never locked across an await.
+struct Table {
+    /// One channel per URL: the listed ones first, in order, then learned ones, oldest first.
+    channels: Vec<(String, Channel)>,
+    /// The index in `channels` calls go to.
+    current: usize,
+}
+
 impl Coordinator {
-    /// With `tls`, `url` must be `https://` and the coordinator's certificate must chain to its CA; an
-    /// `https://` URL without it, or TLS settings with an `http://` URL, is refused here rather than
-    /// quietly talking plaintext or trusting whatever answers.
-    pub fn new(url: &str, token: Option<&ClusterToken>, tls: Option<&ClientTls>, timeouts: Timeouts) -> Result<Self> {
-        let mut endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| Error::Coordinator(format!("`{url}` is not a usable coordinator URL: {e}")))?
-            .connect_timeout(timeouts.connect)
-            .timeout(timeouts.request)
-            .tcp_nodelay(true);
-        match (url.starts_with("https://"), tls) {
-            (true, Some(tls)) => {
-                iro_coordinator::driver::tls::install_crypto_provider();
-                endpoint = endpoint
-                    .tls_config(tls.grpc())
-                    .map_err(|e| Error::Coordinator(format!("TLS settings for `{url}`: {e}")))?;
-            }
-            (false, None) => {}
-            (true, None) => {
-                return Err(Error::Coordinator(format!(
-                    "`{url}` is https:// but no CA to verify the coordinator with was given (--tls-ca)"
-                )));
-            }
-            (false, Some(_)) => {
-                return Err(Error::Coordinator(format!(
-                    "TLS settings were given but `{url}` is not https://: use https:// to talk TLS"
-                )));
-            }
-        }
-        let channel = endpoint.connect_lazy();
-        let bearer = Bearer::new(token);
-        let client = CoordinatorClient::with_interceptor(channel.clone(), bearer.clone());
-        Ok(Self { client, channel, bearer, url: url.to_owned(), timeouts })
+    /// `urls`: one coordinator gRPC URL, or a comma-separated list of every replica of one cluster
+    /// (`driver::routing::parse_urls`); calls start at the first. With `tls`, every URL must be
+    /// `https://` and every coordinator's certificate must chain to its CA; an `https://` URL without
+    /// it, or TLS settings with an `http://` URL, is refused here rather than quietly talking plaintext
+    /// or trusting whatever answers.
+    pub fn new(urls: &str, token: Option<&ClusterToken>, tls: Option<&ClientTls>, timeouts: Timeouts) -> Result<Self> {
+        let listed = parse_urls(urls).map_err(Error::Coordinator)?;
+        let channels =
+            listed.iter().map(|url| Ok((url.clone(), channel(url, tls, timeouts)?))).collect::<Result<Vec<_>>>()?;
+        let table = Mutex::new(Table { channels, current: 0 });
+        let routes = Arc::new(Routes { listed, tls: tls.cloned(), timeouts, table });
+        Ok(Self { routes, bearer: Bearer::new(token), timeouts })
     }
 
     /// The same connection, with every call carrying the session RegisterWorker returned: without it
     /// the coordinator refuses them, and once another process registers under this worker id, it
-    /// refuses this one's (`FailedPrecondition`, final).
+    /// refuses this one's (`FailedPrecondition`, final). It shares the current URL with `self`.
     pub fn in_session(&self, session: &str) -> Self {
         let bearer = self.bearer.clone().with_session(session);
-        let client = CoordinatorClient::with_interceptor(self.channel.clone(), bearer.clone());
-        Self { client, channel: self.channel.clone(), bearer, url: self.url.clone(), timeouts: self.timeouts }
+        Self { routes: self.routes.clone(), bearer, timeouts: self.timeouts }
     }
 
-    pub fn url(&self) -> &str {
-        &self.url
+    /// Where calls go now.
+    pub fn url(&self) -> String {
+        self.routes.current().0
     }
 
     pub fn timeouts(&self) -> Timeouts {
@@ -136,15 +145,34 @@ impl Coordinator {
         Retry { deadline: None, cancel }
     }
 
-    /// One call, no retry: for heartbeats, which come again at the next tick anyway.
+    /// The current URL and a client for it.
+    fn client(&self) -> (String, Client) {
+        let (url, channel) = self.routes.current();
+        (url, CoordinatorClient::with_interceptor(channel, self.bearer.clone()))
+    }
+
+    /// One call, no retry: for heartbeats, which come again at the next tick anyway. A transient failure
+    /// still moves the current URL (to the leader a follower named, else to the next listed one), so
+    /// that the next heartbeat goes where it can land.
     pub async fn once<T, Fut>(&self, call: &'static str, f: impl FnOnce(Client) -> Fut) -> Result<T>
     where
         Fut: Future<Output = std::result::Result<Response<T>, Status>>,
     {
-        f(self.client.clone()).await.map(Response::into_inner).map_err(|status| self.refused(call, &status))
+        let (url, client) = self.client();
+        match f(client).await {
+            Ok(response) => Ok(response.into_inner()),
+            Err(status) => {
+                if is_transient(&status) && !self.routes.follow_hint(&url, &status) {
+                    self.routes.rotate(&url, &status);
+                }
+                Err(refused(call, &url, &status))
+            }
+        }
     }
 
-    /// Makes the call, retrying transient failures with backoff until `retry` says stop.
+    /// Makes the call, retrying transient failures with backoff until `retry` says stop. A follower's
+    /// hint is followed at once, without backoff; a second hint in a row waits like any other retry, so
+    /// that replicas with stale news of the leader cannot make the worker spin.
     pub async fn call<T, Fut>(
         &self,
         context: CallContext<'_>,
@@ -157,22 +185,37 @@ impl Coordinator {
         let started = Instant::now();
         let mut backoff = FIRST_BACKOFF;
         let mut retries = 0u32;
+        let mut hopped = false;
         loop {
             retries += 1;
-            let status = match f(self.client.clone()).await {
+            let (url, client) = self.client();
+            let status = match f(client).await {
                 Ok(response) => return Ok(response.into_inner()),
                 Err(status) if is_transient(&status) => status,
-                Err(status) => return Err(self.refused(context.call, &status)),
+                Err(status) => return Err(refused(context.call, &url, &status)),
             };
+            let followed = self.routes.follow_hint(&url, &status);
             let now = Instant::now();
-            if retry.deadline.is_some_and(|deadline| now + backoff > deadline) {
+            let at_once = followed && !hopped;
+            let wait = if at_once { Duration::ZERO } else { backoff };
+            if retry.deadline.is_some_and(|deadline| now + wait > deadline) {
                 return Err(Error::Coordinator(format!(
-                    "{} to {}: gave up after {retries} tries in {:.1?}: {}",
+                    "{} to {url}: gave up after {retries} tries in {:.1?}: {}",
                     context.call,
-                    self.url,
                     now - started,
                     describe(&status)
                 )));
+            }
+            let cancelled = || Error::Cancelled(format!("{} to {url}: shutting down", context.call));
+            hopped = at_once;
+            if at_once {
+                if retry.cancel.is_some_and(CancellationToken::is_cancelled) {
+                    return Err(cancelled());
+                }
+                continue;
+            }
+            if !followed {
+                self.routes.rotate(&url, &status);
             }
             tracing::warn!(
                 call = context.call,
@@ -181,36 +224,139 @@ impl Coordinator {
                 attempt = context.attempt,
                 retry = retries,
                 error = %describe(&status),
-                "coordinator {} unreachable; retrying in {backoff:?}",
-                self.url
+                next = %self.url(),
+                "coordinator {url} unreachable; retrying in {backoff:?}"
             );
             let sleep = tokio::time::sleep(jittered(backoff));
             match retry.cancel {
                 Some(cancel) => tokio::select! {
                     () = sleep => {}
-                    () = cancel.cancelled() => {
-                        return Err(Error::Cancelled(format!("{} to {}: shutting down", context.call, self.url)));
-                    }
+                    () = cancel.cancelled() => return Err(cancelled()),
                 },
                 None => sleep.await,
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
+}
 
-    /// A final refusal, worded for the operator who has to fix it.
-    fn refused(&self, call: &str, status: &Status) -> Error {
-        let hint = match status.code() {
-            Code::Unauthenticated => {
-                format!(" (check the cluster token: --token-file or {TOKEN_ENV} must hold the coordinator's token)")
-            }
-            Code::NotFound if status.message().starts_with("worker_id") => {
-                " (the coordinator does not know this worker: was its state folder replaced?)".to_owned()
-            }
-            _ => String::new(),
-        };
-        Error::Coordinator(format!("{call} refused by {}: {}{hint}", self.url, describe(status)))
+impl Routes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    fn current(&self) -> (String, Channel) {
+        let table = self.lock();
+        table.channels[table.current].clone()
+    }
+
+    /// Moves the current URL to the leader `status` names, if it names one other than `tried` (a hint
+    /// naming the replica that gave it is no hint). False when there is no such hint, or its URL cannot
+    /// be dialled with this worker's TLS settings (an `http://` leader for a TLS worker: never followed).
+    fn follow_hint(&self, tried: &str, status: &Status) -> bool {
+        if status.code() != Code::Unavailable {
+            return false;
+        }
+        let Some(leader) = leader_hint(status) else { return false };
+        if leader == tried {
+            return false;
+        }
+        let mut table = self.lock();
+        let from = table.channels[table.current].0.clone();
+        let index = match table.channels.iter().position(|(url, _)| *url == leader) {
+            Some(index) => index,
+            None => {
+                let channel = match channel(&leader, self.tls.as_ref(), self.timeouts) {
+                    Ok(channel) => channel,
+                    Err(e) => {
+                        tracing::warn!(from = tried, leader, error = %e, "ignoring the leader hint");
+                        return false;
+                    }
+                };
+                if table.channels.len() >= MAX_CHANNELS.max(self.listed.len() + 1) {
+                    // The oldest learned channel goes: a listed one never does.
+                    let oldest = self.listed.len();
+                    table.channels.remove(oldest);
+                    if table.current > oldest {
+                        table.current -= 1;
+                    }
+                }
+                table.channels.push((leader.clone(), channel));
+                table.channels.len() - 1
+            }
+        };
+        if index != table.current {
+            table.current = index;
+            tracing::info!(
+                from = %from,
+                to = %leader,
+                why = "the replica is not the leader and named it",
+                tried,
+                "switching coordinator replica"
+            );
+        }
+        true
+    }
+
+    /// After a failure without a hint at `tried`: moves the current URL to the listed one after it (the
+    /// first listed after a learned one), unless another call already moved it.
+    fn rotate(&self, tried: &str, status: &Status) {
+        let mut table = self.lock();
+        if table.channels[table.current].0 != tried {
+            return;
+        }
+        let next = match self.listed.iter().position(|url| url == tried) {
+            Some(i) => (i + 1) % self.listed.len(),
+            None => 0,
+        };
+        if next != table.current {
+            table.current = next;
+            tracing::info!(from = tried, to = %self.listed[next], why = %describe(status), "switching coordinator replica");
+        }
+    }
+}
+
+/// The lazily connected channel to `url`, under the TLS rules of `Coordinator::new`.
+fn channel(url: &str, tls: Option<&ClientTls>, timeouts: Timeouts) -> Result<Channel> {
+    let mut endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| Error::Coordinator(format!("`{url}` is not a usable coordinator URL: {e}")))?
+        .connect_timeout(timeouts.connect)
+        .timeout(timeouts.request)
+        .tcp_nodelay(true);
+    match (url.starts_with("https://"), tls) {
+        (true, Some(tls)) => {
+            iro_coordinator::driver::tls::install_crypto_provider();
+            endpoint = endpoint
+                .tls_config(tls.grpc())
+                .map_err(|e| Error::Coordinator(format!("TLS settings for `{url}`: {e}")))?;
+        }
+        (false, None) => {}
+        (true, None) => {
+            return Err(Error::Coordinator(format!(
+                "`{url}` is https:// but no CA to verify the coordinator with was given (--tls-ca)"
+            )));
+        }
+        (false, Some(_)) => {
+            return Err(Error::Coordinator(format!(
+                "TLS settings were given but `{url}` is not https://: use https:// to talk TLS"
+            )));
+        }
+    }
+    Ok(endpoint.connect_lazy())
+}
+
+/// A final refusal by the coordinator at `url`, worded for the operator who has to fix it.
+fn refused(call: &str, url: &str, status: &Status) -> Error {
+    let hint = match status.code() {
+        Code::Unauthenticated => {
+            format!(" (check the cluster token: --token-file or {TOKEN_ENV} must hold the coordinator's token)")
+        }
+        Code::NotFound if status.message().starts_with("worker_id") => {
+            " (the coordinator does not know this worker: was its state folder replaced?)".to_owned()
+        }
+        _ => String::new(),
+    };
+    Error::Coordinator(format!("{call} refused by {url}: {}{hint}", describe(status)))
 }
 
 /// `backoff` scaled by a random factor in [0.5, 1.5): a hundred workers that lost the coordinator together
@@ -233,4 +379,75 @@ fn is_transient(status: &Status) -> bool {
 
 fn describe(status: &Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
+}
+
+#[cfg(test)]
+mod tests {
+    use iro_coordinator::driver::routing::LEADER_HEADER;
+    use tonic::metadata::MetadataMap;
+
+    use super::*;
+
+    fn not_the_leader(leader: &str) -> Status {
+        let mut metadata = MetadataMap::new();
+        metadata.insert(LEADER_HEADER, leader.parse().unwrap());
+        Status::with_metadata(Code::Unavailable, "not the leader", metadata)
+    }
+
+    fn urls(routes: &Routes) -> Vec<String> {
+        routes.lock().channels.iter().map(|(url, _)| url.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn hints_add_channels_up_to_the_cap_and_listed_ones_stay() {
+        let coordinator =
+            Coordinator::new("http://127.0.0.1:1, http://127.0.0.1:2", None, None, Timeouts::default()).unwrap();
+        let routes = &coordinator.routes;
+        assert_eq!(coordinator.url(), "http://127.0.0.1:1");
+        assert!(!routes.follow_hint("http://127.0.0.1:1", &not_the_leader("http://127.0.0.1:1")), "names itself");
+        assert!(!routes.follow_hint("http://127.0.0.1:1", &Status::unavailable("electing")), "no hint");
+        let other = Status::with_metadata(Code::Internal, "", not_the_leader("http://127.0.0.1:9").metadata().clone());
+        assert!(!routes.follow_hint("http://127.0.0.1:1", &other), "only Unavailable carries a hint");
+        assert!(routes.follow_hint("http://127.0.0.1:1", &not_the_leader("http://127.0.0.1:2/")));
+        assert_eq!(coordinator.url(), "http://127.0.0.1:2", "a listed leader: no new channel");
+        assert_eq!(urls(routes).len(), 2);
+        for port in 100..120 {
+            let tried = coordinator.url();
+            assert!(routes.follow_hint(&tried, &not_the_leader(&format!("http://127.0.0.1:{port}"))));
+            assert_eq!(coordinator.url(), format!("http://127.0.0.1:{port}"));
+        }
+        let kept = urls(routes);
+        assert_eq!(kept.len(), MAX_CHANNELS);
+        assert_eq!(kept[..2], ["http://127.0.0.1:1", "http://127.0.0.1:2"]);
+        assert_eq!(kept[2], "http://127.0.0.1:106", "the oldest learned ones went");
+        assert_eq!(kept[MAX_CHANNELS - 1], "http://127.0.0.1:119");
+        // A learned leader known already: no new channel.
+        assert!(routes.follow_hint("http://127.0.0.1:119", &not_the_leader("http://127.0.0.1:110")));
+        assert_eq!((coordinator.url(), urls(routes).len()), ("http://127.0.0.1:110".to_owned(), MAX_CHANNELS));
+    }
+
+    #[tokio::test]
+    async fn a_failure_without_a_hint_moves_to_the_next_listed_url_once() {
+        let list = "http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3";
+        let coordinator = Coordinator::new(list, None, None, Timeouts::default()).unwrap();
+        let in_session = coordinator.in_session("nonce");
+        let routes = &coordinator.routes;
+        let down = Status::unavailable("connection refused");
+        routes.rotate("http://127.0.0.1:1", &down);
+        assert_eq!(in_session.url(), "http://127.0.0.1:2", "clones share the route");
+        // A second call that failed at :1 too does not skip :2.
+        routes.rotate("http://127.0.0.1:1", &down);
+        assert_eq!(coordinator.url(), "http://127.0.0.1:2");
+        routes.rotate("http://127.0.0.1:2", &down);
+        routes.rotate("http://127.0.0.1:3", &down);
+        assert_eq!(coordinator.url(), "http://127.0.0.1:1", "around the list");
+        // From a learned leader, back to the start of the list.
+        assert!(routes.follow_hint("http://127.0.0.1:1", &not_the_leader("http://127.0.0.1:7")));
+        routes.rotate("http://127.0.0.1:7", &down);
+        assert_eq!(coordinator.url(), "http://127.0.0.1:1");
+        // One URL: nowhere else to go.
+        let one = Coordinator::new("http://127.0.0.1:1", None, None, Timeouts::default()).unwrap();
+        one.routes.rotate("http://127.0.0.1:1", &down);
+        assert_eq!(one.url(), "http://127.0.0.1:1");
+    }
 }

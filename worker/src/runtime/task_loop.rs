@@ -22,7 +22,8 @@ const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 /// what to tell it about this machine.
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
-    /// The coordinator's gRPC URL, e.g. `http://coordinator:50051`.
+    /// The coordinator's gRPC URL, e.g. `http://coordinator:50051`, or a comma-separated list of its
+    /// replicas' (`driver::routing::parse_urls`); a follower's hint at the leader is followed either way.
     pub coordinator: String,
     /// The cluster token; None when the coordinator runs without one (loopback only).
     pub token: Option<ClusterToken>,
@@ -117,7 +118,7 @@ where
         Error::Coordinator(format!(
             "RegisterWorker from {}: the run config it sent does not parse (is this worker older than the \
              coordinator?): {e}",
-            options.coordinator
+            coordinator.url()
         ))
     })?;
     let heartbeat = match registered.heartbeat_interval_ms {
@@ -127,7 +128,7 @@ where
     tracing::info!(
         worker_id = registered.worker_id,
         run_id = registered.run_id,
-        coordinator = options.coordinator,
+        coordinator = coordinator.url(),
         device = options.device,
         heartbeat_ms = heartbeat.as_millis() as u64,
         "registered with the coordinator"
