@@ -33,9 +33,6 @@ pub struct CoordinatorService {
     leader_urls: Arc<std::collections::BTreeMap<u64, String>>,
 }
 
-/// The metadata a follower's UNAVAILABLE carries: the leader's gRPC URL, for the worker to go to.
-const LEADER_HEADER: &str = "iro-leader";
-
 impl CoordinatorService {
     pub fn new(
         handle: Handle,
@@ -73,7 +70,7 @@ impl CoordinatorService {
         if let Some(url) = leader
             && let Ok(value) = url.parse()
         {
-            status.metadata_mut().insert(LEADER_HEADER, value);
+            status.metadata_mut().insert(super::routing::LEADER_HEADER, value);
         }
         status
     }
