@@ -98,3 +98,68 @@ fn a_sigkilled_leader_loses_nothing_and_the_run_finishes_on_its_successor() {
     });
     check_finished_run(&cluster);
 }
+
+/// The leader frozen for 10 s (SIGSTOP: a paused VM, a stalled disk) while its peers can reach each other:
+/// they elect a new leader and the run goes on; the old one, thawed, steps down and follows. Then all three
+/// replicas are SIGKILLed at once and restarted on their folders: the run resumes from the Raft logs.
+#[test]
+fn a_frozen_leader_is_replaced_and_three_replicas_killed_at_once_resume() {
+    let mut cluster = Cluster::new("raft-stop", 1);
+    cluster.start_replicas();
+    let first = wait(&mut cluster, Duration::from_secs(30), "first leader", |c| c.leader());
+    for name in ["w1", "w2"] {
+        cluster.start_worker(name);
+    }
+    wait(&mut cluster, Duration::from_secs(180), "a held lease", |c| {
+        c.status().filter(|s| s.workers.iter().any(|w| w.current_task.is_some())).map(|_| ())
+    });
+    let leader = format!("coordinator-{first}");
+    cluster.signal(&leader, "STOP");
+    let stopped = Instant::now();
+    let second = wait(&mut cluster, Duration::from_secs(30), "a leader besides the frozen one", |c| {
+        c.leader().filter(|id| *id != first)
+    });
+    eprintln!(
+        "{} replica {second} leads {:.2} s after replica {first} froze",
+        cluster.stamp(),
+        stopped.elapsed().as_secs_f64()
+    );
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(stopped.elapsed()));
+    cluster.signal(&leader, "CONT");
+    // Thawed, it hears the higher term and follows: one leader, the others agreeing.
+    wait(&mut cluster, Duration::from_secs(30), "the thawed replica following", |c| {
+        let statuses = c.replica_statuses();
+        let thawed = statuses.get(&first)?.raft.clone()?;
+        (thawed.role == "follower" && thawed.leader.is_some_and(|l| l != first)).then_some(())
+    });
+
+    // Progress under the new leader, then every replica killed at once.
+    let done = cluster.status().map_or(0, |s| s.overall_tasks.done);
+    wait(&mut cluster, Duration::from_secs(120), "a task accepted after the freeze", |c| {
+        c.status().filter(|s| s.overall_tasks.done > done || s.status != "running").map(|_| ())
+    });
+    let before = cluster.status().expect("the leader answers");
+    for id in 1..=3 {
+        cluster.kill(&format!("coordinator-{id}"));
+    }
+    for id in 1..=3 {
+        cluster.start_replica(id);
+    }
+    let after = wait(&mut cluster, Duration::from_secs(30), "a leader after the restart", |c| c.status());
+    assert!(
+        after.overall_tasks.done >= before.overall_tasks.done,
+        "acknowledged completions were lost: {} before the restart, {} after",
+        before.overall_tasks.done,
+        after.overall_tasks.done
+    );
+    let status = wait(&mut cluster, RUN_LIMIT, "the end of the run", |c| c.status().filter(|s| s.status != "running"));
+    assert_eq!(status.status, "finished", "the run failed: {:?}", status.failure);
+    for name in ["w1", "w2"] {
+        let exit = cluster.wait_exit(name, Duration::from_secs(60)).unwrap_or_else(|| panic!("{name} still runs"));
+        assert!(exit.success(), "{name} exited with {exit}");
+    }
+    wait(&mut cluster, Duration::from_secs(60), "the report", |c| {
+        c.run_dir().join("report/summary.json").exists().then_some(())
+    });
+    check_finished_run(&cluster);
+}

@@ -348,6 +348,15 @@ impl Cluster {
         eprintln!("{t} SIGTERM to {name}");
     }
 
+    /// Sends `signal` (e.g. STOP, CONT) to `name` through kill(1).
+    pub fn signal(&mut self, name: &str, signal: &str) {
+        let t = self.stamp();
+        let pid = self.live(name).child.id();
+        let status = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().unwrap();
+        assert!(status.success(), "kill -{signal} {pid}: {status}");
+        eprintln!("{t} SIG{signal} to {name}");
+    }
+
     /// Waits up to `timeout` for `name` to exit on its own; None if it is still running.
     pub fn wait_exit(&mut self, name: &str, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;

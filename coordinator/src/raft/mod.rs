@@ -1,10 +1,14 @@
-//! Replication of the run state over Raft (issue 14, phase 1): three replicas of the pure `RunState`,
-//! each applying the same committed log. This phase is the replicated core only, driven in process by
-//! the deterministic simulation (`tests/sim.rs`); the peer transport, the routing of worker RPCs and
-//! the gRPC driver on top of it come later, and the single-process path (`driver`) does not use it.
+//! Replication of the run state over Raft (issue 14): three replicas of the pure `RunState`, each
+//! applying the same committed log. `iro coordinator --raft-id N --raft-peers ...` runs one replica;
+//! without those flags (and in `iro run --workers N`) the single-process driver (`driver::actor`) runs.
 //!
 //! - `storage`: `raft::Storage` on the command log's segment and snapshot formats.
-//! - `replica`: one `RawNode`, its storage and the `RunState` its committed entries build; the Ready loop.
+//! - `replica`: one `RawNode`, its storage and the `RunState` its committed entries build; the Ready
+//!   loop. Synchronous and clock-free: the deterministic simulation (`tests/sim.rs`) drives it directly.
+//! - `node`: the replicated driver: a replica on a thread of its own behind the same `driver::Handle` the
+//!   gRPC service and the status endpoint use; followers answer `NotLeader`, which the service turns
+//!   into UNAVAILABLE with the leader's URL (`iro-leader`, `driver::routing`); leader-only side effects.
+//! - `transport`: the peer port (tonic `RaftPeer`, mTLS) and the per-peer senders.
 //! - `entry`: what an entry and a snapshot carry, and how an entry applies.
 //! - `log`: raft-rs's `slog` records forwarded to `tracing`.
 //!
@@ -37,8 +41,14 @@
 //!   earlier segment), and old ones are deleted as a prefix once the older kept snapshot covers every
 //!   index they name. Snapshot files use the command log's checksummed format (`{index}.snap`), with the
 //!   term and ConfState in the body; the HardState is a record kind in the same segments.
-//! - Snapshots are taken synchronously in the Ready loop (B4 wants a blocking thread): fine for the
-//!   simulation's small states; the gRPC driver should move `create_snapshot`'s write off its task.
+//! - Snapshots are taken synchronously in the Ready loop (B4 wants a blocking thread). The replicated
+//!   driver runs the whole loop on a thread of its own, so a snapshot (or an fsync) delays that replica's
+//!   commands, never the gRPC and status servers.
+//! - A new leader starts its own manifest writer and rewrites the manifests of every finished stage
+//!   rather than reading a replicated watermark (B6): a manifest is a pure function of the applied state,
+//!   so the rewrite changes no byte, and costs one small write per finished stage per election.
+//! - Sessions are checked where an entry applies (`Body::InSession`), not when proposing, so a
+//!   registration committed in between cannot let a stale session through.
 //! - Leader time (B7): `max(applied time, clamp(wall, steady, steady + max_clock_lead_ms))` with `steady`
 //!   the applied time at election plus the monotonic time since, so neither a fast nor a slow wall clock
 //!   moves state time by more than the bound.
