@@ -364,20 +364,8 @@ impl Actor {
                         None => std::future::pending().await,
                     }
                 };
-                let exit_at = self.exit_at;
-                let exit = async move {
-                    match exit_at {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                let publisher = self.publisher.as_mut();
-                let rejected = async move {
-                    match publisher {
-                        Some(publisher) => publisher.rejected().await,
-                        None => std::future::pending().await,
-                    }
-                };
+                let exit = sleep_until_or_never(self.exit_at);
+                let rejected = Publisher::next_rejection(self.publisher.as_mut());
                 let next = tokio::select! {
                     msg = rx.recv() => msg.map_or(Next::Closed, Next::Msg),
                     rejection = rejected => Next::Rejected(rejection),
@@ -669,6 +657,14 @@ impl Actor {
         if self.telemetry.log_error.is_none() {
             self.snapshots.after_commit(self.log.as_mut(), &self.state, self.log_index).await;
         }
+    }
+}
+
+/// Resolves at `at`, or never when there is none (a `select!` branch that is off).
+pub(crate) async fn sleep_until_or_never(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

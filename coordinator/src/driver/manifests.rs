@@ -195,6 +195,14 @@ impl Publisher {
         }
     }
 
+    /// `rejected` of the writer when there is one; never resolves without (a `select!` branch that is off).
+    pub async fn next_rejection(publisher: Option<&mut Self>) -> Rejection {
+        match publisher {
+            Some(publisher) => publisher.rejected().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// A rejected output, if one is waiting.
     pub fn try_rejected(&mut self) -> Option<Rejection> {
         self.rejections.try_recv().ok()

@@ -227,20 +227,8 @@ impl Node {
         );
         self.after();
         while stop.is_none() {
-            let exit_at = self.exit_at;
-            let exit = async move {
-                match exit_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let publisher = self.publisher.as_mut();
-            let rejected = async move {
-                match publisher {
-                    Some(publisher) => publisher.rejected().await,
-                    None => std::future::pending().await,
-                }
-            };
+            let exit = crate::driver::actor::sleep_until_or_never(self.exit_at);
+            let rejected = Publisher::next_rejection(self.publisher.as_mut());
             let next = tokio::select! {
                 msg = rx.recv() => msg.map_or(Next::Closed, Next::Msg),
                 Some(message) = inbox.recv() => Next::Peer(message),
