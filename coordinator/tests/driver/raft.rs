@@ -239,3 +239,130 @@ async fn replicas_off_loopback_must_use_mtls_and_a_peer_without_a_certificate_is
     assert!(!refused.is_empty());
     server.shutdown().await;
 }
+
+/// A TCP proxy on one directed peer link (replica i dialing replica j), which the test can cut: while cut
+/// it drops every connection and refuses new ones.
+struct Link {
+    addr: String,
+    cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Link {
+    async fn start(to: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let cut = std::sync::Arc::new(cut);
+        let watch = cut.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                if *watch.borrow() {
+                    continue; // dropped: the dialer sees the connection close
+                }
+                let mut stop = watch.subscribe();
+                let to = to.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(&to).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = stop.wait_for(|cut| *cut) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, cut }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+/// The leader cut off from both peers while workers still reach it: with check_quorum it steps down
+/// within an election timeout, and the other two elect a leader that has every acknowledged completion;
+/// the old leader refuses workers meanwhile. Healed, it rejoins as a follower and catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_isolated_from_its_peers_steps_down_and_the_majority_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new(None);
+    let real: BTreeMap<u64, String> = cluster.peers.clone();
+    let mut links = BTreeMap::new();
+    for i in 1..=3u64 {
+        for j in (1..=3u64).filter(|j| *j != i) {
+            links.insert((i, j), Link::start(real[&j].clone()).await);
+        }
+    }
+    let mut servers = Vec::new();
+    for id in 1..=3u64 {
+        let mut config = cluster.config(id, dir.path());
+        let raft = config.raft.as_mut().unwrap();
+        // Replica `id` reaches each peer through its own link to it.
+        for j in (1..=3u64).filter(|j| *j != id) {
+            raft.peers.insert(j, links[&(id, j)].addr.clone());
+        }
+        servers.push(serve(config).await.unwrap());
+    }
+    let first = leader(&servers.iter().collect::<Vec<_>>()).await;
+    let old_id = raft_of(&servers[first]).await.raft.unwrap().id;
+    let mut old = client_at(&servers[first].grpc_url()).await;
+    let worker = register(&mut old, "pod-a").await;
+    let task = take(&mut old, &worker).await;
+    assert!(complete(&mut old, &worker, &task).await.accepted);
+
+    for ((i, j), link) in &links {
+        if *i == old_id || *j == old_id {
+            link.set_cut(true);
+        }
+    }
+    let others: Vec<&ServerHandle> = servers.iter().enumerate().filter(|(i, _)| *i != first).map(|(_, s)| s).collect();
+    let mut new_leader = None;
+    for _ in 0..500 {
+        let mut found = None;
+        for server in &others {
+            let raft = raft_of(server).await.raft.unwrap();
+            if raft.role == "leader" {
+                found = Some((server.grpc_url(), raft.id));
+            }
+        }
+        let old_role = raft_of(&servers[first]).await.raft.unwrap().role;
+        if found.is_some() && old_role != "leader" {
+            new_leader = found;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (url, new_id) = new_leader.expect("the majority elected a leader and the isolated one stepped down");
+    assert_ne!(new_id, old_id);
+    // The isolated replica refuses workers; the new leader has the completion and leases on.
+    let refused = old.lease_task(pb::LeaseTaskRequest { worker_id: worker.clone() }).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let mut client = client_at(&url).await;
+    // A new leader applies the old term's entries once it commits an entry of its own: a lease asked of it
+    // meanwhile applies after them, so it cannot be handed the accepted shard again.
+    let next = take(&mut client, &worker).await;
+    assert_ne!(next.task_id, task.task_id, "the accepted shard was leased again: its completion was lost");
+    assert!(complete(&mut client, &worker, &next).await.accepted);
+    let status_url = others.iter().find(|s| s.grpc_url() == url).unwrap().status_url();
+    let report = fetch_status(&status_url, None).await.unwrap();
+    assert_eq!(report.overall_tasks.done, 2, "both completions are on the new leader");
+
+    // Healed: the old leader follows the new one and applies what it missed.
+    for link in links.values() {
+        link.set_cut(false);
+    }
+    let mut caught_up = false;
+    for _ in 0..500 {
+        let report = raft_of(&servers[first]).await;
+        let raft = report.raft.unwrap();
+        if raft.role == "follower" && raft.leader == Some(new_id) && report.overall_tasks.done == 2 {
+            caught_up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(caught_up, "the healed replica did not rejoin: {:?}", raft_of(&servers[first]).await.raft);
+    for server in servers {
+        server.shutdown().await;
+    }
+}
