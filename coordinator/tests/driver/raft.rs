@@ -366,3 +366,76 @@ async fn a_leader_isolated_from_its_peers_steps_down_and_the_majority_goes_on() 
         server.shutdown().await;
     }
 }
+
+/// A follower cut off while the others run past their snapshot threshold (and compact their logs behind it)
+/// catches up by the leader's snapshot once healed. It takes no snapshot of its own, so a snapshot file in
+/// its folder can only be the one the leader sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_partitioned_past_the_snapshot_threshold_catches_up_by_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::new(None);
+    let real: BTreeMap<u64, String> = cluster.peers.clone();
+    let mut links = BTreeMap::new();
+    for i in 1..=3u64 {
+        for j in (1..=3u64).filter(|j| *j != i) {
+            links.insert((i, j), Link::start(real[&j].clone()).await);
+        }
+    }
+    // Replica 3 is the one cut off; it must not lead (it would take the test a term to move away).
+    let mut servers = Vec::new();
+    for id in 1..=3u64 {
+        let mut config = cluster.config(id, dir.path());
+        let raft = config.raft.as_mut().unwrap();
+        for j in (1..=3u64).filter(|j| *j != id) {
+            raft.peers.insert(j, links[&(id, j)].addr.clone());
+        }
+        if id == 3 {
+            raft.replica.snapshot_every = 0;
+            raft.replica.election_tick = 50;
+        } else {
+            raft.replica.snapshot_every = 4;
+            raft.replica.keep_tail = 0;
+        }
+        servers.push(serve(config).await.unwrap());
+    }
+    let first = leader(&servers.iter().collect::<Vec<_>>()).await;
+    assert_ne!(first, 2, "replica 3 has the longest election timeout");
+    for ((i, j), link) in &links {
+        if *i == 3 || *j == 3 {
+            link.set_cut(true);
+        }
+    }
+    let mut client = client_at(&servers[first].grpc_url()).await;
+    let worker = register(&mut client, "pod-a").await;
+    // Every heartbeat is an entry: a few dozen entries is several snapshots and compactions.
+    // Both rollout shards (the next task is the train gang's).
+    for _ in 0..2 {
+        let task = take(&mut client, &worker).await;
+        assert!(complete(&mut client, &worker, &task).await.accepted);
+    }
+    for _ in 0..40 {
+        let heartbeat = pb::HeartbeatRequest { worker_id: worker.clone(), ..Default::default() };
+        client.heartbeat(heartbeat).await.unwrap();
+    }
+    let leader_applied = raft_of(&servers[first]).await.raft.unwrap().applied_index;
+    assert!(raft_of(&servers[2]).await.raft.unwrap().applied_index < leader_applied / 2);
+
+    for link in links.values() {
+        link.set_cut(false);
+    }
+    let mut caught_up = None;
+    for _ in 0..500 {
+        let report = raft_of(&servers[2]).await;
+        if report.raft.as_ref().unwrap().applied_index >= leader_applied && report.overall_tasks.done == 2 {
+            caught_up = Some(report);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(caught_up.is_some(), "replica 3 did not catch up: {:?}", raft_of(&servers[2]).await.raft);
+    let snapshots = std::fs::read_dir(dir.path().join("replica-3/raft/snap")).unwrap().count();
+    assert!(snapshots > 0, "replica 3 caught up without the leader's snapshot");
+    for server in servers {
+        server.shutdown().await;
+    }
+}
