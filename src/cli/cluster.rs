@@ -7,9 +7,10 @@ use clap::Args;
 use iro_common::RunConfig;
 use iro_common::layout::RunLayout;
 use iro_common::store::Store;
+use iro_coordinator::driver::routing::split_list;
 use iro_coordinator::driver::{ClientTls, ClusterToken, CoordinatorConfig, ServerTls, TOKEN_ENV, serve};
 use iro_coordinator::state::RunStatus;
-use iro_coordinator::status::client::{fetch_status_with, render_table};
+use iro_coordinator::status::client::{fetch_status_from, render_table};
 use iro_worker::pipeline::report;
 
 #[derive(Debug, Args)]
@@ -155,8 +156,9 @@ async fn stop_signal() {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The coordinator's status URL, e.g. http://127.0.0.1:8080
-    #[arg(long)]
+    /// The coordinator's status URL, e.g. http://127.0.0.1:8080, or a comma-separated list of every replica's
+    /// (each serves /status): tried in order until one answers.
+    #[arg(long, value_name = "URL[,URL...]")]
     pub coordinator: String,
     /// Status token (or cluster token) file, when the status endpoint requires one; the first line is sent.
     #[arg(long)]
@@ -173,7 +175,8 @@ pub fn status(args: StatusArgs) -> anyhow::Result<()> {
     let token = ClusterToken::load(args.token_file.as_deref(), std::env::var(TOKEN_ENV).ok())?;
     let tls = client_tls(args.tls_ca.as_deref(), None, None, args.tls_domain)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let report = rt.block_on(fetch_status_with(&args.coordinator, token.as_ref(), tls.as_ref()))?;
+    let urls = split_list(&args.coordinator).map_err(|e| anyhow::anyhow!("--coordinator: {e}"))?;
+    let report = rt.block_on(fetch_status_from(&urls, token.as_ref(), tls.as_ref()))?;
     print!("{}", render_table(&report));
     Ok(())
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 use iro_common::RunConfig;
+use iro_coordinator::driver::routing::parse_urls;
 use iro_coordinator::driver::{ClusterToken, TOKEN_ENV};
 use iro_worker::pipeline::Pipeline;
 use iro_worker::runtime::{CancellationToken, TaskRunner, WorkerExit, WorkerOptions, run_worker};
@@ -15,8 +16,10 @@ const EXIT_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// The coordinator's gRPC URL, e.g. http://coordinator:50051
-    #[arg(long)]
+    /// The coordinator's gRPC URL, e.g. http://coordinator:50051. For a replicated coordinator, a comma-separated
+    /// list of every replica's (calls go to the leader; a replica that does not answer is passed over for the
+    /// next), or any one of them: a replica that is not the leader names it, and the worker follows.
+    #[arg(long, value_name = "URL[,URL...]", value_parser = coordinator_urls)]
     pub coordinator: String,
     /// auto (CUDA when libtorch sees it), cpu, cuda, cuda:N
     #[arg(long, default_value = "auto")]
@@ -47,6 +50,11 @@ pub struct WorkerArgs {
     /// Local scratch space (value checkpoints while training against a remote store, downloaded values).
     #[arg(long, default_value = ".iro-work")]
     pub work_dir: PathBuf,
+}
+
+/// `--coordinator`'s list, checked and normalized (`parse_urls`), comma-separated again for `WorkerOptions`.
+fn coordinator_urls(list: &str) -> Result<String, String> {
+    parse_urls(list).map(|urls| urls.join(","))
 }
 
 /// The task runner this binary runs tasks with: the IRO pipeline, built once per process from the run
