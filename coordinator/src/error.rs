@@ -24,6 +24,14 @@ pub enum Error {
     /// A worker id that would be unsafe as an object-key segment or a metric label.
     #[error("invalid worker id `{value}`: {message}")]
     InvalidWorkerId { value: String, message: String },
+    /// A RegisterWorker of a new id while the state holds `Plan::max_workers` records, none of them of a
+    /// worker dead long enough to drop (review A12).
+    #[error(
+        "cannot register worker `{worker_id}`: the coordinator holds its maximum of {max} worker records and \
+         none is of a worker dead for over a worker timeout and holding nothing; retry once some have died, or \
+         raise the plan's max_workers"
+    )]
+    TooManyWorkers { worker_id: String, max: u32 },
     /// JoinGang / AbortGang naming a task that is not gang-scheduled.
     #[error("task `{task_id}` is not a gang task: only the train phase is gang-scheduled")]
     NotAGangTask { task_id: String },
@@ -99,6 +107,7 @@ impl Error {
             Error::InvalidTaskId { .. } => "invalid_task_id",
             Error::InvalidWorkerId { .. } => "invalid_worker_id",
             Error::NotAGangTask { .. } => "not_a_gang_task",
+            Error::TooManyWorkers { .. } => "too_many_workers",
             Error::CannotReject { .. } => "cannot_reject",
             Error::InvalidPlan { .. } => "invalid_plan",
             Error::Storage { .. } => "storage",

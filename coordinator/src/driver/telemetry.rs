@@ -112,6 +112,9 @@ impl Telemetry {
             Event::WorkerRegistered { worker } => tracing::info!(%worker, "worker registered"),
             Event::WorkerDead { worker } => tracing::warn!(%worker, "worker stopped heartbeating: marked dead"),
             Event::WorkerRevived { worker } => tracing::info!(%worker, "dead worker spoke again"),
+            Event::WorkerRemoved { worker } => {
+                tracing::info!(%worker, "record of a long-dead worker removed; it must register again")
+            }
             Event::WorkerQuarantined { worker, failures, until_ms } => {
                 tracing::warn!(%worker, failures, until_ms, "worker failed {failures} tasks in a row: quarantined")
             }

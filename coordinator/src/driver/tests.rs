@@ -920,6 +920,42 @@ async fn a_state_rebuilt_from_the_log_equals_the_live_state_in_everything_durabl
     assert_eq!(restarted.read(|v| v.state.durable_digest()).await.unwrap(), live.0, "a restart resumes it");
 }
 
+#[tokio::test]
+async fn the_timer_removes_a_long_dead_worker_and_logs_it() {
+    // A12: a worker that died holding nothing is removed a retention after it died, by a tick the driver's
+    // own timer sends (nothing else is due: the other worker heartbeats its lease), and that tick is logged.
+    let (log, clock) = (MemoryLog::new(), ManualClock::new(T0));
+    let plan = Plan { rollout_shards: 1, worker_retention_ms: Some(20_000), ..plan() };
+    let handle = start_with(plan.clone(), &log, &clock).await;
+    let busy = register(&handle, "busy").await;
+    let gone = register(&handle, "gone").await;
+    let Lease::Task { task_id, attempt, .. } = lease(&handle, &busy).await else { panic!() };
+    let due = T0 + 10_000 + 2 * 20_000;
+    while clock.advance(500) < due + 2_000 {
+        handle.apply(heartbeat(&busy, task_id, attempt)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut removed = 0;
+    for _ in 0..200 {
+        removed = handle.read(|v| crate::status::report("gc", v).workers_removed).await.unwrap();
+        if removed == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(removed, 1, "the status report counts the removed record");
+    let report = handle.read(|v| crate::status::report("gc", v)).await.unwrap();
+    assert_eq!((report.workers_alive, report.workers_dead), (1, 0));
+    let refused = handle.apply(Command::LeaseTask { worker_id: gone.clone(), now_ms: 0 }).await;
+    assert!(matches!(refused, Err(Error::UnknownWorker { .. })), "{refused:?}");
+    let entries = log.entries();
+    assert!(entries.iter().any(|c| matches!(c, Command::ExpireLeases { now_ms } if *now_ms >= due)), "{entries:?}");
+    handle.stop().await;
+    let restarted = start_with(plan, &log, &clock).await;
+    let workers = restarted.read(|v| v.state.snapshot().workers.len()).await.unwrap();
+    assert_eq!(workers, 1, "a restart replays the removal");
+}
+
 /// A `CommandLog` on a disk that fills up: once `full`, every append fails as `write_all` would.
 #[derive(Clone, Default)]
 struct FillingDisk {

@@ -250,6 +250,8 @@ pub fn status(error: Error) -> Status {
         Error::InvalidTaskId { .. } => Status::invalid_argument(format!("task_id: {message}")),
         Error::InvalidWorkerId { .. } => Status::invalid_argument(format!("worker_id: {message}")),
         Error::NotAGangTask { .. } => Status::invalid_argument(format!("task_id: {message}")),
+        // Workers retry a resource_exhausted RegisterWorker, so a new worker waits for room.
+        Error::TooManyWorkers { .. } => Status::resource_exhausted(message),
         // NotLeader: the service adds the leader's URL (`iro-leader`) when the follower knows it.
         Error::Unavailable { .. } | Error::Storage { .. } | Error::NotLeader { .. } => Status::unavailable(message),
         Error::InvalidPlan { .. }

@@ -279,6 +279,8 @@ pub enum Reply {
         requeued: Vec<TaskId>,
         failed: Vec<TaskId>,
         dead_workers: Vec<WorkerId>,
+        /// Records of workers dead for the plan's retention, holding nothing, that are gone now.
+        removed_workers: Vec<WorkerId>,
     },
     /// The command referred to a lease this worker does not hold (any more): nothing about tasks or the
     /// run changed. For a heartbeat it means "stop working on that task".
@@ -450,6 +452,11 @@ pub enum Event {
     },
     /// A worker marked dead spoke again.
     WorkerRevived {
+        worker: WorkerId,
+    },
+    /// The record of a long-dead worker that held nothing was removed (its retention is over, or room was
+    /// needed for a new worker); if it calls again it is an unknown worker and must register.
+    WorkerRemoved {
         worker: WorkerId,
     },
     /// The worker failed `failures` tasks in a row and gets no new task until `until_ms`.

@@ -106,6 +106,13 @@ pub struct RunState {
     #[serde(default)]
     gang_candidates: BTreeMap<WorkerId, u64>,
     recent_errors: VecDeque<RecentError>,
+    /// Worker records removed so far (dead for the retention, or dropped to make room): the status page
+    /// shows them, since the dead workers it counts no longer include them.
+    #[serde(default)]
+    workers_removed: u64,
+    /// The highest n of any `w-{n}` id ever registered, so a fresh id never reuses a removed worker's.
+    #[serde(default)]
+    highest_worker_number: u64,
     /// Filled while one command applies, handed out in `Applied`; always empty between commands.
     #[serde(skip)]
     events: Vec<Event>,
@@ -132,6 +139,8 @@ impl RunState {
             gang: None,
             gang_candidates: BTreeMap::new(),
             recent_errors: VecDeque::new(),
+            workers_removed: 0,
+            highest_worker_number: 0,
             events: Vec::new(),
         };
         if state.stage_complete(0) {
@@ -227,21 +236,28 @@ impl RunState {
         self.gang.as_ref()
     }
 
-    /// An id no worker has yet, for the driver to put in a RegisterWorker command.
+    /// An id no worker has had yet, for the driver to put in a RegisterWorker command: past every `w-{n}`
+    /// ever registered, so not one of a removed record either.
     pub fn fresh_worker_id(&self) -> WorkerId {
-        (self.workers.len() + 1..)
+        let after = (self.workers.len() as u64).max(self.highest_worker_number);
+        (after + 1..)
             .map(|n| WorkerId::new(format!("w-{n:04}")))
             .find(|id| !self.workers.contains_key(id))
             .unwrap_or_else(|| WorkerId::new("w-overflow"))
     }
 
-    /// When the driver should next send ExpireLeases: the earliest lease deadline, worker timeout or
-    /// gang join deadline; None when nothing can expire.
+    /// When the driver should next send ExpireLeases: the earliest lease deadline, worker timeout, gang
+    /// join deadline or removal of a dead worker's record; None when nothing can expire.
     pub fn next_deadline_ms(&self) -> Option<u64> {
         let lease = self.deadlines.first().map(|(d, _, _)| *d);
         let worker = self.liveness.first().map(|(seen, _)| seen.saturating_add(self.plan.worker_timeout_ms));
         let join = self.gang.as_ref().filter(|g| !g.started).map(|g| g.join_deadline_ms);
-        [lease, worker, join].into_iter().flatten().min()
+        [lease, worker, join, self.next_removal_ms()].into_iter().flatten().min()
+    }
+
+    /// Worker records removed so far (see `workers.rs`).
+    pub fn workers_removed(&self) -> u64 {
+        self.workers_removed
     }
 
     /// A stable fingerprint of the whole state (FNV-1a over its JSON), to check that a replay or a
@@ -254,7 +270,8 @@ impl RunState {
     /// Whether an applied command changed nothing but liveness (a worker's last-seen time and alive
     /// flag) and the state's clock, so the driver need not log it: an idle LeaseTask poll answered
     /// RetryAfter or "run over" (except one that recorded a gang candidate), a lease-less or fenced heartbeat from a worker that holds no lease, and
-    /// an ExpireLeases that took no lease back.
+    /// an ExpireLeases that took no lease back and removed no worker record. A poll or heartbeat that moved
+    /// its worker's `durable_seen_ms` (once per retention) is logged: record removal reads that time.
     ///
     /// Why replay stays exact without them: liveness has a durable effect only through a lease, when a
     /// silent holder dies in `expire` and loses it. Every command from a lease holder is still logged
@@ -275,14 +292,20 @@ impl RunState {
             (
                 Command::LeaseTask { worker_id, now_ms },
                 Reply::Lease(Lease::RetryAfter { reason: WaitReason::GangGathering, .. }),
-            ) => idle(worker_id) && self.gang_candidates.get(worker_id) != Some(now_ms),
-            (Command::Heartbeat { worker_id, .. }, Reply::Alive | Reply::Fenced(_)) => idle(worker_id),
+            ) => {
+                idle(worker_id)
+                    && self.gang_candidates.get(worker_id) != Some(now_ms)
+                    && !self.durably_seen_at(worker_id, *now_ms)
+            }
+            (Command::Heartbeat { worker_id, now_ms, .. }, Reply::Alive | Reply::Fenced(_)) => {
+                idle(worker_id) && !self.durably_seen_at(worker_id, *now_ms)
+            }
             (
-                Command::LeaseTask { worker_id, .. },
+                Command::LeaseTask { worker_id, now_ms },
                 Reply::Lease(Lease::RetryAfter { .. } | Lease::RunFinished | Lease::RunFailed { .. }),
-            ) => idle(worker_id),
-            (Command::ExpireLeases { .. }, Reply::Expired { requeued, failed, .. }) => {
-                requeued.is_empty() && failed.is_empty()
+            ) => idle(worker_id) && !self.durably_seen_at(worker_id, *now_ms),
+            (Command::ExpireLeases { .. }, Reply::Expired { requeued, failed, removed_workers, .. }) => {
+                requeued.is_empty() && failed.is_empty() && removed_workers.is_empty()
             }
             _ => false,
         }

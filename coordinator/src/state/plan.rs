@@ -43,7 +43,22 @@ pub struct Plan {
     pub gang_join_timeout_ms: u64,
     /// The "come back later" hint for barriers, full gangs and gangs still forming.
     pub retry_after_ms: u64,
+    /// How long the record of a dead worker that holds nothing is kept before it is removed (review A12):
+    /// None is the default, `DEFAULT_RETENTION_TIMEOUTS` worker timeouts; `Some(0)` keeps records forever.
+    /// Absent from the JSON when None, so logs and snapshots written before it existed still match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_retention_ms: Option<u64>,
+    /// The most worker records the state holds (0: no bound): a RegisterWorker of a new id beyond it first
+    /// drops the longest-dead records that hold nothing, and is refused when there are none.
+    #[serde(default = "default_max_workers", skip_serializing_if = "is_default_max_workers")]
+    pub max_workers: u32,
 }
+
+/// The default retention of dead worker records, in worker timeouts.
+pub const DEFAULT_RETENTION_TIMEOUTS: u64 = 10;
+/// The default bound on worker records: far above any real cluster, far below what would exhaust memory
+/// (a record holds at most a few KiB of validated text, `driver::wire`).
+pub const DEFAULT_MAX_WORKERS: u32 = 4096;
 
 // Plans logged before these fields existed replay with today's defaults.
 fn default_quarantine_after() -> u32 {
@@ -54,6 +69,12 @@ fn default_quarantine_ms() -> u64 {
 }
 fn default_retry_backoff_max_ms() -> u64 {
     60_000
+}
+fn default_max_workers() -> u32 {
+    DEFAULT_MAX_WORKERS
+}
+fn is_default_max_workers(max: &u32) -> bool {
+    *max == DEFAULT_MAX_WORKERS
 }
 
 impl Plan {
@@ -79,6 +100,8 @@ impl Plan {
             worker_timeout_ms: heartbeat_interval_ms.saturating_mul(3),
             gang_join_timeout_ms: c.lease_timeout_s.saturating_mul(1000),
             retry_after_ms: heartbeat_interval_ms.min(1000),
+            worker_retention_ms: None,
+            max_workers: DEFAULT_MAX_WORKERS,
         };
         plan.validate()?;
         Ok(plan)
@@ -100,7 +123,14 @@ impl Plan {
             worker_timeout_ms: 30_000,
             gang_join_timeout_ms: 120_000,
             retry_after_ms: 1_000,
+            worker_retention_ms: None,
+            max_workers: DEFAULT_MAX_WORKERS,
         }
+    }
+
+    /// How long a dead worker that holds nothing keeps its record (0: forever); see `worker_retention_ms`.
+    pub fn worker_retention(&self) -> u64 {
+        self.worker_retention_ms.unwrap_or_else(|| self.worker_timeout_ms.saturating_mul(DEFAULT_RETENTION_TIMEOUTS))
     }
 
     pub fn validate(&self) -> Result<(), Error> {
@@ -116,6 +146,12 @@ impl Plan {
         }
         if self.lease_ms == 0 || self.worker_timeout_ms == 0 || self.gang_join_timeout_ms == 0 {
             return bad("lease_ms", "lease, worker and gang join timeouts must be positive");
+        }
+        // The retention is also how often an idle worker's polls are logged (`Worker::durable_seen_ms`):
+        // at most once per worker timeout keeps idle polls off the log (review A4).
+        let retention = self.worker_retention();
+        if retention != 0 && retention < self.worker_timeout_ms {
+            return bad("worker_retention_ms", "must be 0 (keep dead workers) or at least the worker timeout");
         }
         // Dense task indices are u32-sized in the benchmarks' worst case; refuse plans that overflow usize math.
         let total = (u64::from(self.rollout_shards) + 1 + u64::from(self.eval_shards)) * u64::from(self.iterations);

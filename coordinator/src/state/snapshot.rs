@@ -25,6 +25,8 @@ pub struct Snapshot {
     /// Every (iteration, phase) in run order, for progress bars.
     pub stages: Vec<StageView>,
     pub workers: Vec<WorkerView>,
+    /// Records of long-dead workers removed so far: no longer among `workers`.
+    pub workers_removed: u64,
     pub gang: Option<GangView>,
     /// Oldest first.
     pub recent_errors: Vec<RecentError>,
@@ -153,6 +155,7 @@ impl RunState {
             overall,
             stages,
             workers,
+            workers_removed: self.workers_removed,
             gang,
             recent_errors: self.recent_errors.iter().cloned().collect(),
         }

@@ -463,7 +463,9 @@ impl RunState {
             );
             note(task, self.abort_gang(LossCause::GangJoinTimeout, &message, None));
         }
-        Reply::Expired { requeued, failed, dead_workers }
+        // Last, so that a worker whose lease was just taken back is judged without it.
+        let removed_workers = self.remove_dead_workers();
+        Reply::Expired { requeued, failed, dead_workers, removed_workers }
     }
 
     /// The first lost task `worker` may take now: its backoff is over, and either `worker` has not failed

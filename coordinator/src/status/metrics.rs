@@ -89,6 +89,12 @@ pub fn render(report: &StatusReport, counters: &Counters, rpc: &RpcMetrics) -> S
     out.family("iro_workers", "gauge", "Registered workers by liveness.");
     out.sample("iro_workers", &[("state", "alive")], report.workers_alive);
     out.sample("iro_workers", &[("state", "dead")], report.workers_dead);
+    out.family(
+        "iro_workers_removed_total",
+        "counter",
+        "Records of dead workers removed (dead for the retention, or dropped to make room); no longer in iro_workers.",
+    );
+    out.sample("iro_workers_removed_total", &[], report.workers_removed);
     out.family("iro_workers_quarantined", "gauge", "Live workers that failed too many tasks in a row and get no work.");
     out.sample("iro_workers_quarantined", &[], report.workers.iter().filter(|w| w.state() == "quarantined").count());
     out.family("iro_workers_busy", "gauge", "Workers holding a lease.");

@@ -61,6 +61,10 @@ pub struct StatusReport {
     pub stages: Vec<StageReport>,
     pub workers_alive: u64,
     pub workers_dead: u64,
+    /// Records of workers dead for the retention (or dropped to make room) removed so far: the dead
+    /// workers no longer counted in `workers_dead`.
+    #[serde(default)]
+    pub workers_removed: u64,
     pub workers: Vec<WorkerReport>,
     pub gang: Option<GangReport>,
     pub throughput: Throughput,
@@ -217,6 +221,7 @@ pub fn report(run_id: &str, view: View<'_>) -> StatusReport {
             .collect(),
         workers_alive: alive,
         workers_dead: workers.len() as u64 - alive,
+        workers_removed: snapshot.workers_removed,
         workers,
         gang: snapshot.gang.as_ref().map(|g| GangReport {
             task: g.task.to_string(),

@@ -61,12 +61,16 @@ pub fn render(report: &StatusReport) -> String {
          td,th{{padding:2px 10px;text-align:left}}tr:nth-child(even){{background:#f4f4f4}}\
          progress{{width:18em}}.dead{{color:#b00}}.quarantined{{color:#c60}}.failed{{color:#b00;font-weight:bold}}\
          </style></head><body>\n<h1>iro run <code>{run}</code>: <span class=\"{status}\">{status}</span></h1>\n\
-         <p>{stage} · workers {alive} alive, {dead} dead · {tpm:.1} tasks/min, {rps:.1} records/s · ETA {eta} \
+         <p>{stage} · workers {alive} alive, {dead} dead{removed} · {tpm:.1} tasks/min, {rps:.1} records/s · ETA {eta} \
          · log {index} commands</p>\n",
         run = escape(&report.run_id),
         status = escape(&report.status),
         alive = report.workers_alive,
         dead = report.workers_dead,
+        removed = match report.workers_removed {
+            0 => String::new(),
+            n => format!(" ({n} more dead and removed)"),
+        },
         tpm = report.throughput.tasks_per_minute,
         rps = report.throughput.records_per_second,
         eta = report.eta_s.map_or_else(|| "—".to_owned(), duration),

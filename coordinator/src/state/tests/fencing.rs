@@ -18,9 +18,15 @@ fn lease_expiry_releases_the_task_with_attempt_plus_one() {
     let (task, attempt) = h.take(&a);
     assert_eq!(attempt, 1);
     h.now = 120_000 - 1;
-    assert_eq!(h.expire(), Reply::Expired { requeued: vec![], failed: vec![], dead_workers: vec![] });
+    assert_eq!(
+        h.expire(),
+        Reply::Expired { requeued: vec![], failed: vec![], dead_workers: vec![], removed_workers: vec![] }
+    );
     h.now = 120_000;
-    assert_eq!(h.expire(), Reply::Expired { requeued: vec![task], failed: vec![], dead_workers: vec![] });
+    assert_eq!(
+        h.expire(),
+        Reply::Expired { requeued: vec![task], failed: vec![], dead_workers: vec![], removed_workers: vec![] }
+    );
     assert_eq!(h.state.task(task).unwrap().state, TaskState::Pending);
     assert_eq!(h.state.worker(&a).unwrap().current, None);
     assert_eq!(h.take(&b), (task, 2));

@@ -273,7 +273,8 @@ fn one_rank_dying_aborts_the_gang_and_the_restart_is_a_new_attempt() {
         Reply::Expired {
             requeued: vec![train(1)],
             failed: vec![],
-            dead_workers: vec![members[1].0.clone(), w("rollout")]
+            dead_workers: vec![members[1].0.clone(), w("rollout")],
+            removed_workers: vec![],
         }
     );
     let replacement = h.register("replacement");
