@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use super::wire::one_line;
 use crate::error::{Error, Result};
 use crate::state::{Applied, Command, Event, Fenced, LossCause, OutputProblem, Reply, phase_name};
 
@@ -125,26 +126,26 @@ impl Telemetry {
             Event::TaskDone { task, attempt, worker } => tracing::info!(%task, attempt, %worker, "task done"),
             Event::TaskRequeued { task, attempt, cause, message } => {
                 *self.losses.entry(cause.kind()).or_default() += 1;
-                tracing::warn!(%task, attempt, cause = cause.kind(), "task requeued: {message}");
+                tracing::warn!(%task, attempt, cause = cause.kind(), "task requeued: {}", one_line(message));
             }
             Event::TaskFailed { task, attempt, cause, message } => {
                 *self.losses.entry(cause.kind()).or_default() += 1;
-                tracing::error!(%task, attempt, cause = cause.kind(), "task failed for good: {message}");
+                tracing::error!(%task, attempt, cause = cause.kind(), "task failed for good: {}", one_line(message));
             }
             Event::GangStarted { task, attempt, world } => tracing::info!(%task, attempt, world, "gang started"),
             Event::GangAborted { task, attempt, cause, message } => {
-                tracing::warn!(%task, attempt, cause = cause.kind(), "gang aborted: {message}")
+                tracing::warn!(%task, attempt, cause = cause.kind(), "gang aborted: {}", one_line(message))
             }
             Event::OutputRejected { task, attempt, problem, reopened, message } => {
                 *self.outputs_rejected.entry(problem.kind()).or_default() += 1;
                 if *reopened {
-                    tracing::warn!(%task, attempt, problem = problem.kind(), "stage re-opened: {message}");
+                    tracing::warn!(%task, attempt, problem = problem.kind(), "stage re-opened: {}", one_line(message));
                 } else {
-                    tracing::warn!(%task, attempt, problem = problem.kind(), "output rejected: {message}");
+                    tracing::warn!(%task, attempt, problem = problem.kind(), "output rejected: {}", one_line(message));
                 }
             }
             Event::RunFinished => tracing::info!("run finished"),
-            Event::RunFailed { reason } => tracing::error!("run failed: {reason}"),
+            Event::RunFailed { reason } => tracing::error!("run failed: {}", one_line(reason)),
         }
     }
 
