@@ -13,6 +13,8 @@ use iro_coordinator::state::RunStatus;
 use iro_coordinator::status::client::{fetch_status_from, render_table};
 use iro_worker::pipeline::report;
 
+use super::limits::LimitArgs;
+
 #[derive(Debug, Args)]
 pub struct CoordinatorArgs {
     /// The run config (TOML).
@@ -65,6 +67,8 @@ pub struct CoordinatorArgs {
     pub linger: bool,
     #[command(flatten)]
     pub raft: super::replica::RaftArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
@@ -87,6 +91,7 @@ pub fn coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     config.status_token =
         args.status_token_file.as_deref().map(|path| ClusterToken::from_file(path, "status_token_file")).transpose()?;
     config.status_requires_token = args.status_requires_token;
+    config.limits = args.limits.to_limits();
     config.tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(ServerTls::load(cert, key, args.tls_client_ca.as_deref())?),
         _ => None,

@@ -6,6 +6,7 @@ mod dpo;
 mod generate;
 mod guide;
 mod info;
+mod limits;
 mod progress;
 mod replica;
 mod run;
