@@ -87,6 +87,23 @@ fn forbidden(c: char) -> bool {
     c.is_control() || matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
+/// What a worker sends as a failure message or abort reason, made acceptable to `long_text`: forbidden
+/// characters but line breaks and tabs become `?`, the text is cut to `MAX_LONG_TEXT` bytes, and a blank
+/// one says so. An error message from a library may hold an ANSI escape or a carriage return, and the
+/// report must not be refused for it: a refused failure report ends the worker.
+pub fn report_text(text: &str) -> String {
+    let mut out: String =
+        text.chars().map(|c| if forbidden(c) && !matches!(c, '\n' | '\t') { '?' } else { c }).collect();
+    if out.len() > MAX_LONG_TEXT {
+        let cut = (0..=MAX_LONG_TEXT).rev().find(|i| out.is_char_boundary(*i)).unwrap_or(0);
+        out.truncate(cut);
+    }
+    if out.trim().is_empty() {
+        out = "(the worker gave no message)".to_owned();
+    }
+    out
+}
+
 /// One line of at most `max` bytes with no forbidden character; `required`: not blank either.
 fn line(field: &str, value: &str, max: usize, required: bool) -> Result<(), Status> {
     if required && value.trim().is_empty() {
@@ -759,6 +776,16 @@ mod tests {
         assert!(abort("peer 2 stopped answering\n\tall_reduce timed out").is_ok());
         refused(abort("peer\u{1b}[2J"), "reason");
         refused(abort(""), "reason");
+    }
+
+    #[test]
+    fn a_worker_report_is_made_acceptable_to_the_door() {
+        let raw = format!("\u{1b}[31mboom\r\n\tat {}", "x".repeat(MAX_LONG_TEXT));
+        let text = report_text(&raw);
+        assert!(text.starts_with("?[31mboom?\n\tat x"), "{text:?}");
+        assert!(long_text("error", text).is_ok());
+        assert!(long_text("error", report_text("  ")).is_ok());
+        assert!(long_text("error", raw).is_err(), "the raw text is refused: the cleaning is what lets it through");
     }
 
     #[test]

@@ -348,7 +348,7 @@ impl Session {
             worker_id: self.worker_id.clone(),
             task_id: task_id.to_owned(),
             attempt,
-            error: error.to_owned(),
+            error: iro_coordinator::driver::wire::report_text(error),
             released: false,
             retryable,
         };
@@ -381,7 +381,7 @@ impl Session {
             worker_id: self.worker_id.clone(),
             task_id: task.task_id.clone(),
             attempt: task.attempt,
-            reason: reason.to_owned(),
+            reason: iro_coordinator::driver::wire::report_text(reason),
         };
         let reply = self
             .coordinator
