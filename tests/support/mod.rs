@@ -622,3 +622,159 @@ pub fn brief(s: &StatusReport) -> String {
         workers.join(" ")
     )
 }
+
+// ----- Helpers of the fault tests (tests/cluster_faults.rs) -----
+
+/// The fault tests' clusters, one at a time: each runs a coordinator and two or three workers, which share
+/// two cores badly with another cluster. Held for the whole test.
+pub fn one_cluster_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Cluster {
+    /// Changes the run config (before the coordinator starts) and rewrites its file, validated.
+    pub fn edit_config(&mut self, edit: impl FnOnce(&mut RunConfig)) {
+        edit(&mut self.config);
+        self.config.validate(Path::new("cluster test config")).unwrap();
+        std::fs::write(&self.config_path, toml::to_string(&self.config).unwrap()).unwrap();
+    }
+
+    /// A worker started as `start_worker` starts one, but through `wrapper` (a program and its leading
+    /// arguments, which must end by running the rest of its command line, e.g. `unshare --mount sh -c ...`).
+    pub fn start_worker_through(&mut self, name: &str, wrapper: &[&str]) {
+        let url = format!("http://{}", self.grpc);
+        let work = self.dir.path().join(format!("work-{name}"));
+        let (work, token) = (work.to_str().unwrap().to_owned(), self.token_path.to_str().unwrap().to_owned());
+        let iro = env!("CARGO_BIN_EXE_iro");
+        let mut args: Vec<&str> = wrapper[1..].to_vec();
+        args.extend([iro, "worker", "--coordinator", &url, "--device", "cpu", "--name", name]);
+        args.extend(["--work-dir", &work, "--token-file", &token]);
+        self.spawn_program(name, wrapper[0], &args);
+    }
+
+    /// `spawn` for any program: the same environment and log file handling.
+    fn spawn_program(&mut self, name: &str, program: &str, args: &[&str]) {
+        let n = self.starts.entry(name.to_owned()).or_insert(0);
+        *n += 1;
+        let log = self.dir.path().join(format!("{name}.{n}.log"));
+        let out = File::create(&log).unwrap();
+        let child = Command::new(program)
+            .args(args)
+            .env("OMP_NUM_THREADS", "1")
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .env("RUST_LIB_BACKTRACE", "0")
+            .env_remove("IRO_CLUSTER_TOKEN")
+            .env_remove("IRO_WORKER_ID")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} through {program}: {e}"));
+        eprintln!("{} started {name} through {program} (pid {})", self.stamp(), child.id());
+        self.procs.push(Proc { name: name.to_owned(), child, log, exit: None });
+    }
+
+    /// Polls /status until `f` returns Some, panicking after `limit` or when the coordinator exits first;
+    /// prints each new one-line view of the run.
+    pub fn poll_status<T>(&mut self, limit: Duration, what: &str, mut f: impl FnMut(&StatusReport) -> Option<T>) -> T {
+        let deadline = Instant::now() + limit;
+        let mut last = String::new();
+        loop {
+            if let Some(s) = self.status() {
+                let line = brief(&s);
+                if line != last {
+                    eprintln!("{} {line}", self.stamp());
+                    last = line;
+                }
+                if let Some(found) = f(&s) {
+                    return found;
+                }
+            }
+            if let Some(exit) = self.exited("coordinator") {
+                panic!("the coordinator exited ({exit}) while waiting for {what}");
+            }
+            assert!(Instant::now() < deadline, "no {what} within {limit:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits (up to `limit`) for the run to be over and returns the last status: it must have finished.
+    /// Then every worker in `workers` must exit on its own with success, the coordinator must write the
+    /// report, and a SIGTERM must stop the lingering coordinator with success.
+    pub fn finish(&mut self, limit: Duration, workers: &[&str]) -> StatusReport {
+        let end = self.poll_status(limit, "the end of the run", |s| (s.status != "running").then(|| s.clone()));
+        assert_eq!(end.status, "finished", "the run failed: {:?}", end.failure);
+        for name in workers {
+            let exit = self.wait_exit(name, Duration::from_secs(30)).unwrap_or_else(|| panic!("{name} did not exit"));
+            assert!(exit.success(), "{name} failed: {exit}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !self.log("coordinator").contains("report written") {
+            assert!(self.exited("coordinator").is_none(), "the coordinator exited before writing the report");
+            assert!(Instant::now() < deadline, "no report 60 s after the run finished");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.terminate("coordinator");
+        let exit = self.wait_exit("coordinator", Duration::from_secs(20)).expect("the coordinator ignored SIGTERM");
+        assert!(exit.success(), "the coordinator failed: {exit}");
+        eprintln!("{} the run finished, its workers and the coordinator exited", self.stamp());
+        end
+    }
+}
+
+/// A tmpfs of `size` (mount(8) syntax, e.g. `256k`) mounted on a fresh folder, unmounted when dropped (drop
+/// it after every process that writes there is gone). Needs the right to mount (root here).
+pub struct Tmpfs {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mnt");
+        std::fs::create_dir(&path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", path.to_str().unwrap()])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run mount(8): {e}"));
+        assert!(
+            out.status.success(),
+            "mount -t tmpfs on {} failed ({}): {} (this test needs the right to mount a tmpfs)",
+            path.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { path, _dir: dir }
+    }
+
+    /// Fills the file system with `file` (writes until ENOSPC); returns the bytes written.
+    pub fn fill(&self, file: &Path) -> u64 {
+        let mut f = File::create(file).unwrap();
+        let block = vec![0xa5u8; 4096];
+        let mut written = 0u64;
+        loop {
+            match f.write(&block) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling {}: {e}", file.display()),
+            }
+        }
+        let _ = f.sync_all();
+        written
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let path = self.path.to_str().unwrap();
+        let done = Command::new("umount").arg(path).status().is_ok_and(|s| s.success());
+        if !done {
+            // Still busy (a process the test could not stop): detach it so the folder can go.
+            let _ = Command::new("umount").args(["-l", path]).status();
+        }
+    }
+}
