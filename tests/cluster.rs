@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use iro_coordinator::status::StatusReport;
-use support::{Cluster, ShardObject, accepted, brief, check_finished_run};
+use support::{Cluster, ShardObject, accepted, check_finished_run};
 
 /// The whole run, bounded: a debug build on 2 busy cores finishes in well under this.
 const RUN_LIMIT: Duration = Duration::from_secs(240);
@@ -19,31 +19,8 @@ const WORKER_EXIT_LIMIT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
 
 /// Polls /status until `f` returns Some, panicking after `limit` (or when the coordinator exits first).
-fn poll_until<T>(
-    cluster: &mut Cluster,
-    limit: Duration,
-    what: &str,
-    mut f: impl FnMut(&StatusReport) -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + limit;
-    let mut last = String::new();
-    loop {
-        if let Some(s) = cluster.status() {
-            let line = brief(&s);
-            if line != last {
-                eprintln!("{} {line}", cluster.stamp());
-                last = line;
-            }
-            if let Some(found) = f(&s) {
-                return found;
-            }
-        }
-        if let Some(exit) = cluster.exited("coordinator") {
-            panic!("the coordinator exited ({exit}) while waiting for {what}");
-        }
-        assert!(Instant::now() < deadline, "no {what} within {limit:?}");
-        std::thread::sleep(POLL);
-    }
+fn poll_until<T>(cluster: &mut Cluster, limit: Duration, what: &str, f: impl FnMut(&StatusReport) -> Option<T>) -> T {
+    cluster.poll_status(limit, what, f)
 }
 
 /// Waits for the run to finish (status `finished`), for every worker still running to exit on its own with

@@ -134,11 +134,17 @@ impl Cluster {
     }
 
     fn spawn(&mut self, name: &str, args: &[&str]) {
+        self.launch(name, env!("CARGO_BIN_EXE_iro"), args, "");
+    }
+
+    /// Starts `program` as the process `name`, its output in a fresh log file; `via` says how in the
+    /// progress line (empty for the iro binary itself).
+    fn launch(&mut self, name: &str, program: &str, args: &[&str], via: &str) {
         let n = self.starts.entry(name.to_owned()).or_insert(0);
         *n += 1;
         let log = self.dir.path().join(format!("{name}.{n}.log"));
         let out = File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_iro"))
+        let child = Command::new(program)
             .args(args)
             // 2 shared cores and several processes: one libtorch thread each keeps them from thrashing.
             .env("OMP_NUM_THREADS", "1")
@@ -152,8 +158,8 @@ impl Cluster {
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        eprintln!("{} started {name} (pid {})", self.stamp(), child.id());
+            .unwrap_or_else(|e| panic!("cannot start {name}{via}: {e}"));
+        eprintln!("{} started {name}{via} (pid {})", self.stamp(), child.id());
         self.procs.push(Proc { name: name.to_owned(), child, log, exit: None });
     }
 
@@ -655,25 +661,7 @@ impl Cluster {
 
     /// `spawn` for any program: the same environment and log file handling.
     fn spawn_program(&mut self, name: &str, program: &str, args: &[&str]) {
-        let n = self.starts.entry(name.to_owned()).or_insert(0);
-        *n += 1;
-        let log = self.dir.path().join(format!("{name}.{n}.log"));
-        let out = File::create(&log).unwrap();
-        let child = Command::new(program)
-            .args(args)
-            .env("OMP_NUM_THREADS", "1")
-            .env("RUST_LOG", "info")
-            .env("RUST_BACKTRACE", "0")
-            .env("RUST_LIB_BACKTRACE", "0")
-            .env_remove("IRO_CLUSTER_TOKEN")
-            .env_remove("IRO_WORKER_ID")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} through {program}: {e}"));
-        eprintln!("{} started {name} through {program} (pid {})", self.stamp(), child.id());
-        self.procs.push(Proc { name: name.to_owned(), child, log, exit: None });
+        self.launch(name, program, args, &format!(" through {program}"));
     }
 
     /// Polls /status until `f` returns Some, panicking after `limit` or when the coordinator exits first;
