@@ -279,30 +279,40 @@ impl Link {
     }
 }
 
+/// Three replicas on loopback whose every directed peer link goes through a `Link`, by (from, to);
+/// `tweak` adjusts each replica's Raft options before it starts.
+async fn linked_replicas(
+    dir: &Path,
+    tweak: impl Fn(u64, &mut RaftOptions),
+) -> (BTreeMap<(u64, u64), Link>, Vec<ServerHandle>) {
+    let cluster = Cluster::new(None);
+    let mut links = BTreeMap::new();
+    for i in 1..=3u64 {
+        for j in (1..=3u64).filter(|j| *j != i) {
+            links.insert((i, j), Link::start(cluster.peers[&j].clone()).await);
+        }
+    }
+    let mut servers = Vec::new();
+    for id in 1..=3u64 {
+        let mut config = cluster.config(id, dir);
+        let raft = config.raft.as_mut().unwrap();
+        // Replica `id` reaches each peer through its own link to it.
+        for j in (1..=3u64).filter(|j| *j != id) {
+            raft.peers.insert(j, links[&(id, j)].addr.clone());
+        }
+        tweak(id, raft);
+        servers.push(serve(config).await.unwrap());
+    }
+    (links, servers)
+}
+
 /// The leader cut off from both peers while workers still reach it: with check_quorum it steps down
 /// within an election timeout, and the other two elect a leader that has every acknowledged completion;
 /// the old leader refuses workers meanwhile. Healed, it rejoins as a follower and catches up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_isolated_from_its_peers_steps_down_and_the_majority_goes_on() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::new(None);
-    let real: BTreeMap<u64, String> = cluster.peers.clone();
-    let mut links = BTreeMap::new();
-    for i in 1..=3u64 {
-        for j in (1..=3u64).filter(|j| *j != i) {
-            links.insert((i, j), Link::start(real[&j].clone()).await);
-        }
-    }
-    let mut servers = Vec::new();
-    for id in 1..=3u64 {
-        let mut config = cluster.config(id, dir.path());
-        let raft = config.raft.as_mut().unwrap();
-        // Replica `id` reaches each peer through its own link to it.
-        for j in (1..=3u64).filter(|j| *j != id) {
-            raft.peers.insert(j, links[&(id, j)].addr.clone());
-        }
-        servers.push(serve(config).await.unwrap());
-    }
+    let (links, servers) = linked_replicas(dir.path(), |_, _| {}).await;
     let first = leader(&servers.iter().collect::<Vec<_>>()).await;
     let old_id = raft_of(&servers[first]).await.raft.unwrap().id;
     let mut old = client_at(&servers[first].grpc_url()).await;
@@ -373,22 +383,8 @@ async fn a_leader_isolated_from_its_peers_steps_down_and_the_majority_goes_on() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_partitioned_past_the_snapshot_threshold_catches_up_by_snapshot() {
     let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::new(None);
-    let real: BTreeMap<u64, String> = cluster.peers.clone();
-    let mut links = BTreeMap::new();
-    for i in 1..=3u64 {
-        for j in (1..=3u64).filter(|j| *j != i) {
-            links.insert((i, j), Link::start(real[&j].clone()).await);
-        }
-    }
     // Replica 3 is the one cut off; it must not lead (it would take the test a term to move away).
-    let mut servers = Vec::new();
-    for id in 1..=3u64 {
-        let mut config = cluster.config(id, dir.path());
-        let raft = config.raft.as_mut().unwrap();
-        for j in (1..=3u64).filter(|j| *j != id) {
-            raft.peers.insert(j, links[&(id, j)].addr.clone());
-        }
+    let (links, servers) = linked_replicas(dir.path(), |id, raft| {
         if id == 3 {
             raft.replica.snapshot_every = 0;
             raft.replica.election_tick = 50;
@@ -396,8 +392,8 @@ async fn a_follower_partitioned_past_the_snapshot_threshold_catches_up_by_snapsh
             raft.replica.snapshot_every = 4;
             raft.replica.keep_tail = 0;
         }
-        servers.push(serve(config).await.unwrap());
-    }
+    })
+    .await;
     let first = leader(&servers.iter().collect::<Vec<_>>()).await;
     assert_ne!(first, 2, "replica 3 has the longest election timeout");
     for ((i, j), link) in &links {
